@@ -1,0 +1,1 @@
+//! Forward-pass check: candle MMSeg backbones (and original-layout models) vs references.
