@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod dtype;
 pub mod fetch;
 pub mod mapping;
+pub mod progress;
 pub mod pth;
 pub mod safetensors_io;
 pub mod verify;
