@@ -1,0 +1,234 @@
+//! A checkpoint on disk, opened lazily: its container kind, its value tree with tensor views,
+//! and positioned reads of tensor bytes when (and only when) they are asked for.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::pth::container::{read_container, ContainerKind, StorageLocation};
+use crate::pth::{PthError, TensorView, Value};
+
+/// Bytes moved per read when streaming a contiguous tensor.
+const CHUNK: usize = 8 << 20;
+
+/// An error about one checkpoint file: `<path>: <what is wrong>`.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct CheckpointError {
+    pub path: PathBuf,
+    #[source]
+    pub source: PthError,
+}
+
+/// An open checkpoint. Opening parses the pickle (or safetensors header) and the container
+/// directory and checks every tensor view against its storage; no tensor data is read.
+pub struct Checkpoint {
+    path: PathBuf,
+    file: File,
+    kind: ContainerKind,
+    root: Value,
+    storages: Vec<StorageLocation>,
+    metadata: HashMap<String, String>,
+}
+
+/// A tensor with its dotted path in the value tree.
+#[derive(Clone, Debug)]
+pub struct TensorEntry<'a> {
+    pub name: String,
+    pub view: &'a TensorView,
+}
+
+impl Checkpoint {
+    pub fn open(path: &Path) -> Result<Checkpoint, CheckpointError> {
+        let err = |source: PthError| CheckpointError { path: path.to_path_buf(), source };
+        let meta = std::fs::metadata(path).map_err(|e| err(e.into()))?;
+        if meta.is_dir() {
+            return Err(err(PthError::Io(io::Error::other("is a directory, not a checkpoint file"))));
+        }
+        let mut file = File::open(path).map_err(|e| err(e.into()))?;
+        let mut head = [0u8; 16];
+        let n = file.read_at(&mut head, 0).map_err(|e| err(e.into()))?;
+        let (parsed, metadata) = if crate::safetensors_io::looks_like_safetensors(&head[..n], meta.len()) {
+            crate::safetensors_io::read_safetensors(&file).map_err(err)?
+        } else {
+            (read_container(&mut file).map_err(err)?, HashMap::new())
+        };
+        let ckpt = Checkpoint {
+            path: path.to_path_buf(),
+            file,
+            kind: parsed.kind,
+            root: parsed.value,
+            storages: parsed.storages,
+            metadata,
+        };
+        ckpt.check_views().map_err(err)?;
+        Ok(ckpt)
+    }
+
+    fn check_views(&self) -> Result<(), PthError> {
+        for t in self.tensors() {
+            let storage = &self.storages[t.view.storage].storage;
+            let needed = t.view.extent().ok_or_else(|| PthError::BadView(format!("tensor {}: size/stride overflow", t.name)))?;
+            if needed > storage.numel {
+                return Err(PthError::ViewOutOfBounds {
+                    name: t.name,
+                    key: storage.key.clone(),
+                    needed: needed as u64,
+                    available: storage.numel as u64,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn kind(&self) -> ContainerKind {
+        self.kind
+    }
+
+    pub fn root(&self) -> &Value {
+        &self.root
+    }
+
+    /// Safetensors `__metadata__` (empty for `.pth`).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    pub fn storage(&self, view: &TensorView) -> &StorageLocation {
+        &self.storages[view.storage]
+    }
+
+    /// The value at a dotted path of dict keys (`state_dict.backbone`); `""` is the root.
+    /// A key may itself contain dots: the longest matching key is tried first.
+    pub fn subtree(&self, path: &str) -> Option<&Value> {
+        subtree(&self.root, path)
+    }
+
+    /// Every tensor in the file, with its full dotted path, in pickle order.
+    pub fn tensors(&self) -> Vec<TensorEntry<'_>> {
+        let mut out = Vec::new();
+        collect_tensors(&self.root, String::new(), &mut out);
+        out
+    }
+
+    /// The tensors below `path`, named relative to it.
+    pub fn tensors_under(&self, path: &str) -> Option<Vec<TensorEntry<'_>>> {
+        let v = self.subtree(path)?;
+        let mut out = Vec::new();
+        collect_tensors(v, String::new(), &mut out);
+        Some(out)
+    }
+
+    /// Reads a tensor's elements as contiguous little-endian bytes (strided views gathered).
+    pub fn read(&self, view: &TensorView) -> io::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(view.nbytes());
+        self.write_to(view, &mut out)?;
+        Ok(out)
+    }
+
+    /// Streams a tensor's contiguous bytes into `out`: positioned reads in large chunks for
+    /// contiguous views, a gather for strided ones.
+    pub fn write_to(&self, view: &TensorView, out: &mut dyn Write) -> io::Result<()> {
+        let loc = &self.storages[view.storage];
+        let elem = view.dtype.size() as u64;
+        let start = loc.file_offset + view.offset as u64 * elem;
+        if view.is_contiguous() {
+            let mut remaining = view.nbytes();
+            let mut pos = start;
+            let mut buf = vec![0u8; remaining.min(CHUNK)];
+            while remaining > 0 {
+                let n = remaining.min(CHUNK);
+                self.file.read_exact_at(&mut buf[..n], pos)?;
+                out.write_all(&buf[..n])?;
+                pos += n as u64;
+                remaining -= n;
+            }
+            return Ok(());
+        }
+        // Strided: read the span the view covers once, then pick elements row-major.
+        let extent = view.extent().unwrap_or(0) - view.offset;
+        let mut span = vec![0u8; extent * elem as usize];
+        self.file.read_exact_at(&mut span, start)?;
+        let mut gathered = Vec::with_capacity(view.nbytes());
+        let e = elem as usize;
+        for_each_index(&view.shape, &view.strides, |i| gathered.extend_from_slice(&span[i * e..(i + 1) * e]));
+        out.write_all(&gathered)
+    }
+}
+
+/// Calls `f` with the element index (relative to the view's offset) of each element, in
+/// row-major order.
+fn for_each_index(shape: &[usize], strides: &[usize], mut f: impl FnMut(usize)) {
+    if shape.contains(&0) {
+        return;
+    }
+    let mut idx = vec![0usize; shape.len()];
+    loop {
+        f(idx.iter().zip(strides).map(|(i, s)| i * s).sum());
+        let mut d = shape.len();
+        loop {
+            if d == 0 {
+                return;
+            }
+            d -= 1;
+            idx[d] += 1;
+            if idx[d] < shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+}
+
+fn subtree<'v>(v: &'v Value, path: &str) -> Option<&'v Value> {
+    if path.is_empty() {
+        return Some(v);
+    }
+    let Value::Dict(items) = v else { return None };
+    // Longest key first, so `a.b` as one key wins over `a` then `b`.
+    let mut candidates: Vec<&(Value, Value)> = items
+        .iter()
+        .filter(|(k, _)| k.as_str().is_some_and(|k| path == k || path.starts_with(&format!("{k}."))))
+        .collect();
+    candidates.sort_by_key(|(k, _)| std::cmp::Reverse(k.as_str().map_or(0, str::len)));
+    for (k, child) in candidates {
+        let k = k.as_str().unwrap();
+        let rest = if path.len() == k.len() { "" } else { &path[k.len() + 1..] };
+        if let Some(found) = subtree(child, rest) {
+            return Some(found);
+        }
+    }
+    None
+}
+
+fn key_text(k: &Value) -> String {
+    match k {
+        Value::Str(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        other => other.summary(),
+    }
+}
+
+fn collect_tensors<'v>(v: &'v Value, prefix: String, out: &mut Vec<TensorEntry<'v>>) {
+    let join = |k: String| if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
+    match v {
+        Value::Tensor(t) => out.push(TensorEntry { name: prefix, view: t }),
+        Value::Dict(items) => {
+            for (k, child) in items {
+                collect_tensors(child, join(key_text(k)), out);
+            }
+        }
+        Value::List(items) | Value::Tuple(items) => {
+            for (i, child) in items.iter().enumerate() {
+                collect_tensors(child, join(i.to_string()), out);
+            }
+        }
+        _ => {}
+    }
+}

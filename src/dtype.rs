@@ -113,3 +113,24 @@ impl fmt::Display for DType {
         f.write_str(self.name())
     }
 }
+
+/// Decodes little-endian elements of `dtype` to f64 (bool as 0/1), for comparisons and
+/// summaries. `bytes.len()` must be a multiple of the element size.
+pub fn decode_f64(bytes: &[u8], dtype: DType) -> Vec<f64> {
+    let n = dtype.size();
+    bytes
+        .chunks_exact(n)
+        .map(|c| match dtype {
+            DType::F64 => f64::from_le_bytes(c.try_into().unwrap()),
+            DType::F32 => f32::from_le_bytes(c.try_into().unwrap()) as f64,
+            DType::F16 => half::f16::from_le_bytes(c.try_into().unwrap()).to_f64(),
+            DType::BF16 => half::bf16::from_le_bytes(c.try_into().unwrap()).to_f64(),
+            DType::I64 => i64::from_le_bytes(c.try_into().unwrap()) as f64,
+            DType::I32 => i32::from_le_bytes(c.try_into().unwrap()) as f64,
+            DType::I16 => i16::from_le_bytes(c.try_into().unwrap()) as f64,
+            DType::I8 => c[0] as i8 as f64,
+            DType::U8 => c[0] as f64,
+            DType::Bool => (c[0] != 0) as u8 as f64,
+        })
+        .collect()
+}

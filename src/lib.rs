@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod dtype;
 pub mod fetch;
+pub mod inspect;
 pub mod mapping;
 pub mod progress;
 pub mod pth;

@@ -1,0 +1,115 @@
+//! `.safetensors` files: reading the header into the same shape a `.pth` takes (a dict of
+//! tensor views over storages in the file), and writing with the `safetensors` crate.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::pth::container::{ContainerKind, PthFile, StorageLocation};
+use crate::pth::unpickle::StorageRef;
+use crate::pth::{PthError, TensorView, Value};
+use crate::DType;
+
+/// The safetensors header limit (the crate's own).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// True when the file starts like a safetensors file (u64 header length, then `{`).
+pub fn looks_like_safetensors(head: &[u8], file_len: u64) -> bool {
+    if head.len() < 9 || head[8] != b'{' {
+        return false;
+    }
+    let n = u64::from_le_bytes(head[..8].try_into().unwrap());
+    n <= MAX_HEADER && n + 8 <= file_len
+}
+
+/// Reads the header; each tensor becomes a view over its own storage (its byte range).
+/// Tensors are listed in file order.
+pub fn read_safetensors(file: &File) -> Result<(PthFile, HashMap<String, String>), PthError> {
+    let len = file.metadata()?.len();
+    let mut n = [0u8; 8];
+    file.read_exact_at(&mut n, 0)?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || n + 8 > len {
+        return Err(PthError::Safetensors(format!("header length {n} does not fit the file")));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact_at(&mut header, 8)?;
+    let meta: safetensors::tensor::Metadata =
+        serde_json::from_slice(&header).map_err(|e| PthError::Safetensors(format!("bad header: {e}")))?;
+    let data_start = 8 + n;
+    let mut entries: Vec<(String, &safetensors::tensor::TensorInfo)> = meta.tensors().into_iter().collect();
+    entries.sort_by_key(|(_, info)| info.data_offsets);
+    let mut items = Vec::with_capacity(entries.len());
+    let mut storages = Vec::with_capacity(entries.len());
+    for (name, info) in entries {
+        let dtype = DType::from_safetensors_code(info.dtype)
+            .ok_or_else(|| PthError::Safetensors(format!("tensor {name}: unsupported dtype {:?}", info.dtype)))?;
+        let (start, end) = info.data_offsets;
+        let numel: usize = info.shape.iter().product();
+        let byte_len = (end - start) as u64;
+        if byte_len != numel as u64 * dtype.size() as u64 || data_start + end as u64 > len {
+            return Err(PthError::Safetensors(format!("tensor {name}: data offsets {start}..{end} do not fit its shape or the file")));
+        }
+        let storage = storages.len();
+        storages.push(StorageLocation {
+            storage: StorageRef { key: name.clone(), dtype, numel },
+            file_offset: data_start + start as u64,
+            byte_len,
+            crc32: None,
+        });
+        let view = TensorView {
+            dtype,
+            strides: TensorView::contiguous_strides(&info.shape),
+            shape: info.shape.clone(),
+            offset: 0,
+            storage,
+        };
+        items.push((Value::Str(name), Value::Tensor(view)));
+    }
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    Ok((PthFile { kind: ContainerKind::Safetensors, value: Value::Dict(items), storages }, metadata))
+}
+
+/// A tensor to write whose bytes are produced when the writer reaches it.
+pub struct LazyTensor<'a> {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub produce: Box<dyn Fn() -> Result<Vec<u8>, String> + 'a>,
+    pub error: &'a RefCell<Option<String>>,
+}
+
+impl safetensors::View for LazyTensor<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype.safetensors_code()
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        match (self.produce)() {
+            Ok(bytes) => Cow::Owned(bytes),
+            Err(e) => {
+                // View::data cannot fail: remember the error, hand back zeros of the right
+                // length, and let `write_safetensors` fail (the output is never committed).
+                self.error.borrow_mut().get_or_insert(e);
+                Cow::Owned(vec![0; self.data_len()])
+            }
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
+    }
+}
+
+/// Writes `tensors` to `path` with `{"format": "pt"}` metadata.
+pub fn write_safetensors(path: &Path, tensors: Vec<(String, LazyTensor)>, error: &RefCell<Option<String>>) -> Result<(), String> {
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| e.to_string())?;
+    match error.borrow_mut().take() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,703 @@
+//! A pickle virtual machine that interprets opcodes into a `Value` tree and never executes
+//! anything. torch's tensor-rebuild functions and storage classes are recognised by name;
+//! every other global becomes an opaque value.
+//!
+//! The VM keeps objects in an arena and lets the stack and memo hold indices into it, so a
+//! memo reference is O(1) and mutations through one reference are seen through all (as in
+//! Python). The tree is built at the end, with limits on depth and total size that stop
+//! memo bombs and deep nesting with an error instead of a crash.
+
+use std::collections::HashMap;
+
+use super::value::{TensorView, Value};
+use super::PthError;
+use crate::DType;
+
+/// Deepest nesting the tree may have (a state dict needs about 5).
+pub const MAX_DEPTH: usize = 256;
+/// Most values the tree may expand to (memo references count each time they are used).
+pub const MAX_TREE_NODES: usize = 20_000_000;
+
+/// A storage named by a persistent id: `('storage', <Type>Storage, key, location, numel[, view])`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StorageRef {
+    pub key: String,
+    pub dtype: DType,
+    pub numel: usize,
+}
+
+/// The result of unpickling: the tree, the storages it references (in order of first
+/// reference) and how many bytes of input the pickle used.
+#[derive(Debug)]
+pub struct Unpickled {
+    pub value: Value,
+    pub storages: Vec<StorageRef>,
+    pub consumed: usize,
+}
+
+type Id = usize;
+
+#[derive(Clone, Debug)]
+enum Node {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    List(Vec<Id>),
+    Tuple(Vec<Id>),
+    Dict(Vec<(Id, Id)>),
+    Global(String, String),
+    /// A storage from a persistent id: index into `storages`, extra element offset (legacy views).
+    Storage(usize, usize),
+    Tensor(TensorView),
+    Opaque(String),
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    Mark,
+    Obj(Id),
+}
+
+struct Vm<'a> {
+    data: &'a [u8],
+    pos: usize,
+    arena: Vec<Node>,
+    stack: Vec<Slot>,
+    memo: HashMap<u32, Id>,
+    storages: Vec<StorageRef>,
+    storage_index: HashMap<String, usize>,
+}
+
+/// Unpickles one pickle from the start of `data`. Bytes after STOP are ignored (legacy
+/// checkpoints put several pickles and raw data one after another).
+pub fn unpickle(data: &[u8]) -> Result<Unpickled, PthError> {
+    let mut vm = Vm {
+        data,
+        pos: 0,
+        arena: Vec::new(),
+        stack: Vec::new(),
+        memo: HashMap::new(),
+        storages: Vec::new(),
+        storage_index: HashMap::new(),
+    };
+    let root = vm.run()?;
+    let mut budget = MAX_TREE_NODES;
+    let value = vm.to_value(root, 0, &mut budget)?;
+    Ok(Unpickled { value, storages: vm.storages, consumed: vm.pos })
+}
+
+fn bad(msg: impl Into<String>) -> PthError {
+    PthError::Pickle(msg.into())
+}
+
+impl<'a> Vm<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], PthError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len());
+        match end {
+            Some(end) => {
+                let s = &self.data[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            None => Err(PthError::PickleTruncated),
+        }
+    }
+
+    fn u8(&mut self) -> Result<u8, PthError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, PthError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32, PthError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, PthError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn len_u64(&mut self) -> Result<usize, PthError> {
+        usize::try_from(self.u64()?).map_err(|_| bad("length does not fit in memory"))
+    }
+
+    fn line(&mut self) -> Result<&'a str, PthError> {
+        let rest = &self.data[self.pos..];
+        let n = rest.iter().position(|&b| b == b'\n').ok_or(PthError::PickleTruncated)?;
+        let s = std::str::from_utf8(&rest[..n]).map_err(|_| bad("text opcode argument is not UTF-8"))?;
+        self.pos += n + 1;
+        Ok(s)
+    }
+
+    fn new(&mut self, node: Node) -> Id {
+        self.arena.push(node);
+        self.arena.len() - 1
+    }
+
+    fn push(&mut self, node: Node) {
+        let id = self.new(node);
+        self.stack.push(Slot::Obj(id));
+    }
+
+    fn pop(&mut self) -> Result<Id, PthError> {
+        match self.stack.pop() {
+            Some(Slot::Obj(id)) => Ok(id),
+            Some(Slot::Mark) => Err(bad("unexpected MARK on the stack")),
+            None => Err(bad("stack underflow")),
+        }
+    }
+
+    fn top(&self) -> Result<Id, PthError> {
+        match self.stack.last() {
+            Some(Slot::Obj(id)) => Ok(*id),
+            Some(Slot::Mark) => Err(bad("unexpected MARK on the stack")),
+            None => Err(bad("stack underflow")),
+        }
+    }
+
+    /// Pops everything down to the topmost MARK (and the mark itself).
+    fn pop_mark(&mut self) -> Result<Vec<Id>, PthError> {
+        let at = self
+            .stack
+            .iter()
+            .rposition(|s| matches!(s, Slot::Mark))
+            .ok_or_else(|| bad("no MARK on the stack"))?;
+        let items = self.stack.drain(at + 1..).map(|s| match s {
+            Slot::Obj(id) => id,
+            Slot::Mark => unreachable!(),
+        });
+        let items = items.collect();
+        self.stack.pop();
+        Ok(items)
+    }
+
+    fn memo_get(&self, key: u32) -> Result<Id, PthError> {
+        self.memo.get(&key).copied().ok_or(PthError::MemoMissing(key))
+    }
+
+    fn memo_put(&mut self, key: u32) -> Result<(), PthError> {
+        let id = self.top()?;
+        self.memo.insert(key, id);
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<Id, PthError> {
+        loop {
+            let op = self.u8()?;
+            match op {
+                0x80 => {
+                    let proto = self.u8()?;
+                    if proto > 5 {
+                        return Err(bad(format!("unsupported pickle protocol {proto}")));
+                    }
+                }
+                0x95 => {
+                    self.u64()?; // FRAME: a length hint only
+                }
+                b'.' => return self.pop(),
+                b'(' => self.stack.push(Slot::Mark),
+                b'0' => {
+                    self.stack.pop().ok_or_else(|| bad("stack underflow"))?;
+                }
+                b'1' => {
+                    self.pop_mark()?;
+                }
+                b'2' => {
+                    let id = self.top()?;
+                    self.stack.push(Slot::Obj(id));
+                }
+                b'N' => self.push(Node::None),
+                0x88 => self.push(Node::Bool(true)),
+                0x89 => self.push(Node::Bool(false)),
+                b'I' => {
+                    let s = self.line()?;
+                    let node = match s {
+                        "01" => Node::Bool(true),
+                        "00" => Node::Bool(false),
+                        _ => Node::Int(s.trim().parse().map_err(|_| bad(format!("bad INT {s:?}")))?),
+                    };
+                    self.push(node);
+                }
+                b'J' => {
+                    let v = self.u32()? as i32;
+                    self.push(Node::Int(v as i64));
+                }
+                b'K' => {
+                    let v = self.u8()?;
+                    self.push(Node::Int(v as i64));
+                }
+                b'M' => {
+                    let v = self.u16()?;
+                    self.push(Node::Int(v as i64));
+                }
+                b'L' => {
+                    let s = self.line()?;
+                    let s = s.trim_end_matches('L');
+                    let node = match s.parse::<i64>() {
+                        Ok(v) => Node::Int(v),
+                        Err(_) => Node::Opaque("builtins.int (too large)".into()),
+                    };
+                    self.push(node);
+                }
+                0x8a => {
+                    let n = self.u8()? as usize;
+                    let bytes = self.take(n)?;
+                    self.push(long_from_le(bytes));
+                }
+                0x8b => {
+                    let n = self.u32()? as usize;
+                    let bytes = self.take(n)?;
+                    self.push(long_from_le(bytes));
+                }
+                b'F' => {
+                    let s = self.line()?;
+                    let v = s.trim().parse().map_err(|_| bad(format!("bad FLOAT {s:?}")))?;
+                    self.push(Node::Float(v));
+                }
+                b'G' => {
+                    let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
+                    self.push(Node::Float(v));
+                }
+                b'S' => {
+                    let s = self.line()?;
+                    let s = s.trim();
+                    let inner = if s.len() >= 2 { &s[1..s.len() - 1] } else { s };
+                    self.push(Node::Str(inner.to_string()));
+                }
+                b'T' => {
+                    let n = self.u32()? as usize;
+                    let b = self.take(n)?;
+                    self.push(Node::Str(latin1(b)));
+                }
+                b'U' => {
+                    let n = self.u8()? as usize;
+                    let b = self.take(n)?;
+                    self.push(Node::Str(latin1(b)));
+                }
+                b'B' => {
+                    let n = self.u32()? as usize;
+                    let b = self.take(n)?.to_vec();
+                    self.push(Node::Bytes(b));
+                }
+                b'C' => {
+                    let n = self.u8()? as usize;
+                    let b = self.take(n)?.to_vec();
+                    self.push(Node::Bytes(b));
+                }
+                0x8e | 0x96 => {
+                    let n = self.len_u64()?;
+                    let b = self.take(n)?.to_vec();
+                    self.push(Node::Bytes(b));
+                }
+                b'V' => {
+                    let s = self.line()?.to_string();
+                    self.push(Node::Str(s));
+                }
+                b'X' => {
+                    let n = self.u32()? as usize;
+                    let s = self.utf8()(self.take(n)?)?;
+                    self.push(Node::Str(s));
+                }
+                0x8c => {
+                    let n = self.u8()? as usize;
+                    let s = self.utf8()(self.take(n)?)?;
+                    self.push(Node::Str(s));
+                }
+                0x8d => {
+                    let n = self.len_u64()?;
+                    let s = self.utf8()(self.take(n)?)?;
+                    self.push(Node::Str(s));
+                }
+                b')' => self.push(Node::Tuple(Vec::new())),
+                b't' => {
+                    let items = self.pop_mark()?;
+                    self.push(Node::Tuple(items));
+                }
+                0x85..=0x87 => {
+                    let n = (op - 0x84) as usize;
+                    if self.stack.len() < n {
+                        return Err(bad("stack underflow"));
+                    }
+                    let mut items = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        items.push(self.pop()?);
+                    }
+                    items.reverse();
+                    self.push(Node::Tuple(items));
+                }
+                b']' => self.push(Node::List(Vec::new())),
+                b'l' => {
+                    let items = self.pop_mark()?;
+                    self.push(Node::List(items));
+                }
+                b'a' => {
+                    let item = self.pop()?;
+                    let list = self.top()?;
+                    self.extend_list(list, vec![item]);
+                }
+                b'e' => {
+                    let items = self.pop_mark()?;
+                    let list = self.top()?;
+                    self.extend_list(list, items);
+                }
+                b'}' => self.push(Node::Dict(Vec::new())),
+                b'd' => {
+                    let items = self.pop_mark()?;
+                    let pairs = pairs(items)?;
+                    self.push(Node::Dict(pairs));
+                }
+                b's' => {
+                    let v = self.pop()?;
+                    let k = self.pop()?;
+                    let dict = self.top()?;
+                    self.extend_dict(dict, vec![(k, v)]);
+                }
+                b'u' => {
+                    let items = self.pop_mark()?;
+                    let dict = self.top()?;
+                    let pairs = pairs(items)?;
+                    self.extend_dict(dict, pairs);
+                }
+                0x8f => self.push(Node::List(Vec::new())),
+                0x90 => {
+                    let items = self.pop_mark()?;
+                    let set = self.top()?;
+                    self.extend_list(set, items);
+                }
+                0x91 => {
+                    let items = self.pop_mark()?;
+                    self.push(Node::List(items));
+                }
+                b'c' => {
+                    let module = self.line()?.to_string();
+                    let name = self.line()?.to_string();
+                    self.push(Node::Global(module, name));
+                }
+                0x93 => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    match (&self.arena[module], &self.arena[name]) {
+                        (Node::Str(m), Node::Str(n)) => {
+                            let g = Node::Global(m.clone(), n.clone());
+                            self.push(g);
+                        }
+                        _ => return Err(bad("STACK_GLOBAL needs two strings")),
+                    }
+                }
+                b'i' => {
+                    let module = self.line()?.to_string();
+                    let name = self.line()?.to_string();
+                    self.pop_mark()?;
+                    self.push(Node::Opaque(format!("{module}.{name}")));
+                }
+                b'o' => {
+                    let items = self.pop_mark()?;
+                    let class = items.first().map(|&c| self.global_name(c)).unwrap_or_default();
+                    self.push(Node::Opaque(class));
+                }
+                b'R' => {
+                    let args = self.pop()?;
+                    let func = self.pop()?;
+                    let node = self.reduce(func, args)?;
+                    self.push(node);
+                }
+                0x81 => {
+                    let _args = self.pop()?;
+                    let class = self.pop()?;
+                    let node = self.new_object(class);
+                    self.push(node);
+                }
+                0x92 => {
+                    let _kwargs = self.pop()?;
+                    let _args = self.pop()?;
+                    let class = self.pop()?;
+                    let node = self.new_object(class);
+                    self.push(node);
+                }
+                b'b' => {
+                    // BUILD sets state on the object below; opaque objects keep no state and
+                    // dicts / tensors keep theirs unchanged (an OrderedDict's `_metadata`).
+                    self.pop()?;
+                    self.top()?;
+                }
+                b'P' => {
+                    let s = self.line()?.to_string();
+                    let pid = self.new(Node::Str(s));
+                    let node = self.persistent_load(pid)?;
+                    self.push(node);
+                }
+                b'Q' => {
+                    let pid = self.pop()?;
+                    let node = self.persistent_load(pid)?;
+                    self.push(node);
+                }
+                b'g' => {
+                    let s = self.line()?;
+                    let key = s.trim().parse().map_err(|_| bad(format!("bad GET {s:?}")))?;
+                    let id = self.memo_get(key)?;
+                    self.stack.push(Slot::Obj(id));
+                }
+                b'h' => {
+                    let key = self.u8()? as u32;
+                    let id = self.memo_get(key)?;
+                    self.stack.push(Slot::Obj(id));
+                }
+                b'j' => {
+                    let key = self.u32()?;
+                    let id = self.memo_get(key)?;
+                    self.stack.push(Slot::Obj(id));
+                }
+                b'p' => {
+                    let s = self.line()?;
+                    let key = s.trim().parse().map_err(|_| bad(format!("bad PUT {s:?}")))?;
+                    self.memo_put(key)?;
+                }
+                b'q' => {
+                    let key = self.u8()? as u32;
+                    self.memo_put(key)?;
+                }
+                b'r' => {
+                    let key = self.u32()?;
+                    self.memo_put(key)?;
+                }
+                0x94 => {
+                    let key = self.memo.len() as u32;
+                    self.memo_put(key)?;
+                }
+                _ => {
+                    return Err(bad(format!("unsupported opcode 0x{op:02x} at byte {}", self.pos - 1)));
+                }
+            }
+        }
+    }
+
+    fn utf8(&self) -> impl Fn(&[u8]) -> Result<String, PthError> {
+        |b| String::from_utf8(b.to_vec()).map_err(|_| bad("string is not valid UTF-8"))
+    }
+
+    fn extend_list(&mut self, list: Id, items: Vec<Id>) {
+        // Appending to something that is not a list (a list subclass we keep opaque) is
+        // accepted and ignored, like every other effect on opaque objects.
+        if let Node::List(v) = &mut self.arena[list] {
+            v.extend(items);
+        }
+    }
+
+    fn extend_dict(&mut self, dict: Id, pairs: Vec<(Id, Id)>) {
+        if let Node::Dict(v) = &mut self.arena[dict] {
+            v.extend(pairs);
+        }
+    }
+
+    fn global_name(&self, id: Id) -> String {
+        match &self.arena[id] {
+            Node::Global(m, n) => format!("{m}.{n}"),
+            Node::Opaque(n) => n.clone(),
+            _ => "<unknown>".into(),
+        }
+    }
+
+    fn new_object(&self, class: Id) -> Node {
+        match self.global_name(class).as_str() {
+            "collections.OrderedDict" | "builtins.dict" | "collections.defaultdict" => Node::Dict(Vec::new()),
+            "builtins.list" => Node::List(Vec::new()),
+            name => Node::Opaque(name.to_string()),
+        }
+    }
+
+    fn tuple_items(&self, id: Id) -> Option<&[Id]> {
+        match &self.arena[id] {
+            Node::Tuple(items) | Node::List(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    /// Interprets a REDUCE of a known global; any other callable gives an opaque value.
+    fn reduce(&mut self, func: Id, args: Id) -> Result<Node, PthError> {
+        let name = self.global_name(func);
+        let items = self.tuple_items(args).map(|a| a.to_vec()).unwrap_or_default();
+        match name.as_str() {
+            "torch._utils._rebuild_tensor_v2" | "torch._utils._rebuild_tensor" => self.rebuild_tensor(&items),
+            "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => {
+                let data = items.first().ok_or_else(|| bad("_rebuild_parameter without arguments"))?;
+                Ok(self.arena[*data].clone())
+            }
+            "torch._tensor._rebuild_from_type_v2" => {
+                // (func, type, args, state): the tensor is func(*args).
+                if items.len() < 3 {
+                    return Err(bad("_rebuild_from_type_v2 needs 3 arguments"));
+                }
+                self.reduce(items[0], items[2])
+            }
+            "collections.OrderedDict" | "builtins.dict" => {
+                let mut pairs = Vec::new();
+                if let Some(&seq) = items.first() {
+                    for &p in self.tuple_items(seq).unwrap_or_default() {
+                        if let Some([k, v]) = self.tuple_items(p).map(|kv| kv.to_vec()).as_deref() {
+                            pairs.push((*k, *v));
+                        }
+                    }
+                }
+                Ok(Node::Dict(pairs))
+            }
+            "collections.defaultdict" => Ok(Node::Dict(Vec::new())),
+            "builtins.set" | "builtins.frozenset" | "builtins.list" => {
+                let list = items.first().and_then(|&s| self.tuple_items(s)).map(|l| l.to_vec()).unwrap_or_default();
+                Ok(Node::List(list))
+            }
+            "torch.Size" | "builtins.tuple" => {
+                let list = items.first().and_then(|&s| self.tuple_items(s)).map(|l| l.to_vec()).unwrap_or_default();
+                Ok(Node::Tuple(list))
+            }
+            "_codecs.encode" => match items.first().map(|&s| &self.arena[s]) {
+                // How protocol-2 pickles carry bytes: _codecs.encode(text, 'latin1').
+                Some(Node::Str(s)) => Ok(Node::Bytes(s.chars().map(|c| c as u32 as u8).collect())),
+                _ => Ok(Node::Opaque(name)),
+            },
+            _ => Ok(Node::Opaque(name)),
+        }
+    }
+
+    fn int_arg(&self, id: Id, what: &str) -> Result<usize, PthError> {
+        match &self.arena[id] {
+            Node::Int(v) if *v >= 0 => Ok(*v as usize),
+            Node::Int(v) => Err(PthError::BadView(format!("negative {what} {v}"))),
+            Node::Bool(b) => Ok(*b as usize),
+            _ => Err(PthError::BadView(format!("{what} is not an integer"))),
+        }
+    }
+
+    fn int_tuple(&self, id: Id, what: &str) -> Result<Vec<usize>, PthError> {
+        let items = self.tuple_items(id).ok_or_else(|| PthError::BadView(format!("{what} is not a tuple")))?;
+        items.iter().map(|&i| self.int_arg(i, what)).collect()
+    }
+
+    fn rebuild_tensor(&mut self, args: &[Id]) -> Result<Node, PthError> {
+        if args.len() < 4 {
+            return Err(bad(format!("_rebuild_tensor_v2 needs at least 4 arguments, got {}", args.len())));
+        }
+        let (storage, extra) = match self.arena[args[0]] {
+            Node::Storage(s, extra) => (s, extra),
+            _ => return Err(bad("tensor rebuilt from something that is not a storage")),
+        };
+        let offset = self.int_arg(args[1], "storage offset")?;
+        let shape = self.int_tuple(args[2], "size")?;
+        let strides = self.int_tuple(args[3], "stride")?;
+        if shape.len() != strides.len() {
+            return Err(PthError::BadView(format!("size has {} dims but stride has {}", shape.len(), strides.len())));
+        }
+        let offset = offset.checked_add(extra).ok_or_else(|| PthError::BadView("storage offset overflows".into()))?;
+        let dtype = self.storages[storage].dtype;
+        Ok(Node::Tensor(TensorView { dtype, shape, strides, offset, storage }))
+    }
+
+    fn persistent_load(&mut self, pid: Id) -> Result<Node, PthError> {
+        let items = self.tuple_items(pid).ok_or_else(|| bad("persistent id is not a tuple"))?.to_vec();
+        let is_storage = matches!(items.first().map(|&i| &self.arena[i]), Some(Node::Str(s)) if s == "storage");
+        if !is_storage || items.len() < 5 {
+            return Err(bad("persistent id is not a ('storage', type, key, location, numel) tuple"));
+        }
+        let class = self.global_name(items[1]);
+        let class_name = class.rsplit('.').next().unwrap_or("");
+        let dtype = if class_name == "UntypedStorage" {
+            DType::U8
+        } else {
+            DType::from_storage_class(class_name)
+                .ok_or_else(|| PthError::UnsupportedDtype(class.clone()))?
+        };
+        let key = match &self.arena[items[2]] {
+            Node::Str(s) => s.clone(),
+            Node::Int(i) => i.to_string(),
+            _ => return Err(bad("storage key is not a string")),
+        };
+        let numel = self.int_arg(items[4], "storage size")?;
+        // Legacy files may name a view of a storage: (view_key, offset, size).
+        let mut extra = 0;
+        if let Some(&view) = items.get(5) {
+            if let Some(v) = self.tuple_items(view).map(|v| v.to_vec()) {
+                if v.len() == 3 {
+                    extra = self.int_arg(v[1], "storage view offset")?;
+                }
+            }
+        }
+        let index = match self.storage_index.get(&key) {
+            Some(&i) => {
+                if self.storages[i].dtype != dtype {
+                    return Err(bad(format!("storage {key} is referenced as {} and as {dtype}", self.storages[i].dtype)));
+                }
+                i
+            }
+            None => {
+                self.storages.push(StorageRef { key: key.clone(), dtype, numel });
+                self.storage_index.insert(key, self.storages.len() - 1);
+                self.storages.len() - 1
+            }
+        };
+        Ok(Node::Storage(index, extra))
+    }
+
+    fn to_value(&self, id: Id, depth: usize, budget: &mut usize) -> Result<Value, PthError> {
+        if depth > MAX_DEPTH {
+            return Err(PthError::TooDeep(MAX_DEPTH));
+        }
+        if *budget == 0 {
+            return Err(PthError::TooLarge(MAX_TREE_NODES));
+        }
+        *budget -= 1;
+        let list = |items: &[Id], budget: &mut usize| -> Result<Vec<Value>, PthError> {
+            items.iter().map(|&i| self.to_value(i, depth + 1, budget)).collect()
+        };
+        Ok(match &self.arena[id] {
+            Node::None => Value::None,
+            Node::Bool(b) => Value::Bool(*b),
+            Node::Int(i) => Value::Int(*i),
+            Node::Float(f) => Value::Float(*f),
+            Node::Str(s) => Value::Str(s.clone()),
+            Node::Bytes(b) => Value::Bytes(b.clone()),
+            Node::List(items) => Value::List(list(items, budget)?),
+            Node::Tuple(items) => Value::Tuple(list(items, budget)?),
+            Node::Dict(pairs) => {
+                let mut out = Vec::with_capacity(pairs.len());
+                for &(k, v) in pairs {
+                    out.push((self.to_value(k, depth + 1, budget)?, self.to_value(v, depth + 1, budget)?));
+                }
+                Value::Dict(out)
+            }
+            Node::Global(m, n) => Value::Opaque(format!("{m}.{n}")),
+            Node::Storage(..) => Value::Opaque("torch.storage".into()),
+            Node::Tensor(t) => Value::Tensor(t.clone()),
+            Node::Opaque(n) => Value::Opaque(n.clone()),
+        })
+    }
+}
+
+fn pairs(items: Vec<Id>) -> Result<Vec<(Id, Id)>, PthError> {
+    if items.len() % 2 != 0 {
+        return Err(bad("odd number of items for a dict"));
+    }
+    Ok(items.chunks(2).map(|c| (c[0], c[1])).collect())
+}
+
+fn latin1(b: &[u8]) -> String {
+    b.iter().map(|&c| c as char).collect()
+}
+
+/// A little-endian two's-complement integer (LONG1 / LONG4).
+fn long_from_le(bytes: &[u8]) -> Node {
+    if bytes.is_empty() {
+        return Node::Int(0);
+    }
+    if bytes.len() > 8 {
+        // Fits only if the extra bytes are pure sign extension.
+        let sign = if bytes[bytes.len() - 1] & 0x80 != 0 { 0xff } else { 0 };
+        if bytes[8..].iter().any(|&b| b != sign) || (bytes[7] & 0x80 != 0) != (sign == 0xff) {
+            return Node::Opaque("builtins.int (too large)".into());
+        }
+        return long_from_le(&bytes[..8]);
+    }
+    let negative = bytes[bytes.len() - 1] & 0x80 != 0;
+    let mut buf = if negative { [0xffu8; 8] } else { [0u8; 8] };
+    buf[..bytes.len()].copy_from_slice(bytes);
+    Node::Int(i64::from_le_bytes(buf))
+}
