@@ -214,10 +214,11 @@ pub fn write_plan(
     // the plan's.
     let reread = Checkpoint::open(atomic.temp_path()).map_err(|e| out_err(format!("written file does not read back: {}", e.source)))?;
     let written = reread.tensors();
+    // (safetensors orders tensors its own way, so compare as sets of name and shape.)
+    let written: std::collections::HashMap<&str, &[usize]> =
+        written.iter().map(|w| (w.name.as_str(), w.view.shape.as_slice())).collect();
     let matches = written.len() == plan.outputs.len()
-        && written.iter().zip(&plan.outputs).all(|(w, p)| w.view.shape == p.shape)
-        && written.iter().map(|w| w.name.as_str()).collect::<std::collections::HashSet<_>>()
-            == plan.outputs.iter().map(|p| p.target.as_str()).collect();
+        && plan.outputs.iter().all(|p| written.get(p.target.as_str()) == Some(&p.shape.as_slice()));
     if !matches {
         return Err(out_err("written file does not hold the planned tensors".into()));
     }
@@ -245,4 +246,88 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))
+}
+
+/// A mapping table chosen by name, by file, or by detection.
+pub enum TableChoice {
+    Builtin(&'static MappingTable),
+    User(Box<MappingTable>),
+}
+
+impl TableChoice {
+    pub fn table(&self) -> &MappingTable {
+        match self {
+            TableChoice::Builtin(t) => t,
+            TableChoice::User(t) => t,
+        }
+    }
+}
+
+use crate::mapping::table::{self, MappingTable};
+use crate::mapping::plan::{plan, PlanOptions, SourceTensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("{path}: cannot read mapping table: {source}")]
+    TableFile { path: PathBuf, source: io::Error },
+    #[error("{0}")]
+    Table(#[from] crate::mapping::table::TableError),
+    #[error("{file}: {source} (pick one with --mapping)")]
+    Detect { file: PathBuf, source: crate::mapping::table::TableError },
+    #[error("{file}: mapping table {table}: {source}")]
+    Plan { file: PathBuf, table: String, source: crate::mapping::plan::PlanError },
+    #[error("{file}: none of the containers {containers:?} that mapping table {table} unwraps holds tensors")]
+    NoContainer { file: PathBuf, table: String, containers: Vec<String> },
+}
+
+/// `spec` is a built-in table name or a path to a TOML file; `None` detects the table from
+/// the checkpoint's key names.
+pub fn choose_table(spec: Option<&str>, ckpt: &Checkpoint) -> Result<TableChoice, PrepareError> {
+    match spec {
+        Some(s) if s.ends_with(".toml") || Path::new(s).is_file() => {
+            let text = std::fs::read_to_string(s).map_err(|source| PrepareError::TableFile { path: s.into(), source })?;
+            Ok(TableChoice::User(Box::new(MappingTable::parse(&text, s)?)))
+        }
+        Some(name) => Ok(TableChoice::Builtin(MappingTable::builtin(name)?)),
+        None => {
+            let root = crate::inspect::find_state_dict(ckpt).unwrap_or("");
+            let names: Vec<String> = ckpt.tensors_under(root).unwrap_or_default().into_iter().map(|t| t.name).collect();
+            table::detect(&names)
+                .map(TableChoice::Builtin)
+                .map_err(|source| PrepareError::Detect { file: ckpt.path().to_path_buf(), source })
+        }
+    }
+}
+
+/// The container a table unwraps in this checkpoint: the first of its list that holds tensors.
+pub fn table_root<'t>(table: &'t MappingTable, ckpt: &Checkpoint) -> Option<&'t str> {
+    table
+        .containers()
+        .iter()
+        .map(String::as_str)
+        .find(|c| ckpt.tensors_under(c).is_some_and(|t| !t.is_empty()))
+}
+
+/// Plans a conversion of `ckpt` with `table`: returns the unwrapped container and the plan.
+pub fn prepare<'c>(
+    ckpt: &'c Checkpoint,
+    table: &MappingTable,
+    opts: &PlanOptions,
+) -> Result<(String, Vec<TensorEntry<'c>>, Plan), PrepareError> {
+    let root = table_root(table, ckpt).ok_or_else(|| PrepareError::NoContainer {
+        file: ckpt.path().to_path_buf(),
+        table: table.name().to_string(),
+        containers: table.containers().to_vec(),
+    })?;
+    let entries = ckpt.tensors_under(root).unwrap_or_default();
+    let sources: Vec<SourceTensor> = entries
+        .iter()
+        .map(|t| SourceTensor { name: t.name.clone(), shape: t.view.shape.clone(), dtype: t.view.dtype })
+        .collect();
+    let plan = plan(table, &sources, opts).map_err(|source| PrepareError::Plan {
+        file: ckpt.path().to_path_buf(),
+        table: table.name().to_string(),
+        source,
+    })?;
+    Ok((root.to_string(), entries, plan))
 }

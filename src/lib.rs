@@ -6,6 +6,7 @@
 
 pub mod atomic;
 pub mod checkpoint;
+pub mod convert;
 pub mod dtype;
 pub mod fetch;
 pub mod inspect;

@@ -8,7 +8,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use ckptmap::checkpoint::Checkpoint;
+use ckptmap::convert::{self, choose_table, prepare, write_plan};
 use ckptmap::inspect;
+use ckptmap::mapping::plan::{Fate, Plan, PlanOptions};
+use ckptmap::progress::Progress;
+use ckptmap::DType;
 
 #[derive(Parser)]
 #[command(name = "ckptmap", version, about = "Convert MAE / BEiT PyTorch checkpoints to the MMSegmentation backbone layout, and check the result with a forward pass", long_about = None)]
@@ -19,6 +23,50 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Rewrite an MAE / BEiT checkpoint into the MMSeg backbone layout.
+    ///
+    /// By default the output is clean: exactly the MMSeg backbone keys the source can fill,
+    /// renamed tensors bit-identical to the source. With --img-size it is load-ready: position
+    /// tables resized, indices regenerated and MAE tables/gammas filled so that MMSeg's
+    /// load_state_dict(strict=True) finds nothing missing or unexpected.
+    Convert {
+        /// Source checkpoint (.pth zip or legacy, or .safetensors).
+        src: PathBuf,
+        /// Output file: .pth (torch.load(weights_only=True) reads it) or .safetensors.
+        dst: PathBuf,
+        /// Mapping table: a built-in name (see `ckptmap mappings`) or a TOML file.
+        /// Default: detected from the checkpoint's keys.
+        #[arg(long, short)]
+        mapping: Option<String>,
+        /// Make the output load-ready for MMSeg's backbone at this input size (e.g. 512, 640).
+        #[arg(long)]
+        img_size: Option<usize>,
+        /// Attention heads, when the checkpoint cannot tell (MAE widths without a preset).
+        #[arg(long)]
+        num_heads: Option<usize>,
+        /// Value for filled layer-scale gammas (MAE load-ready; default: the table's, 1.0).
+        #[arg(long)]
+        init_values: Option<f64>,
+        /// Cast floating-point tensors to this dtype (f32, f16, bf16). Default: keep each
+        /// tensor's source dtype and, for renames, its exact bytes.
+        #[arg(long, value_parser = parse_float_dtype)]
+        dtype: Option<DType>,
+        /// Pass keys the table drops (decoder, head, norm, ...) through unchanged instead
+        /// (beit2mmseg's behaviour).
+        #[arg(long)]
+        keep_unused: bool,
+        /// Print the plan (every source key's fate, every target's origin) and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print a JSON report (the plan, input/output sha256, figures) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the built-in mapping tables, or print one's TOML text.
+    Mappings {
+        /// Print this table's TOML text.
+        name: Option<String>,
+    },
     /// Show what a checkpoint holds: container, state-dict location, every tensor, metadata.
     Inspect {
         /// A .pth (zip or legacy) or .safetensors file.
@@ -54,8 +102,122 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_float_dtype(s: &str) -> Result<DType, String> {
+    match DType::from_name(s) {
+        Some(d) if d.is_float() => Ok(d),
+        _ => Err(format!("{s:?} is not one of f32, f16, bf16, f64")),
+    }
+}
+
+/// A progress bar on an interactive stderr; nothing otherwise.
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl Bar {
+    fn new(show: bool) -> Bar {
+        use std::io::IsTerminal;
+        Bar((show && std::io::stderr().is_terminal()).then(indicatif::ProgressBar::hidden))
+    }
+}
+
+impl Progress for Bar {
+    fn begin(&self, label: &str, total: Option<u64>) {
+        if let Some(b) = &self.0 {
+            b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            if let Some(t) = total {
+                b.set_length(t);
+            }
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b.set_message(label.to_string());
+        }
+    }
+    fn advance(&self, bytes: u64) {
+        if let Some(b) = &self.0 {
+            b.inc(bytes);
+        }
+    }
+    fn end(&self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Convert { src, dst, mapping, img_size, num_heads, init_values, dtype, keep_unused, dry_run, json } => {
+            let ckpt = Checkpoint::open(&src)?;
+            let choice = choose_table(mapping.as_deref(), &ckpt)?;
+            let table = choice.table();
+            let opts = PlanOptions { img_size, num_heads, keep_unused, init_values };
+            let (root, sources, plan) = prepare(&ckpt, table, &opts)?;
+            if dry_run {
+                if json {
+                    let doc = serde_json::json!({ "input": src.display().to_string(), "container": root, "mapping": table.origin(), "plan": plan });
+                    println!("{}", serde_json::to_string_pretty(&doc)?);
+                } else {
+                    print_plan(&plan, table.origin(), &root, dtype);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            // Large files get a progress bar on a terminal (unless --json).
+            let total: u64 = sources.iter().map(|t| t.view.nbytes() as u64).sum();
+            let bar = Bar::new(!json && total > 64 << 20);
+            let summary = write_plan(&ckpt, &sources, &plan, &dst, dtype, &bar)?;
+            if json {
+                let (in_hash, out_hash) = std::thread::scope(|s| {
+                    let a = s.spawn(|| convert::sha256_file(&src));
+                    let b = s.spawn(|| convert::sha256_file(&dst));
+                    (a.join().unwrap(), b.join().unwrap())
+                });
+                let doc = serde_json::json!({
+                    "input": src.display().to_string(),
+                    "input_sha256": in_hash?,
+                    "container": root,
+                    "mapping": table.origin(),
+                    "output": summary,
+                    "output_sha256": out_hash?,
+                    "plan": plan,
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                let dropped = plan.dropped.len();
+                let generated = plan.generated().count();
+                println!(
+                    "{} -> {}: {} tensors ({} generated), {} source keys dropped, {:.1} MB in {:.2} s [mapping {}{}]",
+                    src.display(),
+                    dst.display(),
+                    summary.tensors,
+                    generated,
+                    dropped,
+                    summary.bytes as f64 / 1e6,
+                    summary.seconds,
+                    table.name(),
+                    plan.img_size.map(|n| format!(", load-ready at {n}")).unwrap_or_default()
+                );
+                for note in &plan.notes {
+                    println!("note: {note}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Mappings { name } => {
+            match name {
+                Some(n) => {
+                    let text = ckptmap::mapping::table::builtin_table_text(&n)
+                        .with_context(|| format!("no built-in mapping table {n:?} (see `ckptmap mappings`)"))?;
+                    print!("{text}");
+                }
+                None => {
+                    for (n, d) in ckptmap::mapping::table::builtin_tables() {
+                        println!("{n:<8} {d}");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect { file, json } => {
             let ckpt = Checkpoint::open(&file)?;
             let report = inspect::inspect(&ckpt);
@@ -78,6 +240,44 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if report.same() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
+}
+
+fn print_plan(plan: &Plan, mapping: &str, root: &str, dtype: Option<DType>) {
+    let root = if root.is_empty() { "top level" } else { root };
+    println!("mapping {mapping}; tensors under {root}");
+    if let Some(n) = plan.img_size {
+        println!("load-ready for MMSeg at img_size {n}");
+    }
+    let vars: Vec<String> = plan.vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("variables: {}", vars.join(" "));
+    println!();
+    println!("source keys:");
+    for fate in plan.source_fates() {
+        match fate.fate {
+            Fate::Produces(outs) if outs.len() == 1 => println!("  {} -> {}  [{}]", fate.source, outs[0].target, outs[0].rule),
+            Fate::Produces(outs) => {
+                let targets: Vec<&str> = outs.iter().map(|o| o.target.as_str()).collect();
+                println!("  {} -> {} targets: {}", fate.source, outs.len(), targets.join(", "));
+            }
+            Fate::Dropped(d) => println!("  {} dropped [{}]: {}", fate.source, d.rule, d.reason),
+        }
+    }
+    println!();
+    println!("targets:");
+    for t in &plan.outputs {
+        let to = convert::output_dtype(t, dtype);
+        println!("  {} {} {:?} <- {}", t.target, to, t.shape, t.origin);
+    }
+    for note in &plan.notes {
+        println!("note: {note}");
+    }
+    println!();
+    println!(
+        "{} targets ({} generated), {} source keys dropped; dry run: nothing written",
+        plan.outputs.len(),
+        plan.generated().count(),
+        plan.dropped.len()
+    );
 }
 
 fn human_bytes(n: usize) -> String {
