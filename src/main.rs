@@ -61,6 +61,31 @@ enum Command {
         /// Print a JSON report (the plan, input/output sha256, figures) instead of text.
         #[arg(long)]
         json: bool,
+        /// After writing, run the forward-pass check against the original (verify --against).
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Check converted weights by running the MMSeg backbone forward pass (candle, fp32).
+    ///
+    /// Either against a reference file made by PyTorch (fixtures/make_reference.py makes one
+    /// from an original checkpoint with timm), or against the original checkpoint run through
+    /// the original-layout model on the same deterministic input. Exit 0 = pass, 1 = fail.
+    /// Default tolerance: max |ours - ref| / max |ref| <= 1e-4 and cosine >= 1 - 1e-7 per
+    /// output (fp32 CPU vs PyTorch differs by ~1e-6; broken conversions by 1e-3 and more).
+    Verify {
+        /// The converted checkpoint (MMSeg layout).
+        converted: PathBuf,
+        /// A .safetensors reference: 'input' and 'out.<index>' tensors.
+        #[arg(long, conflicts_with = "against", required_unless_present = "against")]
+        reference: Option<PathBuf>,
+        /// The original checkpoint the conversion came from.
+        #[arg(long)]
+        against: Option<PathBuf>,
+        #[command(flatten)]
+        check: CheckArgs,
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// List the built-in mapping tables, or print one's TOML text.
     Mappings {
@@ -99,6 +124,68 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Options of the forward-pass check.
+#[derive(clap::Args, Clone)]
+struct CheckArgs {
+    /// Input size to run at (default: the reference's, or the original's native size).
+    #[arg(long = "img-size")]
+    check_img_size: Option<usize>,
+    /// Attention heads, when the weights cannot tell.
+    #[arg(long = "num-heads")]
+    check_num_heads: Option<usize>,
+    /// Blocks whose outputs are compared, e.g. 3,5,7,11 (default: the reference's, or
+    /// MMSeg's defaults for the depth).
+    #[arg(long, value_delimiter = ',')]
+    out_indices: Option<Vec<usize>>,
+    /// Largest allowed max|ours-ref| / max|ref| per output.
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f64,
+    /// cpu, or cuda / cuda:N in a binary built with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl CheckArgs {
+    fn options(&self) -> ckptmap::verify::VerifyOptions {
+        let mut tolerance = ckptmap::verify::Tolerance::default();
+        tolerance.max_rel = self.tolerance;
+        ckptmap::verify::VerifyOptions {
+            img_size: self.check_img_size,
+            num_heads: self.check_num_heads,
+            out_indices: self.out_indices.clone(),
+            tolerance,
+            init_values: 1.0,
+        }
+    }
+}
+
+fn print_outcome(o: &ckptmap::verify::VerifyOutcome) {
+    println!("checked against {} ({}, img_size {}, blocks {:?})", o.against, o.arch, o.img_size, o.out_indices);
+    if o.filled_defaults > 0 {
+        println!("({} keys absent from the file were given MMSeg's constructor values: zero MAE tables, gamma 1, generated indices)", o.filled_defaults);
+    }
+    for r in &o.outputs {
+        let f = |v: Option<f64>| v.map(|x| format!("{x:.3e}")).unwrap_or_else(|| "-".into());
+        println!(
+            "  out {:>2} {:?}: max abs {} max rel {} cosine {} {}",
+            r.index,
+            r.shape,
+            f(r.max_abs),
+            f(r.max_rel),
+            r.cosine.map(|c| format!("{c:.9}")).unwrap_or_else(|| "-".into()),
+            if r.passed { "ok" } else { "FAIL" }
+        );
+        if let Some(n) = &r.note {
+            println!("         {n}");
+        }
+    }
+    if o.passed {
+        println!("PASS: every output within tolerance (max rel {:e}, cosine >= {})", o.tolerance.max_rel, o.tolerance.min_cosine);
+    } else {
+        println!("FAIL: the converted weights do not compute what the reference computed");
     }
 }
 
@@ -147,7 +234,26 @@ impl Progress for Bar {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Convert { src, dst, mapping, img_size, num_heads, init_values, dtype, keep_unused, dry_run, json } => {
+        Command::Verify { converted, reference, against, check, json } => {
+            let device = ckptmap::verify::device(&check.device)?;
+            let conv = Checkpoint::open(&converted)?;
+            let opts = check.options();
+            let outcome = match (reference, against) {
+                (Some(r), _) => ckptmap::verify::verify_with_reference(&conv, &r, &opts, &device)?,
+                (None, Some(a)) => {
+                    let orig = Checkpoint::open(&a)?;
+                    ckptmap::verify::verify_against_original(&conv, &orig, &opts, &device)?
+                }
+                (None, None) => unreachable!("clap requires one"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&outcome)?);
+            } else {
+                print_outcome(&outcome);
+            }
+            Ok(if outcome.passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Convert { src, dst, mapping, img_size, num_heads, init_values, dtype, keep_unused, dry_run, json, verify } => {
             let ckpt = Checkpoint::open(&src)?;
             let choice = choose_table(mapping.as_deref(), &ckpt)?;
             let table = choice.table();
@@ -199,6 +305,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
                 for note in &plan.notes {
                     println!("note: {note}");
+                }
+            }
+            if verify {
+                let out = Checkpoint::open(&dst)?;
+                let opts = ckptmap::verify::VerifyOptions {
+                    img_size: None,
+                    num_heads,
+                    out_indices: None,
+                    tolerance: ckptmap::verify::Tolerance::default(),
+                    init_values: init_values.unwrap_or(1.0),
+                };
+                let outcome = ckptmap::verify::verify_against_original(&out, &ckpt, &opts, &candle_core::Device::Cpu)?;
+                if json {
+                    eprintln!("{}", serde_json::to_string(&outcome)?);
+                } else {
+                    print_outcome(&outcome);
+                }
+                if !outcome.passed {
+                    return Ok(ExitCode::from(1));
                 }
             }
             Ok(ExitCode::SUCCESS)

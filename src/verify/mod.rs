@@ -44,7 +44,7 @@ pub type Features = Vec<(usize, candle_core::Tensor)>;
 /// What a user should do when an MMSeg-layout file lacks the tensors MMSeg creates at load
 /// time (relative-position tables, layer-scale gammas). The CLI owns the flag's name.
 pub const LOAD_READY_HINT: &str = "this key is filled in by MMSeg at load time, not by a plain \
-     rename; convert with --load-ready to write it (zero relative tables and gamma = \
+     rename; convert with --img-size N to write it (zero relative tables and gamma = \
      init_values for MAE, tables resized to img_size for BEiT), or verify the original \
      checkpoint instead";
 
@@ -138,3 +138,9 @@ fn cuda_device(name: &str, _ordinal: usize) -> Result<candle_core::Device> {
             .to_string(),
     })
 }
+
+mod from_checkpoint;
+pub use from_checkpoint::{
+    add_load_time_defaults, verify_against_original, verify_with_reference, weights_from_checkpoint, VerifyOptions,
+    VerifyOutcome,
+};

@@ -460,7 +460,7 @@ fn plain_rename_without_load_ready_tensors_is_an_error_naming_key_and_flag() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("layers.2.attn.relative_position_bias_table") && e.contains("--load-ready"),
+        e.contains("layers.2.attn.relative_position_bias_table") && e.contains("--img-size"),
         "{e}"
     );
 
@@ -470,7 +470,7 @@ fn plain_rename_without_load_ready_tensors_is_an_error_naming_key_and_flag() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("layers.3.gamma_2") && e.contains("--load-ready"),
+        e.contains("layers.3.gamma_2") && e.contains("--img-size"),
         "{e}"
     );
 
