@@ -1,0 +1,1055 @@
+//! Downloads against a loopback HTTP server with scripted faults (no internet).
+//!
+//! The server is a few lines over `std::net::TcpListener` rather than tiny_http because the
+//! faults need control of the socket: a body cut half-way needs the connection closed under
+//! the client, which tiny_http does not offer. One request per connection
+//! (`Connection: close`); the server stops when dropped.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ckptmap::fetch::{
+    fetch, is_url, name_embedded_hash, sha256_file, FetchError, FetchOptions, HashSource,
+};
+use ckptmap::progress::{NoProgress, Progress};
+
+// ---------------------------------------------------------------------------------------
+// The scripted server
+
+/// A request as the server saw it.
+#[derive(Clone, Debug)]
+struct Seen {
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What the server does with one request.
+enum Reply {
+    /// A complete answer.
+    Send {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    /// Announces `len` body bytes, sends `body` (fewer), then closes the connection.
+    Cut {
+        headers: Vec<(String, String)>,
+        len: usize,
+        body: Vec<u8>,
+    },
+    /// Announces `len` body bytes, sends `body` (fewer), then goes silent for `pause`
+    /// (or until the server stops), then closes. `None`: not even the status line.
+    Stall {
+        head: Option<(usize, Vec<u8>)>,
+        pause: Duration,
+    },
+}
+
+type Handler = dyn Fn(usize, &Seen) -> Reply + Send + Sync;
+
+struct Server {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Serves on 127.0.0.1:0; `handler(i, request)` answers the i-th request (0-based).
+    fn start(handler: impl Fn(usize, &Seen) -> Reply + Send + Sync + 'static) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler: Arc<Handler> = Arc::new(handler);
+        let accept = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut connections = Vec::new();
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let (seen, stop, handler) = (seen.clone(), stop.clone(), handler.clone());
+                    connections.push(std::thread::spawn(move || {
+                        serve_one(stream, &seen, &stop, &*handler)
+                    }));
+                }
+                for c in connections {
+                    let _ = c.join();
+                }
+            })
+        };
+        Server {
+            addr,
+            seen,
+            stop,
+            accept: Some(accept),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr); // wakes the accept loop
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+    }
+}
+
+fn serve_one(stream: TcpStream, seen: &Mutex<Vec<Seen>>, stop: &AtomicBool, handler: &Handler) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return; // the wake-up connection, or a client that gave up
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let request = Seen { path, headers };
+    let index = {
+        let mut seen = seen.lock().unwrap();
+        seen.push(request.clone());
+        seen.len() - 1
+    };
+    let mut out = stream;
+    let head = |status: u16, headers: &[(String, String)], len: usize| {
+        let mut text =
+            format!("HTTP/1.1 {status} Scripted\r\nContent-Length: {len}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            text.push_str(&format!("{k}: {v}\r\n"));
+        }
+        text.push_str("\r\n");
+        text.into_bytes()
+    };
+    let _ = match handler(index, &request) {
+        Reply::Send {
+            status,
+            headers,
+            body,
+        } => out
+            .write_all(&head(status, &headers, body.len()))
+            .and_then(|_| out.write_all(&body)),
+        Reply::Cut { headers, len, body } => out
+            .write_all(&head(200, &headers, len))
+            .and_then(|_| out.write_all(&body)),
+        Reply::Stall { head: first, pause } => {
+            if let Some((len, body)) = first {
+                let _ = out
+                    .write_all(&head(200, &[], len))
+                    .and_then(|_| out.write_all(&body));
+                let _ = out.flush();
+            }
+            let start = Instant::now();
+            while start.elapsed() < pause && !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(())
+        }
+    };
+    let _ = out.flush();
+    let _ = out.shutdown(Shutdown::Both);
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+const SIZE: usize = 3 * 1024 * 1024;
+
+/// 3 MiB of deterministic pseudo-random bytes (xorshift64).
+fn data() -> Arc<Vec<u8>> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = Vec::with_capacity(SIZE);
+    while out.len() < SIZE {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(SIZE);
+    Arc::new(out)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn ok(body: &[u8]) -> Reply {
+    Reply::Send {
+        status: 200,
+        headers: vec![],
+        body: body.to_vec(),
+    }
+}
+
+fn status(code: u16) -> Reply {
+    Reply::Send {
+        status: code,
+        headers: vec![],
+        body: format!("status {code}").into_bytes(),
+    }
+}
+
+/// Honours `Range: bytes=N-` with a 206, else answers 200 with the whole body.
+fn ranged(request: &Seen, body: &[u8], headers: Vec<(String, String)>) -> Reply {
+    let from = request
+        .header("range")
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse::<usize>().ok());
+    match from {
+        Some(from) if from < body.len() => {
+            let mut headers = headers;
+            headers.push((
+                "Content-Range".into(),
+                format!("bytes {from}-{}/{}", body.len() - 1, body.len()),
+            ));
+            Reply::Send {
+                status: 206,
+                headers,
+                body: body[from..].to_vec(),
+            }
+        }
+        Some(_) => Reply::Send {
+            status: 416,
+            headers: vec![("Content-Range".into(), format!("bytes */{}", body.len()))],
+            body: vec![],
+        },
+        None => Reply::Send {
+            status: 200,
+            headers,
+            body: body.to_vec(),
+        },
+    }
+}
+
+fn options(cache: &Path) -> FetchOptions {
+    FetchOptions {
+        cache_dir: Some(cache.to_path_buf()),
+        retries: 3,
+        backoff: Duration::from_millis(1),
+        connect_timeout: Duration::from_secs(2),
+        read_timeout: Duration::from_secs(2),
+        ..FetchOptions::default()
+    }
+}
+
+/// Every file under `dir`, relative, sorted.
+fn files_under(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                out.push(
+                    path.strip_prefix(root)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// The file names (no folder) under `dir`, sorted.
+fn names_under(dir: &Path) -> Vec<String> {
+    files_under(dir)
+        .iter()
+        .map(|p| {
+            Path::new(p)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+fn part_of(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".part");
+    PathBuf::from(p)
+}
+
+// ---------------------------------------------------------------------------------------
+// Plain downloads and the cache
+
+#[test]
+fn downloads_then_reuses_cache_without_a_request() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let cache = tempfile::tempdir().unwrap();
+    let url = server.url("/pretrain/mae_pretrain_vit_base.pth");
+
+    let first = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+    assert!(!first.from_cache);
+    assert_eq!(first.bytes, SIZE as u64);
+    assert_eq!(first.sha256, sha256_hex(&data));
+    assert_eq!(first.resumed_from, 0);
+    assert_eq!(first.path.file_name().unwrap(), "mae_pretrain_vit_base.pth");
+    assert!(first.path.starts_with(cache.path()));
+    assert_eq!(fs::read(&first.path).unwrap(), *data);
+    assert_eq!(server.count(), 1);
+    assert!(server.requests()[0]
+        .header("user-agent")
+        .unwrap()
+        .starts_with("ckptmap/"));
+
+    let second = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+    assert!(second.from_cache);
+    assert_eq!(second.path, first.path);
+    assert_eq!(second.sha256, first.sha256);
+    assert_eq!(second.bytes, first.bytes);
+    assert_eq!(
+        server.count(),
+        1,
+        "a cached URL must not be requested again"
+    );
+
+    // Only the file, its record and the lock: no .part left behind.
+    let names = names_under(cache.path());
+    assert_eq!(
+        names,
+        vec![
+            ".lock",
+            "mae_pretrain_vit_base.pth",
+            "mae_pretrain_vit_base.pth.json"
+        ]
+    );
+    let record: serde_json::Value =
+        serde_json::from_slice(&fs::read(first.path.with_extension("pth.json")).unwrap()).unwrap();
+    assert_eq!(record["url"], url.as_str());
+    assert_eq!(record["size"], SIZE as u64);
+    assert_eq!(record["sha256"], first.sha256.as_str());
+}
+
+#[test]
+fn corrupted_cache_file_is_downloaded_again() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let cache = tempfile::tempdir().unwrap();
+    let url = server.url("/m.pth");
+
+    let first = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+    // Same size, one byte flipped: only re-hashing can notice.
+    let mut bytes = fs::read(&first.path).unwrap();
+    bytes[SIZE / 2] ^= 0xFF;
+    fs::write(&first.path, &bytes).unwrap();
+
+    let second = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+    assert!(!second.from_cache);
+    assert_eq!(server.count(), 2);
+    assert_eq!(fs::read(&second.path).unwrap(), *data);
+
+    // A truncated cache file too.
+    fs::write(&second.path, &data[..100]).unwrap();
+    let third = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+    assert!(!third.from_cache);
+    assert_eq!(server.count(), 3);
+    assert_eq!(fs::read(&third.path).unwrap(), *data);
+}
+
+#[test]
+fn cached_file_not_matching_a_new_expected_sha256_is_fetched_again() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let cache = tempfile::tempdir().unwrap();
+    let url = server.url("/m.pth");
+    fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+
+    let mut opts = options(cache.path());
+    opts.sha256 = Some("0".repeat(64));
+    let err = fetch(&url, &opts, &NoProgress).unwrap_err();
+    assert!(matches!(err, FetchError::Sha256Mismatch { .. }), "{err}");
+    assert_eq!(server.count(), 2);
+    assert_eq!(names_under(cache.path()), vec![".lock"]);
+}
+
+#[test]
+fn concurrent_fetches_of_one_url_make_one_request() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let cache = tempfile::tempdir().unwrap();
+    let url = server.url("/m.pth");
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| fetch(&url, &options(cache.path()), &NoProgress).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(server.count(), 1);
+    assert_eq!(results.iter().filter(|f| !f.from_cache).count(), 1);
+    for f in &results {
+        assert_eq!(f.sha256, sha256_hex(&data));
+    }
+}
+
+#[test]
+fn redirect_is_followed_and_cached_under_the_original_url() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |_, r| {
+        if r.path == "/old/model.pth" {
+            Reply::Send {
+                status: 302,
+                headers: vec![("Location".into(), "/new/blob".into())],
+                body: vec![],
+            }
+        } else {
+            ranged(r, &body, vec![])
+        }
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let url = server.url("/old/model.pth");
+    let got = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+    assert_eq!(fs::read(&got.path).unwrap(), *data);
+    assert_eq!(got.path.file_name().unwrap(), "model.pth");
+    let paths: Vec<_> = server.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, vec!["/old/model.pth", "/new/blob"]);
+
+    let again = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+    assert!(again.from_cache);
+    assert_eq!(server.count(), 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP errors and retries
+
+#[test]
+fn not_found_fails_at_once() {
+    let server = Server::start(|_, _| status(404));
+    let cache = tempfile::tempdir().unwrap();
+    let url = server.url("/missing.pth");
+    let err = fetch(&url, &options(cache.path()), &NoProgress).unwrap_err();
+    assert!(
+        matches!(err, FetchError::Http { status: 404, .. }),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("404") && message.contains(&url),
+        "{message}"
+    );
+    assert!(!message.contains('\n'));
+    assert_eq!(server.count(), 1, "a 4xx must not be retried");
+    assert_eq!(names_under(cache.path()), vec![".lock"]);
+}
+
+#[test]
+fn forbidden_is_not_retried_either() {
+    let server = Server::start(|_, _| status(403));
+    let cache = tempfile::tempdir().unwrap();
+    let err = fetch(&server.url("/x.pth"), &options(cache.path()), &NoProgress).unwrap_err();
+    assert!(
+        matches!(err, FetchError::Http { status: 403, .. }),
+        "{err:?}"
+    );
+    assert_eq!(server.count(), 1);
+}
+
+#[test]
+fn server_error_then_success_is_retried() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |i, r| {
+        if i == 0 {
+            status(500)
+        } else {
+            ranged(r, &body, vec![])
+        }
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let got = fetch(&server.url("/m.pth"), &options(cache.path()), &NoProgress).unwrap();
+    assert_eq!(fs::read(&got.path).unwrap(), *data);
+    assert_eq!(server.count(), 2);
+}
+
+#[test]
+fn persistent_server_errors_give_up_after_the_configured_attempts_with_backoff() {
+    let server = Server::start(|_, _| status(503));
+    let cache = tempfile::tempdir().unwrap();
+    let url = server.url("/m.pth");
+    let mut opts = options(cache.path());
+    opts.retries = 2;
+    opts.backoff = Duration::from_millis(40);
+    let start = Instant::now();
+    let err = fetch(&url, &opts, &NoProgress).unwrap_err();
+    let elapsed = start.elapsed();
+    assert!(
+        matches!(err, FetchError::GaveUp { attempts: 3, .. }),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("503") && message.contains(&url) && message.contains("3 attempts"),
+        "{message}"
+    );
+    assert_eq!(server.count(), 3);
+    // 40 ms, then 80 ms.
+    assert!(elapsed >= Duration::from_millis(120), "{elapsed:?}");
+}
+
+#[test]
+fn connection_refused_is_retried_then_reported() {
+    let addr = {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    }; // closed again: connections are refused
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("http://{addr}/m.pth");
+    let mut opts = options(cache.path());
+    opts.retries = 2;
+    let err = fetch(&url, &opts, &NoProgress).unwrap_err();
+    assert!(
+        matches!(err, FetchError::GaveUp { attempts: 3, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&url));
+}
+
+// ---------------------------------------------------------------------------------------
+// Resume
+
+#[test]
+fn cut_connection_resumes_with_a_range_request() {
+    let data = data();
+    let body = data.clone();
+    let half = SIZE / 2;
+    let etag = "\"v1\"".to_string();
+    let tag = etag.clone();
+    let server = Server::start(move |i, r| {
+        let headers = vec![("ETag".to_string(), tag.clone())];
+        if i == 0 {
+            Reply::Cut {
+                headers,
+                len: body.len(),
+                body: body[..half].to_vec(),
+            }
+        } else {
+            ranged(r, &body, headers)
+        }
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let got = fetch(&server.url("/m.pth"), &options(cache.path()), &NoProgress).unwrap();
+    assert_eq!(
+        fs::read(&got.path).unwrap(),
+        *data,
+        "resumed file must be byte-identical"
+    );
+    assert_eq!(got.sha256, sha256_hex(&data));
+    let requests = server.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[0].header("range"), None);
+    let range = requests[1]
+        .header("range")
+        .expect("second request must carry Range");
+    assert_eq!(got.resumed_from, half as u64);
+    assert_eq!(range, format!("bytes={half}-"));
+    assert_eq!(requests[1].header("if-range"), Some(etag.as_str()));
+    assert!(!part_of(&got.path).exists());
+}
+
+#[test]
+fn server_ignoring_range_restarts_cleanly() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |i, _| {
+        if i == 0 {
+            Reply::Cut {
+                headers: vec![],
+                len: body.len(),
+                body: body[..SIZE / 3].to_vec(),
+            }
+        } else {
+            ok(&body) // 200 with the whole body, whatever the Range
+        }
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let got = fetch(&server.url("/m.pth"), &options(cache.path()), &NoProgress).unwrap();
+    assert_eq!(fs::read(&got.path).unwrap(), *data);
+    assert_eq!(got.resumed_from, 0);
+    let requests = server.requests();
+    assert_eq!(requests.len(), 2);
+    assert!(requests[1].header("range").is_some());
+}
+
+#[test]
+fn content_range_not_matching_the_request_restarts_from_zero() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |i, r| match i {
+        0 => Reply::Cut {
+            headers: vec![],
+            len: body.len(),
+            body: body[..SIZE / 2].to_vec(),
+        },
+        // A 206 for the wrong range: the .part cannot be continued with it.
+        1 => Reply::Send {
+            status: 206,
+            headers: vec![(
+                "Content-Range".into(),
+                format!("bytes 0-{}/{}", body.len() - 1, body.len()),
+            )],
+            body: body.to_vec(),
+        },
+        _ => ranged(r, &body, vec![]),
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let got = fetch(&server.url("/m.pth"), &options(cache.path()), &NoProgress).unwrap();
+    assert_eq!(fs::read(&got.path).unwrap(), *data);
+    assert_eq!(got.resumed_from, 0);
+    let requests = server.requests();
+    assert_eq!(requests.len(), 3);
+    assert!(requests[1].header("range").is_some());
+    assert_eq!(requests[2].header("range"), None);
+}
+
+#[test]
+fn a_part_left_by_an_earlier_run_is_resumed_and_never_taken_as_finished() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let cache = tempfile::tempdir().unwrap();
+    let url = server.url("/m.pth");
+    let first = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+
+    // Simulate a run killed half-way: no finished file, half a .part.
+    fs::remove_file(&first.path).unwrap();
+    fs::remove_file(first.path.with_extension("pth.json")).unwrap();
+    let third = SIZE / 3;
+    fs::write(part_of(&first.path), &data[..third]).unwrap();
+
+    let got = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+    assert!(!got.from_cache);
+    assert_eq!(got.resumed_from, third as u64);
+    assert_eq!(fs::read(&got.path).unwrap(), *data);
+    assert_eq!(
+        server.requests()[1].header("range"),
+        Some(format!("bytes={third}-").as_str())
+    );
+
+    // A complete .part is still not a finished file: it is checked through the server.
+    fs::remove_file(&got.path).unwrap();
+    fs::remove_file(got.path.with_extension("pth.json")).unwrap();
+    fs::write(part_of(&got.path), &*data).unwrap();
+    let again = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+    assert!(!again.from_cache);
+    assert_eq!(fs::read(&again.path).unwrap(), *data);
+    // Range past the end → 416 → restart from zero.
+    let requests = server.requests();
+    assert_eq!(requests.len(), 4);
+    assert_eq!(
+        requests[2].header("range"),
+        Some(format!("bytes={SIZE}-").as_str())
+    );
+    assert_eq!(requests[3].header("range"), None);
+}
+
+#[test]
+fn a_stale_part_that_fails_the_hash_is_downloaded_again_from_zero() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let cache = tempfile::tempdir().unwrap();
+    let url = server.url("/m.pth");
+    let first = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+    fs::remove_file(&first.path).unwrap();
+    fs::remove_file(first.path.with_extension("pth.json")).unwrap();
+    fs::write(part_of(&first.path), vec![0xAB; SIZE / 2]).unwrap(); // wrong bytes
+
+    let mut opts = options(cache.path());
+    opts.sha256 = Some(sha256_hex(&data).to_uppercase());
+    let got = fetch(&url, &opts, &NoProgress).unwrap();
+    assert_eq!(fs::read(&got.path).unwrap(), *data);
+    assert_eq!(got.resumed_from, 0);
+    let requests = server.requests();
+    assert_eq!(requests.len(), 3);
+    assert!(requests[1].header("range").is_some());
+    assert_eq!(requests[2].header("range"), None);
+}
+
+// ---------------------------------------------------------------------------------------
+// Timeouts
+
+#[test]
+fn stall_mid_body_times_out_and_the_retry_resumes() {
+    let data = data();
+    let body = data.clone();
+    let first = 256 * 1024;
+    let server = Server::start(move |i, r| {
+        if i == 0 {
+            Reply::Stall {
+                head: Some((body.len(), body[..first].to_vec())),
+                pause: Duration::from_secs(5),
+            }
+        } else {
+            ranged(r, &body, vec![])
+        }
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let mut opts = options(cache.path());
+    opts.read_timeout = Duration::from_millis(200);
+    let start = Instant::now();
+    let got = fetch(&server.url("/m.pth"), &opts, &NoProgress).unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(fs::read(&got.path).unwrap(), *data);
+    assert_eq!(server.count(), 2);
+    assert!(
+        got.resumed_from > 0 && got.resumed_from <= first as u64,
+        "{}",
+        got.resumed_from
+    );
+}
+
+#[test]
+fn server_that_never_answers_fails_after_bounded_retries() {
+    let server = Server::start(|_, _| Reply::Stall {
+        head: None,
+        pause: Duration::from_secs(5),
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let url = server.url("/m.pth");
+    let mut opts = options(cache.path());
+    opts.read_timeout = Duration::from_millis(150);
+    opts.retries = 1;
+    let start = Instant::now();
+    let err = fetch(&url, &opts, &NoProgress).unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        matches!(err, FetchError::GaveUp { attempts: 2, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&url));
+    assert_eq!(server.count(), 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Integrity
+
+#[test]
+fn wrong_expected_sha256_fails_and_leaves_nothing() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let cache = tempfile::tempdir().unwrap();
+    let url = server.url("/m.pth");
+    let wrong = "ab".repeat(32);
+    let mut opts = options(cache.path());
+    opts.sha256 = Some(wrong.clone());
+    let err = fetch(&url, &opts, &NoProgress).unwrap_err();
+    match &err {
+        FetchError::Sha256Mismatch {
+            expected,
+            actual,
+            source_of,
+            ..
+        } => {
+            assert_eq!(expected, &wrong);
+            assert_eq!(actual, &sha256_hex(&data));
+            assert_eq!(*source_of, HashSource::Option);
+        }
+        other => panic!("{other:?}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains(&wrong) && message.contains(&sha256_hex(&data)) && message.contains(&url)
+    );
+    assert_eq!(server.count(), 1, "a mismatch is not retried");
+    assert_eq!(
+        names_under(cache.path()),
+        vec![".lock"],
+        "no file, no .part kept"
+    );
+}
+
+#[test]
+fn right_expected_sha256_is_accepted() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let cache = tempfile::tempdir().unwrap();
+    let mut opts = options(cache.path());
+    opts.sha256 = Some(sha256_hex(&data));
+    let got = fetch(&server.url("/m.pth"), &opts, &NoProgress).unwrap();
+    assert_eq!(got.sha256, sha256_hex(&data));
+}
+
+#[test]
+fn malformed_expected_sha256_is_refused_before_any_request() {
+    let server = Server::start(|_, _| status(200));
+    let cache = tempfile::tempdir().unwrap();
+    let mut opts = options(cache.path());
+    opts.sha256 = Some("f92a2975".into());
+    let err = fetch(&server.url("/m.pth"), &opts, &NoProgress).unwrap_err();
+    assert!(
+        matches!(err, FetchError::BadExpectedSha256 { .. }),
+        "{err:?}"
+    );
+    assert_eq!(server.count(), 0);
+}
+
+#[test]
+fn wrong_hash_in_the_file_name_is_refused() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let cache = tempfile::tempdir().unwrap();
+    let url = server.url("/upernet_beit-base_ade20k-deadbeef.pth");
+    let err = fetch(&url, &options(cache.path()), &NoProgress).unwrap_err();
+    match &err {
+        FetchError::Sha256Mismatch {
+            expected,
+            source_of,
+            ..
+        } => {
+            assert_eq!(expected, "deadbeef");
+            assert_eq!(*source_of, HashSource::FileName);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains(&sha256_hex(&data)));
+    assert_eq!(names_under(cache.path()), vec![".lock"]);
+}
+
+#[test]
+fn right_hash_in_the_file_name_is_accepted() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let cache = tempfile::tempdir().unwrap();
+    let prefix = &sha256_hex(&data)[..8];
+    let url = server.url(&format!(
+        "/beit_base_20220426_174752-{prefix}.pth?download=1"
+    ));
+    let got = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+    assert!(got.sha256.starts_with(prefix));
+    assert_eq!(
+        got.path.file_name().unwrap().to_string_lossy(),
+        format!("beit_base_20220426_174752-{prefix}.pth")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Progress and small functions
+
+/// One progress job as the library reported it.
+#[derive(Clone, Debug)]
+struct Job {
+    label: String,
+    total: Option<u64>,
+    advanced: u64,
+    ended: bool,
+}
+
+#[derive(Default)]
+struct Recorder {
+    jobs: Mutex<Vec<Job>>,
+}
+
+impl Progress for Recorder {
+    fn begin(&self, label: &str, total: Option<u64>) {
+        let job = Job {
+            label: label.to_string(),
+            total,
+            advanced: 0,
+            ended: false,
+        };
+        self.jobs.lock().unwrap().push(job);
+    }
+    fn advance(&self, bytes: u64) {
+        self.jobs.lock().unwrap().last_mut().unwrap().advanced += bytes;
+    }
+    fn end(&self) {
+        self.jobs.lock().unwrap().last_mut().unwrap().ended = true;
+    }
+}
+
+#[test]
+fn progress_sees_the_whole_size() {
+    let data = data();
+    let body = data.clone();
+    let server = Server::start(move |i, r| {
+        if i == 0 {
+            Reply::Cut {
+                headers: vec![],
+                len: body.len(),
+                body: body[..SIZE / 2].to_vec(),
+            }
+        } else {
+            ranged(r, &body, vec![])
+        }
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let url = server.url("/m.pth");
+    let recorder = Recorder::default();
+    fetch(&url, &options(cache.path()), &recorder).unwrap();
+    let jobs = recorder.jobs.lock().unwrap().clone();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    for job in &jobs {
+        assert_eq!(job.label, "m.pth");
+        assert_eq!(job.total, Some(SIZE as u64));
+        assert!(job.ended);
+    }
+    assert_eq!(jobs[0].advanced, (SIZE / 2) as u64);
+    assert_eq!(
+        jobs[1].advanced, SIZE as u64,
+        "resumed job counts the kept prefix too"
+    );
+
+    let recorder = Recorder::default();
+    assert!(
+        fetch(&url, &options(cache.path()), &recorder)
+            .unwrap()
+            .from_cache
+    );
+    let jobs = recorder.jobs.lock().unwrap().clone();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].label, "checking m.pth");
+    assert_eq!(jobs[0].total, Some(SIZE as u64));
+    assert_eq!(jobs[0].advanced, SIZE as u64);
+    assert!(jobs[0].ended);
+}
+
+#[test]
+fn not_a_url_is_refused() {
+    let cache = tempfile::tempdir().unwrap();
+    let err = fetch("/tmp/model.pth", &options(cache.path()), &NoProgress).unwrap_err();
+    assert!(matches!(err, FetchError::NotUrl { .. }), "{err:?}");
+}
+
+#[test]
+fn is_url_accepts_only_http_and_https() {
+    assert!(is_url(
+        "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
+    ));
+    assert!(is_url("http://127.0.0.1:8080/x"));
+    assert!(is_url("HTTPS://example.org/x"));
+    assert!(!is_url("ftp://example.org/x"));
+    assert!(!is_url("file:///tmp/x.pth"));
+    assert!(!is_url("/tmp/x.pth"));
+    assert!(!is_url("C:\\models\\x.pth"));
+    assert!(!is_url("model.pth"));
+    assert!(!is_url("https://"));
+}
+
+#[test]
+fn name_embedded_hash_follows_the_torch_hub_convention() {
+    assert_eq!(
+        name_embedded_hash(
+            "https://download.openmmlab.com/mmsegmentation/v0.5/beit/upernet_beit-base_8x2_640x640_160k_ade20k/upernet_beit-base_8x2_640x640_160k_ade20k-eead221d.pth"
+        ),
+        Some("eead221d".to_string())
+    );
+    assert_eq!(
+        name_embedded_hash("mae_vit_base_20220426_174752-f92a2975.pth"),
+        Some("f92a2975".to_string())
+    );
+    assert_eq!(
+        name_embedded_hash("/a/b/model-DEADBEEF.pth.tar"),
+        Some("deadbeef".to_string())
+    );
+    assert_eq!(
+        name_embedded_hash("https://h/x-abcdef.pth?v=1-0123456.bin"),
+        Some("abcdef".to_string())
+    );
+    assert_eq!(name_embedded_hash("mae_pretrain_vit_base.pth"), None);
+    assert_eq!(
+        name_embedded_hash("model-abcde.pth"),
+        None,
+        "fewer than 6 hex digits"
+    );
+    assert_eq!(name_embedded_hash("model-deadbeef"), None, "no extension");
+    assert_eq!(name_embedded_hash("vit-base.pth"), None);
+    assert_eq!(
+        name_embedded_hash("model-abc-xyz123.pth"),
+        None,
+        "only the last dash counts"
+    );
+    assert_eq!(
+        name_embedded_hash("dir-abcdef12/model.pth"),
+        None,
+        "folders do not count"
+    );
+}
+
+#[test]
+fn sha256_file_matches_a_known_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("abc");
+    fs::write(&path, b"abc").unwrap();
+    assert_eq!(
+        sha256_file(&path).unwrap(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    let data = data();
+    fs::write(&path, &*data).unwrap();
+    assert_eq!(sha256_file(&path).unwrap(), sha256_hex(&data));
+    assert!(sha256_file(dir.path().join("missing")).is_err());
+}
