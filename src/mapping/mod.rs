@@ -1,4 +1,17 @@
 //! Declarative mapping tables: TOML text + a checkpoint's names and shapes in, a `Plan` out.
 //! Pure: no I/O, no tensor data (transforms are pure functions on tensor values).
+//!
+//! - [`table`]: the table format (see `mappings/README.md`), its compiler, the built-in
+//!   tables and family detection;
+//! - [`plan`]: applying a table to a checkpoint's names/shapes → [`Plan`];
+//! - `transforms`: the numeric transforms a plan names (executed by the converter).
 
+pub mod plan;
+pub mod table;
 pub mod transforms;
+
+pub use plan::{
+    plan, DroppedKey, Fate, Origin, Plan, PlanError, PlanOptions, PlannedTensor, SourceFate,
+    SourceTensor,
+};
+pub use table::{builtin_table_text, builtin_tables, detect, detect_among, MappingTable, TableError};

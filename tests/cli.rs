@@ -1,0 +1,305 @@
+//! The `ckptmap` binary end to end on the fixtures: convert every variant with both tables,
+//! check key sets, shapes and bytes, verify against PyTorch references, and show that
+//! conversions broken on purpose are reported as FAIL.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ckptmap::checkpoint::Checkpoint;
+use ckptmap::pth::write::{write_pth, TensorToWrite};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+fn ckptmap(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(args).output().unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = ckptmap(args);
+    assert!(out.status.success(), "{args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Reads every tensor of a converted file: name → (shape, bytes).
+fn tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+    let c = Checkpoint::open(path).unwrap();
+    c.tensors().into_iter().map(|t| (t.name.clone(), t.view.shape.clone(), c.read(t.view).unwrap())).collect()
+}
+
+fn source_bytes(path: &Path) -> HashMap<String, Vec<u8>> {
+    let c = Checkpoint::open(path).unwrap();
+    let root = ckptmap::inspect::find_state_dict(&c).unwrap();
+    c.tensors_under(root).unwrap().into_iter().map(|t| (t.name.clone(), c.read(t.view).unwrap())).collect()
+}
+
+/// Copies a checkpoint with some tensors replaced, through our writer.
+fn rewrite(src: &Path, dest: &Path, edit: impl Fn(&str, &mut Vec<u8>, &HashMap<String, Vec<u8>>)) {
+    let all = tensors(src);
+    let originals: HashMap<String, Vec<u8>> = all.iter().map(|(n, _, b)| (n.clone(), b.clone())).collect();
+    let c = Checkpoint::open(src).unwrap();
+    let entries = c.tensors();
+    let specs: Vec<TensorToWrite> = entries.iter().map(|t| TensorToWrite { name: &t.name, dtype: t.view.dtype, shape: &t.view.shape }).collect();
+    let file = std::fs::File::create(dest).unwrap();
+    write_pth(file, "broken", &specs, |i, w| {
+        let mut bytes = originals[&entries[i].name].clone();
+        edit(&entries[i].name, &mut bytes, &originals);
+        w.write_all(&bytes)
+    })
+    .unwrap();
+}
+
+fn mmseg_keys(arch: &str) -> Vec<(String, Vec<usize>)> {
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("mmseg_vit_b_512_keys.json")).unwrap()).unwrap();
+    serde_json::from_value(j[arch].clone()).unwrap()
+}
+
+#[test]
+fn every_mae_variant_converts_to_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("ref.pth");
+    ok(&["convert", fixture("mae_tiny.pth").to_str().unwrap(), reference.to_str().unwrap()]);
+    let want = tensors(&reference);
+    let src = source_bytes(&fixture("mae_tiny.pth"));
+    // Renamed tensors are bit-identical to their source.
+    let map = [("layers.0.ffn.layers.0.0.weight", "blocks.0.mlp.fc1.weight"), ("layers.3.ln2.bias", "blocks.3.norm2.bias"), ("patch_embed.projection.weight", "patch_embed.proj.weight")];
+    for (dst, s) in map {
+        let got = &want.iter().find(|(n, _, _)| n == dst).unwrap().2;
+        assert_eq!(got, &src[s], "{dst}");
+    }
+    assert!(want.iter().all(|(n, _, _)| !n.starts_with("blocks.") && n != "norm.weight"));
+    for variant in ["mae_tiny_legacy.pth", "mae_tiny_bare.pth", "mae_tiny_state_dict.pth", "mae_tiny_module.pth", "mae_tiny_train.pth", "mae_tiny_full.pth", "mae_tiny_finetuned.pth", "mae_tiny.safetensors"] {
+        let out = dir.path().join(format!("{variant}.pth"));
+        ok(&["convert", fixture(variant).to_str().unwrap(), out.to_str().unwrap(), "--mapping", "mae"]);
+        let got = tensors(&out);
+        let names: Vec<&str> = got.iter().map(|t| t.0.as_str()).collect();
+        let want_names: Vec<&str> = want.iter().map(|t| t.0.as_str()).collect();
+        assert_eq!(names, want_names, "{variant}");
+        assert_eq!(got, want, "{variant}: bytes differ");
+    }
+    // fp16 / bf16 keep their dtype and bytes: same key set, half the size.
+    for variant in ["mae_tiny_fp16.pth", "mae_tiny_bf16.pth"] {
+        let out = dir.path().join(format!("{variant}.pth"));
+        ok(&["convert", fixture(variant).to_str().unwrap(), out.to_str().unwrap()]);
+        let got = tensors(&out);
+        assert_eq!(got.len(), want.len());
+        let src = source_bytes(&fixture(variant));
+        assert_eq!(got.iter().find(|t| t.0 == "layers.1.attn.qkv.weight").unwrap().2, src["blocks.1.attn.qkv.weight"]);
+    }
+}
+
+#[test]
+fn dtype_cast_matches_torch_half() {
+    // Converting the fp32 fixture with --dtype f16 gives exactly the bytes torch's .half() gave.
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.pth");
+    let b = dir.path().join("b.pth");
+    ok(&["convert", fixture("mae_tiny.pth").to_str().unwrap(), a.to_str().unwrap(), "--dtype", "f16"]);
+    ok(&["convert", fixture("mae_tiny_fp16.pth").to_str().unwrap(), b.to_str().unwrap()]);
+    assert_eq!(tensors(&a), tensors(&b));
+}
+
+/// An MAE ViT-B/16 pretrain checkpoint (official key set and shapes, zero weights).
+fn write_vit_b(dest: &Path) {
+    let (dim, depth) = (768usize, 12usize);
+    let mut specs: Vec<(String, Vec<usize>)> = vec![
+        ("cls_token".into(), vec![1, 1, dim]),
+        ("pos_embed".into(), vec![1, 197, dim]),
+        ("patch_embed.proj.weight".into(), vec![dim, 3, 16, 16]),
+        ("patch_embed.proj.bias".into(), vec![dim]),
+    ];
+    for i in 0..depth {
+        for (n, s) in [
+            ("norm1.weight", vec![dim]), ("norm1.bias", vec![dim]),
+            ("attn.qkv.weight", vec![3 * dim, dim]), ("attn.qkv.bias", vec![3 * dim]),
+            ("attn.proj.weight", vec![dim, dim]), ("attn.proj.bias", vec![dim]),
+            ("norm2.weight", vec![dim]), ("norm2.bias", vec![dim]),
+            ("mlp.fc1.weight", vec![4 * dim, dim]), ("mlp.fc1.bias", vec![4 * dim]),
+            ("mlp.fc2.weight", vec![dim, 4 * dim]), ("mlp.fc2.bias", vec![dim]),
+        ] {
+            specs.push((format!("blocks.{i}.{n}"), s));
+        }
+    }
+    specs.push(("norm.weight".into(), vec![dim]));
+    specs.push(("norm.bias".into(), vec![dim]));
+    let t: Vec<TensorToWrite> = specs.iter().map(|(n, s)| TensorToWrite { name: n, dtype: ckptmap::DType::F32, shape: s }).collect();
+    let file = std::io::BufWriter::new(std::fs::File::create(dest).unwrap());
+    write_pth(file, "vitb", &t, |i, w| w.write_all(&vec![0u8; t[i].nbytes() as usize])).unwrap();
+}
+
+/// Target names and shapes of a dry-run plan.
+fn planned(src: &Path, extra: &[&str]) -> HashMap<String, Vec<usize>> {
+    let mut args = vec!["convert", src.to_str().unwrap(), "unused.pth", "--dry-run", "--json"];
+    args.extend_from_slice(extra);
+    let v: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    v["plan"]["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["target"].as_str().unwrap().to_string(), serde_json::from_value(o["shape"].clone()).unwrap()))
+        .collect()
+}
+
+#[test]
+fn mae_vit_b_key_sets_match_mmseg() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("vitb.pth");
+    write_vit_b(&src);
+    let mmseg: HashMap<String, Vec<usize>> = mmseg_keys("mae").into_iter().collect();
+    let unfillable = |k: &str| k.ends_with("relative_position_bias_table") || k.ends_with("relative_position_index") || k.contains("gamma_");
+    // Clean: MMSeg's keys minus those the source cannot fill (pos_embed at its source size).
+    let clean = planned(&src, &[]);
+    let mut want: HashMap<String, Vec<usize>> = mmseg.iter().filter(|(k, _)| !unfillable(k)).map(|(k, s)| (k.clone(), s.clone())).collect();
+    want.insert("pos_embed".into(), vec![1, 197, 768]);
+    assert_eq!(clean, want);
+    // Load-ready at 512: all of them, with MMSeg's shapes.
+    assert_eq!(planned(&src, &["--img-size", "512"]), mmseg, "load-ready MAE ViT-B at 512 must equal MMSeg's state dict");
+}
+
+fn verify(converted: &Path, reference: &str) -> (bool, String) {
+    let out = ckptmap(&["verify", converted.to_str().unwrap(), "--reference", fixture(reference).to_str().unwrap()]);
+    assert!(matches!(out.status.code(), Some(0) | Some(1)), "{}", String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn conversions_match_pytorch_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str], &str); 5] = [
+        ("mae_tiny.pth", &[], "ref_mae_tiny_112.safetensors"),
+        ("mae_tiny.pth", &["--img-size", "224", "--num-heads", "2"], "ref_mae_tiny_224.safetensors"),
+        ("beit_tiny_ft.pth", &[], "ref_beit_tiny_ft_112.safetensors"),
+        ("beit_tiny_ft.pth", &["--img-size", "224"], "ref_beit_tiny_ft_224.safetensors"),
+        ("beit_tiny_pt.pth", &[], "ref_beit_tiny_pt_112.safetensors"),
+    ];
+    for (i, (src, extra, reference)) in cases.iter().enumerate() {
+        let out = dir.path().join(format!("{i}.pth"));
+        let mut args = vec!["convert", fixture(src).to_str().unwrap().to_string().leak() as &str, out.to_str().unwrap().to_string().leak()];
+        args.extend_from_slice(extra);
+        ok(&args);
+        let (passed, text) = verify(&out, reference);
+        assert!(passed, "{src} {extra:?}: {text}");
+        assert!(text.contains("PASS"));
+    }
+}
+
+#[test]
+fn broken_conversions_fail_verification() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.pth");
+    ok(&["convert", fixture("mae_tiny.pth").to_str().unwrap(), good.to_str().unwrap()]);
+    assert!(verify(&good, "ref_mae_tiny_112.safetensors").0, "control case must pass");
+
+    // fc1 of layers 0 and 1 swapped (same shapes, wrong weights).
+    let swapped = dir.path().join("swapped.pth");
+    rewrite(&good, &swapped, |n, b, all| match n {
+        "layers.0.ffn.layers.0.0.weight" => *b = all["layers.1.ffn.layers.0.0.weight"].clone(),
+        "layers.1.ffn.layers.0.0.weight" => *b = all["layers.0.ffn.layers.0.0.weight"].clone(),
+        _ => {}
+    });
+    // qkv bias dropped (zeroed).
+    let no_bias = dir.path().join("nobias.pth");
+    rewrite(&good, &no_bias, |n, b, _| if n.ends_with("attn.qkv.bias") { b.iter_mut().for_each(|x| *x = 0) });
+    for (file, what) in [(&swapped, "fc1 swapped"), (&no_bias, "qkv bias dropped")] {
+        let (passed, text) = verify(file, "ref_mae_tiny_112.safetensors");
+        assert!(!passed && text.contains("FAIL"), "{what}: {text}");
+    }
+
+    // BEiT pretrain: the shared table not expanded (layers keep zero tables, as MMSeg would).
+    let beit = dir.path().join("beit.pth");
+    ok(&["convert", fixture("beit_tiny_pt.pth").to_str().unwrap(), beit.to_str().unwrap()]);
+    assert!(verify(&beit, "ref_beit_tiny_pt_112.safetensors").0, "control case must pass");
+    let unexpanded = dir.path().join("unexpanded.pth");
+    rewrite(&beit, &unexpanded, |n, b, _| if n.ends_with("relative_position_bias_table") { b.iter_mut().for_each(|x| *x = 0) });
+    let (passed, text) = verify(&unexpanded, "ref_beit_tiny_pt_112.safetensors");
+    assert!(!passed, "unexpanded shared bias: {text}");
+
+    // pos_embed resized with the wrong interpolation (nearest instead of bicubic).
+    let ready = dir.path().join("ready.pth");
+    ok(&["convert", fixture("mae_tiny.pth").to_str().unwrap(), ready.to_str().unwrap(), "--img-size", "224", "--num-heads", "2"]);
+    assert!(verify(&ready, "ref_mae_tiny_224.safetensors").0, "control case must pass");
+    let nearest = dir.path().join("nearest.pth");
+    let src = source_bytes(&fixture("mae_tiny.pth"));
+    rewrite(&ready, &nearest, |n, b, _| {
+        if n == "pos_embed" {
+            let old: Vec<f32> = src["pos_embed"].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let dim = 32;
+            let mut out = old[..dim].to_vec();
+            for y in 0..14 {
+                for x in 0..14 {
+                    let s = 1 + (y / 2) * 7 + x / 2;
+                    out.extend_from_slice(&old[s * dim..(s + 1) * dim]);
+                }
+            }
+            *b = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+        }
+    });
+    let (passed, text) = verify(&nearest, "ref_mae_tiny_224.safetensors");
+    assert!(!passed, "nearest pos_embed: {text}");
+}
+
+#[test]
+fn verify_against_original_passes_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.pth");
+    let text = ok(&["convert", fixture("beit_tiny_ft.pth").to_str().unwrap(), out.to_str().unwrap(), "--verify"]);
+    assert!(text.contains("PASS"), "{text}");
+    let broken = dir.path().join("b.pth");
+    rewrite(&out, &broken, |n, b, _| if n == "layers.2.gamma_1" { b.iter_mut().for_each(|x| *x = 0) });
+    let r = ckptmap(&["verify", broken.to_str().unwrap(), "--against", fixture("beit_tiny_ft.pth").to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(1), "{}", String::from_utf8_lossy(&r.stdout));
+}
+
+#[test]
+fn dry_run_writes_nothing_and_explains() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.pth");
+    let text = ok(&["convert", fixture("mae_tiny_full.pth").to_str().unwrap(), out.to_str().unwrap(), "--dry-run"]);
+    assert!(!out.exists());
+    assert!(text.contains("blocks.0.mlp.fc1.weight -> layers.0.ffn.layers.0.0.weight"), "{text}");
+    assert!(text.contains("decoder_pred.weight dropped"), "{text}");
+    let json = ok(&["convert", fixture("beit_tiny_pt.pth").to_str().unwrap(), out.to_str().unwrap(), "--dry-run", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["plan"]["table"], "beit");
+    assert!(!out.exists());
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors_and_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.pth");
+    let junk = dir.path().join("junk.pth");
+    std::fs::write(&junk, b"hello world, not a checkpoint").unwrap();
+    let views = fixture("views.pth");
+    let mae = fixture("mae_tiny.pth");
+    let txt = dir.path().join("out.txt");
+    let cases: [(&[&str], &str); 4] = [
+        (&["convert", junk.to_str().unwrap(), out.to_str().unwrap()], "not a PyTorch checkpoint"),
+        (&["convert", views.to_str().unwrap(), out.to_str().unwrap()], "views.pth"),
+        (&["convert", mae.to_str().unwrap(), out.to_str().unwrap(), "--mapping", "nosuch"], "nosuch"),
+        (&["convert", mae.to_str().unwrap(), txt.to_str().unwrap()], ".pth or .safetensors"),
+    ];
+    for (args, needle) in cases {
+        let r = ckptmap(args);
+        assert_eq!(r.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!out.exists());
+    }
+    // No stray temporaries either.
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}
+
+#[test]
+fn a_failed_conversion_never_replaces_a_good_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("keep.pth");
+    std::fs::write(&out, b"previous good file").unwrap();
+    let r = ckptmap(&["convert", fixture("views.pth").to_str().unwrap(), out.to_str().unwrap(), "--mapping", "mae"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert_eq!(std::fs::read(&out).unwrap(), b"previous good file");
+}
