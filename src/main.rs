@@ -19,6 +19,48 @@ use ckptmap::DType;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    download: DownloadArgs,
+}
+
+/// How http(s) sources are fetched (for any command that takes a checkpoint).
+#[derive(clap::Args, Clone)]
+struct DownloadArgs {
+    /// Download cache folder (default: $CKPTMAP_CACHE, else ~/.cache/ckptmap).
+    #[arg(long, global = true, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Expected sha256 of a downloaded source (a `-<hex>` suffix in the file name is
+    /// checked automatically).
+    #[arg(long, global = true, value_name = "HEX")]
+    sha256: Option<String>,
+    /// Retries on connection errors, timeouts and HTTP 5xx.
+    #[arg(long, global = true, default_value_t = 4)]
+    retries: u32,
+    /// Seconds without data before a download attempt is abandoned.
+    #[arg(long, global = true, default_value_t = 60)]
+    timeout: u64,
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+impl DownloadArgs {
+    /// A local path as is; an http(s) URL downloaded into the cache first.
+    fn resolve(&self, source: &str) -> Result<PathBuf> {
+        if !ckptmap::fetch::is_url(source) {
+            return Ok(PathBuf::from(source));
+        }
+        let opts = ckptmap::fetch::FetchOptions {
+            cache_dir: self.cache_dir.clone(),
+            sha256: self.sha256.clone(),
+            retries: self.retries,
+            read_timeout: std::time::Duration::from_secs(self.timeout),
+            ..Default::default()
+        };
+        let bar = Bar::new(!self.quiet);
+        let fetched = ckptmap::fetch::fetch(source, &opts, &bar)?;
+        Ok(fetched.path)
+    }
 }
 
 #[derive(Subcommand)]
@@ -30,8 +72,8 @@ enum Command {
     /// tables resized, indices regenerated and MAE tables/gammas filled so that MMSeg's
     /// load_state_dict(strict=True) finds nothing missing or unexpected.
     Convert {
-        /// Source checkpoint (.pth zip or legacy, or .safetensors).
-        src: PathBuf,
+        /// Source checkpoint: a path or an http(s) URL (.pth zip or legacy, or .safetensors).
+        src: String,
         /// Output file: .pth (torch.load(weights_only=True) reads it) or .safetensors.
         dst: PathBuf,
         /// Mapping table: a built-in name (see `ckptmap mappings`) or a TOML file.
@@ -78,9 +120,9 @@ enum Command {
         /// A .safetensors reference: 'input' and 'out.<index>' tensors.
         #[arg(long, conflicts_with = "against", required_unless_present = "against")]
         reference: Option<PathBuf>,
-        /// The original checkpoint the conversion came from.
+        /// The original checkpoint the conversion came from (a path or an http(s) URL).
         #[arg(long)]
-        against: Option<PathBuf>,
+        against: Option<String>,
         #[command(flatten)]
         check: CheckArgs,
         /// Print one JSON document instead of text.
@@ -94,8 +136,8 @@ enum Command {
     },
     /// Show what a checkpoint holds: container, state-dict location, every tensor, metadata.
     Inspect {
-        /// A .pth (zip or legacy) or .safetensors file.
-        file: PathBuf,
+        /// A .pth (zip or legacy) or .safetensors file, or an http(s) URL.
+        file: String,
         /// Print one JSON document instead of text.
         #[arg(long)]
         json: bool,
@@ -118,7 +160,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let download = cli.download.clone();
+    match run(cli.command, &download) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -232,8 +275,8 @@ impl Progress for Bar {
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
-    match cli.command {
+fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
+    match command {
         Command::Verify { converted, reference, against, check, json } => {
             let device = ckptmap::verify::device(&check.device)?;
             let conv = Checkpoint::open(&converted)?;
@@ -241,7 +284,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let outcome = match (reference, against) {
                 (Some(r), _) => ckptmap::verify::verify_with_reference(&conv, &r, &opts, &device)?,
                 (None, Some(a)) => {
-                    let orig = Checkpoint::open(&a)?;
+                    let orig = Checkpoint::open(&download.resolve(&a)?)?;
                     ckptmap::verify::verify_against_original(&conv, &orig, &opts, &device)?
                 }
                 (None, None) => unreachable!("clap requires one"),
@@ -253,7 +296,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if outcome.passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Convert { src, dst, mapping, img_size, num_heads, init_values, dtype, keep_unused, dry_run, json, verify } => {
+        Command::Convert { src: source, dst, mapping, img_size, num_heads, init_values, dtype, keep_unused, dry_run, json, verify } => {
+            let src = download.resolve(&source)?;
             let ckpt = Checkpoint::open(&src)?;
             let choice = choose_table(mapping.as_deref(), &ckpt)?;
             let table = choice.table();
@@ -261,7 +305,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (root, sources, plan) = prepare(&ckpt, table, &opts)?;
             if dry_run {
                 if json {
-                    let doc = serde_json::json!({ "input": src.display().to_string(), "container": root, "mapping": table.origin(), "plan": plan });
+                    let doc = serde_json::json!({ "input": source, "container": root, "mapping": table.origin(), "plan": plan });
                     println!("{}", serde_json::to_string_pretty(&doc)?);
                 } else {
                     print_plan(&plan, table.origin(), &root, dtype);
@@ -270,7 +314,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             // Large files get a progress bar on a terminal (unless --json).
             let total: u64 = sources.iter().map(|t| t.view.nbytes() as u64).sum();
-            let bar = Bar::new(!json && total > 64 << 20);
+            let bar = Bar::new(!json && !download.quiet && total > 64 << 20);
             let summary = write_plan(&ckpt, &sources, &plan, &dst, dtype, &bar)?;
             if json {
                 let (in_hash, out_hash) = std::thread::scope(|s| {
@@ -279,7 +323,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     (a.join().unwrap(), b.join().unwrap())
                 });
                 let doc = serde_json::json!({
-                    "input": src.display().to_string(),
+                    "input": source,
+                    "input_file": src.display().to_string(),
                     "input_sha256": in_hash?,
                     "container": root,
                     "mapping": table.origin(),
@@ -293,7 +338,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let generated = plan.generated().count();
                 println!(
                     "{} -> {}: {} tensors ({} generated), {} source keys dropped, {:.1} MB in {:.2} s [mapping {}{}]",
-                    src.display(),
+                    source,
                     dst.display(),
                     summary.tensors,
                     generated,
@@ -344,7 +389,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { file, json } => {
-            let ckpt = Checkpoint::open(&file)?;
+            let ckpt = Checkpoint::open(&download.resolve(&file)?)?;
             let report = inspect::inspect(&ckpt);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

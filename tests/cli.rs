@@ -303,3 +303,47 @@ fn a_failed_conversion_never_replaces_a_good_file() {
     assert_eq!(r.status.code(), Some(2));
     assert_eq!(std::fs::read(&out).unwrap(), b"previous good file");
 }
+
+/// Serves `body` at any path except `/missing*` (404) on 127.0.0.1, for `n` requests.
+fn serve(body: Vec<u8>, n: usize) -> (String, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = std::thread::spawn(move || {
+        for stream in listener.incoming().take(n) {
+            let mut s = stream.unwrap();
+            let mut req = [0u8; 4096];
+            let len = s.read(&mut req).unwrap_or(0);
+            let head = String::from_utf8_lossy(&req[..len]).to_string();
+            if head.starts_with("GET /missing") {
+                let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            } else {
+                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = s.write_all(&body);
+            }
+        }
+    });
+    (format!("http://{addr}"), handle)
+}
+
+#[test]
+fn convert_and_inspect_accept_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let (base, server) = serve(std::fs::read(fixture("beit_tiny_ft.pth")).unwrap(), 2);
+    let out = dir.path().join("o.pth");
+    let url = format!("{base}/beit_tiny_ft.pth");
+    ok(&["convert", &url, out.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap(), "--verify"]);
+    // Same bytes as converting the local file.
+    let local = dir.path().join("l.pth");
+    ok(&["convert", fixture("beit_tiny_ft.pth").to_str().unwrap(), local.to_str().unwrap()]);
+    assert_eq!(tensors(&out), tensors(&local));
+    // The second use comes from the cache (the server answers only 2 requests: this one
+    // and the 404 below).
+    let text = ok(&["inspect", &url, "--cache-dir", cache.to_str().unwrap()]);
+    assert!(text.contains("state dict: model"), "{text}");
+    let r = ckptmap(&["inspect", &format!("{base}/missing.pth"), "--cache-dir", cache.to_str().unwrap(), "--retries", "0"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("404"));
+    server.join().unwrap();
+}
