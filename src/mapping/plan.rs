@@ -28,8 +28,8 @@ use std::fmt;
 use serde::Serialize;
 
 use super::table::{
-    Action, Env, EvalError, FillValue, Formula, Make, MakeKind, MappingTable, OptName, RuleTransform,
-    TargetSpec, UnknownKeys,
+    Action, Env, EvalError, FillValue, Formula, Make, MakeKind, MappingTable, OptName,
+    RuleTransform, TargetSpec, UnknownKeys,
 };
 use crate::DType;
 
@@ -99,10 +99,20 @@ pub enum Origin {
     Expand { source: String },
     /// MMSeg's bicubic resize of an absolute position embedding `[1, extra + old², C]` to
     /// `[1, extra + new², C]`; the first `num_extra` tokens are kept.
-    ResizeAbsPosEmbed { source: String, num_extra: usize, old_grid: usize, new_grid: usize },
+    ResizeAbsPosEmbed {
+        source: String,
+        num_extra: usize,
+        old_grid: usize,
+        new_grid: usize,
+    },
     /// MMSeg's geometric-sequence cubic resize of a relative-position bias table
     /// `[(2·src−1)²+3, heads]` to `[(2·dst−1)²+3, heads]`.
-    ResizeRelPosTable { source: String, src_window: usize, dst_window: usize, num_heads: usize },
+    ResizeRelPosTable {
+        source: String,
+        src_window: usize,
+        dst_window: usize,
+        num_heads: usize,
+    },
     /// A freshly generated relative-position index `[window²+1, window²+1]` (i64).
     RelPosIndex { window: usize },
     /// A constant tensor.
@@ -130,11 +140,24 @@ impl fmt::Display for Origin {
         match self {
             Origin::Rename { source } => write!(f, "rename of {source}"),
             Origin::Expand { source } => write!(f, "copy of shared {source}"),
-            Origin::ResizeAbsPosEmbed { source, old_grid, new_grid, .. } => {
+            Origin::ResizeAbsPosEmbed {
+                source,
+                old_grid,
+                new_grid,
+                ..
+            } => {
                 write!(f, "{source} resized from grid {old_grid} to {new_grid}")
             }
-            Origin::ResizeRelPosTable { source, src_window, dst_window, .. } => {
-                write!(f, "{source} resized from window {src_window} to {dst_window}")
+            Origin::ResizeRelPosTable {
+                source,
+                src_window,
+                dst_window,
+                ..
+            } => {
+                write!(
+                    f,
+                    "{source} resized from window {src_window} to {dst_window}"
+                )
             }
             Origin::RelPosIndex { window } => write!(f, "index generated for window {window}"),
             Origin::Fill { value } => write!(f, "filled with {value}"),
@@ -184,8 +207,11 @@ impl Plan {
                 entry.push(o);
             }
         }
-        let dropped: HashMap<&str, &DroppedKey> =
-            self.dropped.iter().map(|d| (d.source.as_str(), d)).collect();
+        let dropped: HashMap<&str, &DroppedKey> = self
+            .dropped
+            .iter()
+            .map(|d| (d.source.as_str(), d))
+            .collect();
         order.extend(self.dropped.iter().map(|d| d.source.as_str()));
         if !self.sources.is_empty() {
             order = self.sources.iter().map(String::as_str).collect();
@@ -215,7 +241,11 @@ pub enum PlanError {
     #[error("invalid option: {0}")]
     BadOption(String),
     #[error("source keys '{first}' and '{second}' are both '{stripped}' after stripping the table's prefixes")]
-    StripCollision { first: String, second: String, stripped: String },
+    StripCollision {
+        first: String,
+        second: String,
+        stripped: String,
+    },
     #[error("source key '{key}' matches no rule of table '{table}' (add a rule for it, or set unknown_keys = \"drop\" in the table)")]
     UncoveredKey { table: String, key: String },
     #[error("target '{target}' is produced twice: from '{first_key}' by rule '{first_rule}' and from '{second_key}' by rule '{second_rule}'")]
@@ -227,18 +257,46 @@ pub enum PlanError {
         second_rule: String,
     },
     #[error("rule '{rule}' maps '{key}' to '{target}', which is not in the target set of table '{table}'")]
-    NotATarget { table: String, rule: String, key: String, target: String },
+    NotATarget {
+        table: String,
+        rule: String,
+        key: String,
+        target: String,
+    },
     #[error("target '{target}' (target '{spec}' of table '{table}') {why}, but no source key produces it{more}")]
-    MissingTarget { table: String, target: String, spec: String, why: String, more: String },
+    MissingTarget {
+        table: String,
+        target: String,
+        spec: String,
+        why: String,
+        more: String,
+    },
     #[error("'{key}' (rule '{rule}') has shape {found}, but target '{target}' must be {expected}")]
-    ShapeMismatch { key: String, rule: String, target: String, found: String, expected: String },
+    ShapeMismatch {
+        key: String,
+        rule: String,
+        target: String,
+        found: String,
+        expected: String,
+    },
     #[error("'{key}' (rule '{rule}', transform {transform}): {message}")]
-    TransformInput { key: String, rule: String, transform: String, message: String },
+    TransformInput {
+        key: String,
+        rule: String,
+        transform: String,
+        message: String,
+    },
     #[error("{context}: {message}")]
     Evaluate { context: String, message: String },
     #[error("table '{table}': check '{check}' fails ({values})")]
-    CheckFailed { table: String, check: String, values: String },
-    #[error("keep_unused: '{key}' would pass through as '{target}', which the table already produces")]
+    CheckFailed {
+        table: String,
+        check: String,
+        values: String,
+    },
+    #[error(
+        "keep_unused: '{key}' would pass through as '{target}', which the table already produces"
+    )]
     KeepUnusedCollision { key: String, target: String },
 }
 
@@ -256,12 +314,24 @@ struct Produced {
 /// How a rule's transform turned out for one source tensor.
 enum Applied {
     Copy,
-    AbsPos { num_extra: usize, old_grid: usize, new_grid: usize },
-    RelTable { src_window: usize, dst_window: usize, num_heads: usize },
+    AbsPos {
+        num_extra: usize,
+        old_grid: usize,
+        new_grid: usize,
+    },
+    RelTable {
+        src_window: usize,
+        dst_window: usize,
+        num_heads: usize,
+    },
 }
 
 /// Applies `table` to the checkpoint described by `sources`. See the module docs.
-pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) -> Result<Plan, PlanError> {
+pub fn plan(
+    table: &MappingTable,
+    sources: &[SourceTensor],
+    opts: &PlanOptions,
+) -> Result<Plan, PlanError> {
     if opts.img_size == Some(0) {
         return Err(PlanError::BadOption("img_size must be positive".into()));
     }
@@ -269,7 +339,9 @@ pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) 
         return Err(PlanError::BadOption("num_heads must be positive".into()));
     }
     if opts.init_values.is_some_and(|v| !v.is_finite()) {
-        return Err(PlanError::BadOption("init_values must be a finite number".into()));
+        return Err(PlanError::BadOption(
+            "init_values must be a finite number".into(),
+        ));
     }
     let load_ready = opts.img_size.is_some();
     let mut notes = Notes::default();
@@ -303,7 +375,11 @@ pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) 
 
     let mut ev = Evaluator {
         table,
-        shapes: stripped.iter().zip(sources).map(|(k, s)| (k.to_string(), s.shape.clone())).collect(),
+        shapes: stripped
+            .iter()
+            .zip(sources)
+            .map(|(k, s)| (k.to_string(), s.shape.clone()))
+            .collect(),
         keys: stripped.iter().map(|k| k.to_string()).collect(),
         opts,
         memo: HashMap::new(),
@@ -321,7 +397,10 @@ pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) 
         let Some((rule, caps)) = hit else {
             match table.unknown_keys() {
                 UnknownKeys::Error => {
-                    return Err(PlanError::UncoveredKey { table: table.name().into(), key: key.into() })
+                    return Err(PlanError::UncoveredKey {
+                        table: table.name().into(),
+                        key: key.into(),
+                    })
                 }
                 UnknownKeys::Drop => dropped.push(DroppedKey {
                     source: src.name.clone(),
@@ -349,7 +428,12 @@ pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) 
                 rule: rule.id.clone(),
                 reason: reason.clone(),
             }),
-            Action::Keep => produced.push(copy(key.to_string(), Origin::Keep { source: src.name.clone() })),
+            Action::Keep => produced.push(copy(
+                key.to_string(),
+                Origin::Keep {
+                    source: src.name.clone(),
+                },
+            )),
             Action::Rename(template) | Action::Expand(template) => {
                 let expand = matches!(rule.action, Action::Expand(_));
                 let (applied, shape) = match &rule.transform {
@@ -359,15 +443,30 @@ pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) 
                 let origin = |source: String| match applied {
                     Applied::Copy if expand => Origin::Expand { source },
                     Applied::Copy => Origin::Rename { source },
-                    Applied::AbsPos { num_extra, old_grid, new_grid } => {
-                        Origin::ResizeAbsPosEmbed { source, num_extra, old_grid, new_grid }
-                    }
-                    Applied::RelTable { src_window, dst_window, num_heads } => {
-                        Origin::ResizeRelPosTable { source, src_window, dst_window, num_heads }
-                    }
+                    Applied::AbsPos {
+                        num_extra,
+                        old_grid,
+                        new_grid,
+                    } => Origin::ResizeAbsPosEmbed {
+                        source,
+                        num_extra,
+                        old_grid,
+                        new_grid,
+                    },
+                    Applied::RelTable {
+                        src_window,
+                        dst_window,
+                        num_heads,
+                    } => Origin::ResizeRelPosTable {
+                        source,
+                        src_window,
+                        dst_window,
+                        num_heads,
+                    },
                 };
                 let layers: Vec<Option<usize>> = if expand {
-                    let depth = ev.need_count("depth", &format!("rule '{}' (expand of '{key}')", rule.id))?;
+                    let depth =
+                        ev.need_count("depth", &format!("rule '{}' (expand of '{key}')", rule.id))?;
                     (0..depth).map(Some).collect()
                 } else {
                     vec![None]
@@ -375,7 +474,10 @@ pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) 
                 for layer in layers {
                     produced.push(Produced {
                         shape: shape.clone(),
-                        ..copy(template.render(Some(&caps), layer), origin(src.name.clone()))
+                        ..copy(
+                            template.render(Some(&caps), layer),
+                            origin(src.name.clone()),
+                        )
                     });
                 }
             }
@@ -411,7 +513,11 @@ pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) 
                 return Err(PlanError::CheckFailed {
                     table: table.name().into(),
                     check: check.text.clone(),
-                    values: if values.is_empty() { format!("{a} vs {b}") } else { values.join(", ") },
+                    values: if values.is_empty() {
+                        format!("{a} vs {b}")
+                    } else {
+                        values.join(", ")
+                    },
                 });
             }
         }
@@ -452,8 +558,11 @@ pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) 
                 s += 1;
             }
         }
-        let position: HashMap<&str, usize> =
-            concrete.iter().enumerate().map(|(i, (k, _))| (k.as_str(), i)).collect();
+        let position: HashMap<&str, usize> = concrete
+            .iter()
+            .enumerate()
+            .map(|(i, (k, _))| (k.as_str(), i))
+            .collect();
         let mut slot: Vec<Option<&Produced>> = vec![None; concrete.len()];
         for p in &produced {
             match position.get(p.target.as_str()) {
@@ -474,7 +583,9 @@ pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) 
             .iter()
             .zip(&slot)
             .filter(|((_, spec), hit)| {
-                hit.is_none() && active_make(spec, load_ready).is_none() && (load_ready || spec.required)
+                hit.is_none()
+                    && active_make(spec, load_ready).is_none()
+                    && (load_ready || spec.required)
             })
             .map(|((target, spec), _)| (target.as_str(), *spec))
             .collect();
@@ -486,7 +597,10 @@ pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) 
                 why: if spec.required {
                     "is required".into()
                 } else {
-                    format!("is needed for load-ready output (img_size {})", opts.img_size.unwrap_or(0))
+                    format!(
+                        "is needed for load-ready output (img_size {})",
+                        opts.img_size.unwrap_or(0)
+                    )
                 },
                 more: match missing.len() {
                     1 => String::new(),
@@ -514,12 +628,17 @@ pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) 
                     MakeKind::Fill(value) => {
                         let value = match *value {
                             FillValue::Const(v) => v,
-                            FillValue::InitValues { default } => opts.init_values.unwrap_or(default),
+                            FillValue::InitValues { default } => {
+                                opts.init_values.unwrap_or(default)
+                            }
                         };
                         (Origin::Fill { value }, fill_dtype, "fill")
                     }
                     MakeKind::RelPosIndex { window } => {
-                        let w = ev.positive(window, &format!("{}: make rel_pos_index window", context()))?;
+                        let w = ev.positive(
+                            window,
+                            &format!("{}: make rel_pos_index window", context()),
+                        )?;
                         let n = w * w + 1;
                         if shape != [n, n] {
                             return Err(PlanError::Evaluate {
@@ -529,7 +648,11 @@ pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) 
                                 ),
                             });
                         }
-                        (Origin::RelPosIndex { window: w }, DType::I64, "rel_pos_index")
+                        (
+                            Origin::RelPosIndex { window: w },
+                            DType::I64,
+                            "rel_pos_index",
+                        )
                     }
                 };
                 if let Some(note) = &make.note {
@@ -552,14 +675,19 @@ pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) 
         for d in std::mem::take(&mut dropped) {
             let key = table.strip(&d.source).to_string();
             if outputs.iter().any(|o| o.target == key) {
-                return Err(PlanError::KeepUnusedCollision { key: d.source, target: key });
+                return Err(PlanError::KeepUnusedCollision {
+                    key: d.source,
+                    target: key,
+                });
             }
             let src = &sources[seen[key.as_str()]];
             outputs.push(PlannedTensor {
                 target: key,
                 shape: src.shape.clone(),
                 dtype: src.dtype,
-                origin: Origin::Keep { source: d.source.clone() },
+                origin: Origin::Keep {
+                    source: d.source.clone(),
+                },
                 rule: format!("keep_unused (rule '{}' drops it: {})", d.rule, d.reason),
             });
         }
@@ -580,7 +708,10 @@ pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) 
             }
             Err(EvalError::Unavailable(_)) => {}
             Err(EvalError::Failed(message)) => {
-                return Err(PlanError::Evaluate { context: format!("variable '{name}'"), message })
+                return Err(PlanError::Evaluate {
+                    context: format!("variable '{name}'"),
+                    message,
+                })
             }
         }
     }
@@ -613,7 +744,11 @@ fn apply_transform(
         message,
     };
     match t {
-        RuleTransform::ResizeAbsPosEmbed { num_extra, old_grid, new_grid } => {
+        RuleTransform::ResizeAbsPosEmbed {
+            num_extra,
+            old_grid,
+            new_grid,
+        } => {
             let extra = ev.non_negative(num_extra, &context("num_extra"))?;
             let old = ev.positive(old_grid, &context("old_grid"))?;
             let new = ev.positive(new_grid, &context("new_grid"))?;
@@ -624,15 +759,25 @@ fn apply_transform(
                 )));
             }
             if old == new {
-                notes.push(format!("'{key}': grid {old} already matches the target; copied without resizing"));
+                notes.push(format!(
+                    "rule '{rule}': source grid {old} already matches the target; copied without resizing"
+                ));
                 return Ok((Applied::Copy, shape.to_vec()));
             }
             Ok((
-                Applied::AbsPos { num_extra: extra, old_grid: old, new_grid: new },
+                Applied::AbsPos {
+                    num_extra: extra,
+                    old_grid: old,
+                    new_grid: new,
+                },
                 vec![1, extra + new * new, shape[2]],
             ))
         }
-        RuleTransform::ResizeRelPosTable { src_window, dst_window, num_heads } => {
+        RuleTransform::ResizeRelPosTable {
+            src_window,
+            dst_window,
+            num_heads,
+        } => {
             let src = ev.positive(src_window, &context("src_window"))?;
             let dst = ev.positive(dst_window, &context("dst_window"))?;
             let heads = ev.positive(num_heads, &context("num_heads"))?;
@@ -643,11 +788,17 @@ fn apply_transform(
                 )));
             }
             if src == dst {
-                notes.push(format!("'{key}': window {src} already matches the target; copied without resizing"));
+                notes.push(format!(
+                    "rule '{rule}': source window {src} already matches the target; copied without resizing"
+                ));
                 return Ok((Applied::Copy, shape.to_vec()));
             }
             Ok((
-                Applied::RelTable { src_window: src, dst_window: dst, num_heads: heads },
+                Applied::RelTable {
+                    src_window: src,
+                    dst_window: dst,
+                    num_heads: heads,
+                },
                 vec![(2 * dst - 1) * (2 * dst - 1) + 3, heads],
             ))
         }
@@ -663,14 +814,20 @@ fn float_dtype(sources: &[SourceTensor], notes: &mut Notes) -> DType {
             None => counts.push((s.dtype, 1)),
         }
     }
-    let best = counts.iter().fold(None::<(DType, usize)>, |best, &(d, n)| match best {
-        Some((_, m)) if m >= n => best,
-        _ => Some((d, n)),
-    });
+    let best = counts
+        .iter()
+        .fold(None::<(DType, usize)>, |best, &(d, n)| match best {
+            Some((_, m)) if m >= n => best,
+            _ => Some((d, n)),
+        });
     if counts.len() > 1 {
         notes.push(format!(
             "the source mixes floating-point dtypes ({}); filled tensors use {}",
-            counts.iter().map(|(d, n)| format!("{n} × {d}")).collect::<Vec<_>>().join(", "),
+            counts
+                .iter()
+                .map(|(d, n)| format!("{n} × {d}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             best.map_or(DType::F32, |b| b.0)
         ));
     }
@@ -709,7 +866,12 @@ impl Env for Evaluator<'_> {
             return Err(EvalError::Failed(format!("unknown variable '{name}'")));
         };
         // Guards against a `missing` message that names the variable itself.
-        self.memo.insert(name.into(), Err(EvalError::Unavailable(format!("variable '{name}' has no value"))));
+        self.memo.insert(
+            name.into(),
+            Err(EvalError::Unavailable(format!(
+                "variable '{name}' has no value"
+            ))),
+        );
         let mut reasons = Vec::new();
         let mut result = None;
         for (i, alt) in def.alternatives.iter().enumerate() {
@@ -817,11 +979,18 @@ impl Evaluator<'_> {
     }
 
     /// `None` when something the expression reads is absent; errors on contradictions.
-    fn eval_optional(&mut self, e: &super::table::Expr, context: &str) -> Result<Option<i64>, PlanError> {
+    fn eval_optional(
+        &mut self,
+        e: &super::table::Expr,
+        context: &str,
+    ) -> Result<Option<i64>, PlanError> {
         match e.eval(self) {
             Ok(v) => Ok(Some(v)),
             Err(EvalError::Unavailable(_)) => Ok(None),
-            Err(EvalError::Failed(message)) => Err(PlanError::Evaluate { context: context.into(), message }),
+            Err(EvalError::Failed(message)) => Err(PlanError::Evaluate {
+                context: context.into(),
+                message,
+            }),
         }
     }
 
@@ -835,7 +1004,10 @@ impl Evaluator<'_> {
 
     fn positive(&mut self, f: &Formula, context: &str) -> Result<usize, PlanError> {
         match self.non_negative(f, context)? {
-            0 => Err(PlanError::Evaluate { context: context.into(), message: format!("{} = 0", f.text) }),
+            0 => Err(PlanError::Evaluate {
+                context: context.into(),
+                message: format!("{} = 0", f.text),
+            }),
             v => Ok(v),
         }
     }
@@ -867,7 +1039,11 @@ fn active_make(spec: &TargetSpec, load_ready: bool) -> Option<&Make> {
 }
 
 fn shape_text(spec: &TargetSpec) -> String {
-    spec.shape.iter().map(|f| f.text.as_str()).collect::<Vec<_>>().join(", ")
+    spec.shape
+        .iter()
+        .map(|f| f.text.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -875,7 +1051,11 @@ mod tests {
     use super::*;
 
     fn t(name: &str, shape: &[usize]) -> SourceTensor {
-        SourceTensor { name: name.into(), shape: shape.to_vec(), dtype: DType::F32 }
+        SourceTensor {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype: DType::F32,
+        }
     }
 
     /// A tiny MAE encoder: dim 32, depth 2, grid 7 (img 112), patch 16.
@@ -917,7 +1097,11 @@ mod tests {
         assert_eq!(p.outputs.len(), 4 + 2 * 12);
         assert_eq!(p.outputs[4].target, "layers.0.ln1.weight");
         assert_eq!(p.dropped.len(), 2);
-        let o = PlanOptions { img_size: Some(112), num_heads: Some(2), ..Default::default() };
+        let o = PlanOptions {
+            img_size: Some(112),
+            num_heads: Some(2),
+            ..Default::default()
+        };
         let p = plan(table, &tiny_mae(), &o).unwrap();
         assert_eq!(p.outputs.len(), 4 + 2 * 16);
         let names: Vec<&str> = p.outputs.iter().map(|o| o.target.as_str()).collect();
@@ -951,11 +1135,23 @@ mod tests {
     fn options_are_validated() {
         let table = MappingTable::builtin("mae").unwrap();
         for o in [
-            PlanOptions { img_size: Some(0), ..Default::default() },
-            PlanOptions { num_heads: Some(0), ..Default::default() },
-            PlanOptions { init_values: Some(f64::NAN), ..Default::default() },
+            PlanOptions {
+                img_size: Some(0),
+                ..Default::default()
+            },
+            PlanOptions {
+                num_heads: Some(0),
+                ..Default::default()
+            },
+            PlanOptions {
+                init_values: Some(f64::NAN),
+                ..Default::default()
+            },
         ] {
-            assert!(matches!(plan(table, &tiny_mae(), &o), Err(PlanError::BadOption(_))));
+            assert!(matches!(
+                plan(table, &tiny_mae(), &o),
+                Err(PlanError::BadOption(_))
+            ));
         }
     }
 }

@@ -37,24 +37,63 @@ pub enum TableError {
     #[error("{origin}: table format {found} is not supported (this build reads format {FORMAT_VERSION})")]
     Format { origin: String, found: i64 },
     #[error("{origin}: {place}: invalid regex '{pattern}': {message}")]
-    InvalidRegex { origin: String, place: String, pattern: String, message: String },
+    InvalidRegex {
+        origin: String,
+        place: String,
+        pattern: String,
+        message: String,
+    },
     #[error("{origin}: {place}: unknown transform '{name}' ({known})")]
-    UnknownTransform { origin: String, place: String, name: String, known: String },
+    UnknownTransform {
+        origin: String,
+        place: String,
+        name: String,
+        known: String,
+    },
     #[error("{origin}: {place}: transform '{transform}': {message}")]
-    TransformParam { origin: String, place: String, transform: String, message: String },
+    TransformParam {
+        origin: String,
+        place: String,
+        transform: String,
+        message: String,
+    },
     #[error("{origin}: rule '{rule}': template '{template}' refers to capture ${{{capture}}}, but {pattern}")]
-    BadCapture { origin: String, rule: String, template: String, capture: String, pattern: String },
+    BadCapture {
+        origin: String,
+        rule: String,
+        template: String,
+        capture: String,
+        pattern: String,
+    },
     #[error("{origin}: {place}: template '{template}': {message}")]
-    BadTemplate { origin: String, place: String, template: String, message: String },
+    BadTemplate {
+        origin: String,
+        place: String,
+        template: String,
+        message: String,
+    },
     #[error("{origin}: {place}: expression '{expr}': {message}")]
-    BadExpression { origin: String, place: String, expr: String, message: String },
+    BadExpression {
+        origin: String,
+        place: String,
+        expr: String,
+        message: String,
+    },
     #[error("{origin}: {place}: {message}")]
-    Invalid { origin: String, place: String, message: String },
-    #[error("unknown mapping table '{name}' (built in: {known}); pass the path of a table file instead")]
+    Invalid {
+        origin: String,
+        place: String,
+        message: String,
+    },
+    #[error(
+        "unknown mapping table '{name}' (built in: {known}); pass the path of a table file instead"
+    )]
     UnknownTable { name: String, known: String },
     #[error("no mapping table recognises this checkpoint ({reasons}); choose one with --mapping")]
     NoTableMatches { reasons: String },
-    #[error("several mapping tables recognise this checkpoint ({names}); choose one with --mapping")]
+    #[error(
+        "several mapping tables recognise this checkpoint ({names}); choose one with --mapping"
+    )]
     SeveralTablesMatch { names: String },
 }
 
@@ -110,12 +149,18 @@ pub struct MappingTable {
 
 /// The names and descriptions of the tables built into the binary.
 pub fn builtin_tables() -> Vec<(&'static str, &'static str)> {
-    builtins().iter().map(|t| (t.name.as_str(), t.description.as_str())).collect()
+    builtins()
+        .iter()
+        .map(|t| (t.name.as_str(), t.description.as_str()))
+        .collect()
 }
 
 /// The TOML text of a built-in table (for `--show`-style listings).
 pub fn builtin_table_text(name: &str) -> Option<&'static str> {
-    BUILTIN_SOURCES.iter().find(|(n, _)| *n == name).map(|(_, text)| *text)
+    BUILTIN_SOURCES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, text)| *text)
 }
 
 fn builtins() -> &'static [MappingTable] {
@@ -153,10 +198,18 @@ pub fn detect_among<'t, S: AsRef<str>>(
     match matched.len() {
         1 => Ok(matched[0]),
         0 => Err(TableError::NoTableMatches {
-            reasons: if reasons.is_empty() { "no tables".into() } else { reasons.join("; ") },
+            reasons: if reasons.is_empty() {
+                "no tables".into()
+            } else {
+                reasons.join("; ")
+            },
         }),
         _ => Err(TableError::SeveralTablesMatch {
-            names: matched.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "),
+            names: matched
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         }),
     }
 }
@@ -164,10 +217,17 @@ pub fn detect_among<'t, S: AsRef<str>>(
 impl MappingTable {
     /// A built-in table by name.
     pub fn builtin(name: &str) -> Result<&'static MappingTable, TableError> {
-        builtins().iter().find(|t| t.name == name).ok_or_else(|| TableError::UnknownTable {
-            name: name.to_string(),
-            known: builtins().iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "),
-        })
+        builtins()
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| TableError::UnknownTable {
+                name: name.to_string(),
+                known: builtins()
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     /// Compiles a table from TOML text. `origin` names it in every error (a path or
@@ -268,8 +328,16 @@ pub(crate) enum Action {
 
 #[derive(Debug)]
 pub(crate) enum RuleTransform {
-    ResizeAbsPosEmbed { num_extra: Formula, old_grid: Formula, new_grid: Formula },
-    ResizeRelPosTable { src_window: Formula, dst_window: Formula, num_heads: Formula },
+    ResizeAbsPosEmbed {
+        num_extra: Formula,
+        old_grid: Formula,
+        new_grid: Formula,
+    },
+    ResizeRelPosTable {
+        src_window: Formula,
+        dst_window: Formula,
+        num_heads: Formula,
+    },
 }
 
 impl RuleTransform {
@@ -306,7 +374,9 @@ pub(crate) enum MakeKind {
 pub(crate) enum FillValue {
     Const(f64),
     /// The `init_values` option, or this default.
-    InitValues { default: f64 },
+    InitValues {
+        default: f64,
+    },
 }
 
 #[derive(Debug)]
@@ -380,7 +450,9 @@ impl Template {
         while let Some(c) = rest.chars().next() {
             if c == '$' {
                 if !captures {
-                    return Err("'$' has no meaning here (captures exist only in rule targets)".into());
+                    return Err(
+                        "'$' has no meaning here (captures exist only in rule targets)".into(),
+                    );
                 }
                 let Some(inner) = rest.strip_prefix("${") else {
                     return Err("write captures as ${1} or ${name}; a bare $1 is not accepted (in regex replacement syntax $1x means a group named '1x')".into());
@@ -393,10 +465,13 @@ impl Template {
                     pieces.push(Piece::Lit(std::mem::take(&mut lit)));
                 }
                 if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
-                    pieces.push(Piece::CaptureIndex(
-                        name.parse().map_err(|_| format!("capture number '{name}' is too large"))?,
-                    ));
-                } else if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    pieces
+                        .push(Piece::CaptureIndex(name.parse().map_err(|_| {
+                            format!("capture number '{name}' is too large")
+                        })?));
+                } else if !name.is_empty()
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                {
                     pieces.push(Piece::CaptureName(name.to_string()));
                 } else {
                     return Err(format!("'${{{name}}}' is not a capture reference"));
@@ -427,7 +502,10 @@ impl Template {
         if pieces.is_empty() {
             return Err("empty template".into());
         }
-        Ok(Template { text: text.to_string(), pieces })
+        Ok(Template {
+            text: text.to_string(),
+            pieces,
+        })
     }
 
     pub(crate) fn has_layer(&self) -> bool {
@@ -435,7 +513,11 @@ impl Template {
     }
 
     /// Fills the template. A capture group that did not take part in the match is empty.
-    pub(crate) fn render(&self, caps: Option<&regex::Captures<'_>>, layer: Option<usize>) -> String {
+    pub(crate) fn render(
+        &self,
+        caps: Option<&regex::Captures<'_>>,
+        layer: Option<usize>,
+    ) -> String {
         let mut out = String::new();
         for p in &self.pieces {
             match p {
@@ -446,7 +528,9 @@ impl Template {
                 Piece::CaptureName(n) => {
                     out.push_str(caps.and_then(|c| c.name(n)).map_or("", |m| m.as_str()))
                 }
-                Piece::Layer => out.push_str(&layer.map_or_else(|| "{i}".to_string(), |i| i.to_string())),
+                Piece::Layer => {
+                    out.push_str(&layer.map_or_else(|| "{i}".to_string(), |i| i.to_string()))
+                }
             }
         }
         out
@@ -538,7 +622,9 @@ impl Expr {
                     out.push(v.clone())
                 }
             }
-            Expr::Neg(e) | Expr::Sqrt(e) | Expr::Shape(_, e) | Expr::Lookup(e, _) => e.vars_used(out),
+            Expr::Neg(e) | Expr::Sqrt(e) | Expr::Shape(_, e) | Expr::Lookup(e, _) => {
+                e.vars_used(out)
+            }
             Expr::Bin(_, a, b) => {
                 a.vars_used(out);
                 b.vars_used(out);
@@ -554,7 +640,8 @@ impl Expr {
             Expr::Neg(e) => Ok(-e.eval(env)?),
             Expr::Bin(op, a, b) => {
                 let (a, b) = (a.eval(env)?, b.eval(env)?);
-                let overflow = || EvalError::Failed(format!("arithmetic overflow in {a} {} {b}", op.symbol()));
+                let overflow =
+                    || EvalError::Failed(format!("arithmetic overflow in {a} {} {b}", op.symbol()));
                 match op {
                     BinOp::Add => a.checked_add(b).ok_or_else(overflow),
                     BinOp::Sub => a.checked_sub(b).ok_or_else(overflow),
@@ -573,10 +660,16 @@ impl Expr {
                 let Some(shape) = env.shape(key) else {
                     return Err(EvalError::Unavailable(format!("no source key '{key}'")));
                 };
-                let idx = if axis < 0 { shape.len() as i64 + axis } else { axis };
+                let idx = if axis < 0 {
+                    shape.len() as i64 + axis
+                } else {
+                    axis
+                };
                 match usize::try_from(idx).ok().and_then(|i| shape.get(i)) {
                     Some(&d) => Ok(d as i64),
-                    None => fail(format!("'{key}' has shape {shape:?}, which has no axis {axis}")),
+                    None => fail(format!(
+                        "'{key}' has shape {shape:?}, which has no axis {axis}"
+                    )),
                 }
             }
             Expr::Count(pattern) => count_distinct(&env.keys(), pattern).map_err(EvalError::Failed),
@@ -668,20 +761,27 @@ enum Tok {
 }
 
 fn tokenize(text: &str) -> Result<Vec<Tok>, String> {
-    const SYMS: [&str; 16] =
-        ["//", "==", "!=", "<=", ">=", "+", "-", "*", "/", "%", "<", ">", "(", ")", ",", ":"];
+    const SYMS: [&str; 16] = [
+        "//", "==", "!=", "<=", ">=", "+", "-", "*", "/", "%", "<", ">", "(", ")", ",", ":",
+    ];
     let mut toks = Vec::new();
     let mut rest = text;
     'outer: while let Some(c) = rest.chars().next() {
         if c.is_whitespace() {
             rest = &rest[c.len_utf8()..];
         } else if c.is_ascii_digit() {
-            let end = rest.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(rest.len());
-            let n = rest[..end].parse().map_err(|_| format!("number '{}' is too large", &rest[..end]))?;
+            let end = rest
+                .find(|ch: char| !ch.is_ascii_digit())
+                .unwrap_or(rest.len());
+            let n = rest[..end]
+                .parse()
+                .map_err(|_| format!("number '{}' is too large", &rest[..end]))?;
             toks.push(Tok::Int(n));
             rest = &rest[end..];
         } else if c.is_ascii_alphabetic() || c == '_' {
-            let end = rest.find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_')).unwrap_or(rest.len());
+            let end = rest
+                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+                .unwrap_or(rest.len());
             toks.push(Tok::Ident(rest[..end].to_string()));
             rest = &rest[end..];
         } else if c == '"' {
@@ -719,13 +819,15 @@ impl Parser {
         t
     }
     fn eat(&mut self, sym: &str) -> bool {
-        if self.peek() == Some(&Tok::Sym(match sym {
-            "(" => "(",
-            ")" => ")",
-            "," => ",",
-            ":" => ":",
-            _ => return false,
-        })) {
+        if self.peek()
+            == Some(&Tok::Sym(match sym {
+                "(" => "(",
+                ")" => ")",
+                "," => ",",
+                ":" => ":",
+                _ => return false,
+            }))
+        {
             self.pos += 1;
             true
         } else {
@@ -786,7 +888,10 @@ impl Parser {
             Some(Tok::Str(s)) => Ok(s),
             _ => {
                 self.pos -= 1;
-                Err(format!("{func}() takes a \"quoted\" first argument{}", self.found()))
+                Err(format!(
+                    "{func}() takes a \"quoted\" first argument{}",
+                    self.found()
+                ))
             }
         }
     }
@@ -848,7 +953,10 @@ impl Parser {
             Some(Tok::Ident(name)) => Ok(Expr::Var(name)),
             _ => {
                 self.pos -= 1;
-                Err(format!("expected a number, a variable, a function or '('{}", self.found()))
+                Err(format!(
+                    "expected a number, a variable, a function or '('{}",
+                    self.found()
+                ))
             }
         }
     }
@@ -861,13 +969,19 @@ impl Parser {
             Some(Tok::Int(n)) => Ok(if neg { -n } else { n }),
             _ => {
                 self.pos -= 1;
-                Err(format!("lookup entries are 'number: number'{}", self.found()))
+                Err(format!(
+                    "lookup entries are 'number: number'{}",
+                    self.found()
+                ))
             }
         }
     }
     fn finish(&self) -> Result<(), String> {
         if self.pos < self.toks.len() {
-            Err(format!("unexpected text after the expression{}", self.found()))
+            Err(format!(
+                "unexpected text after the expression{}",
+                self.found()
+            ))
         } else {
             Ok(())
         }
@@ -875,14 +989,20 @@ impl Parser {
 }
 
 fn parse_expr(text: &str) -> Result<Expr, String> {
-    let mut p = Parser { toks: tokenize(text)?, pos: 0 };
+    let mut p = Parser {
+        toks: tokenize(text)?,
+        pos: 0,
+    };
     let e = p.sum()?;
     p.finish()?;
     Ok(e)
 }
 
 fn parse_check(text: &str) -> Result<(Expr, CmpOp, Expr), String> {
-    let mut p = Parser { toks: tokenize(text)?, pos: 0 };
+    let mut p = Parser {
+        toks: tokenize(text)?,
+        pos: 0,
+    };
     let left = p.sum()?;
     let op = match p.next() {
         Some(Tok::Sym("==")) => CmpOp::Eq,
@@ -893,7 +1013,10 @@ fn parse_check(text: &str) -> Result<(Expr, CmpOp, Expr), String> {
         Some(Tok::Sym(">=")) => CmpOp::Ge,
         _ => {
             p.pos -= 1;
-            return Err(format!("a check compares two expressions (==, !=, <, <=, >, >=){}", p.found()));
+            return Err(format!(
+                "a check compares two expressions (==, !=, <, <=, >, >=){}",
+                p.found()
+            ));
         }
     };
     let right = p.sum()?;
@@ -904,14 +1027,21 @@ fn parse_check(text: &str) -> Result<(Expr, CmpOp, Expr), String> {
 /// Anchors a pattern so that it must match the whole key.
 fn compile_pattern(text: &str) -> Result<Pattern, String> {
     Regex::new(&format!("^(?:{text})$"))
-        .map(|regex| Pattern { text: text.to_string(), regex })
+        .map(|regex| Pattern {
+            text: text.to_string(),
+            regex,
+        })
         .map_err(|e| one_line_regex_error(&e))
 }
 
 fn one_line_regex_error(e: &regex::Error) -> String {
     let text = e.to_string();
     text.lines()
-        .find_map(|l| l.trim().strip_prefix("error:").map(|s| s.trim().to_string()))
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("error:")
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| text.lines().next().unwrap_or("").trim().to_string())
 }
 
@@ -995,8 +1125,14 @@ fn yes() -> bool {
 
 /// Transforms a rule may apply to its source tensor, with their parameters.
 const RULE_TRANSFORMS: [(&str, &[&str]); 2] = [
-    ("resize_abs_pos_embed", &["num_extra", "old_grid", "new_grid"]),
-    ("resize_rel_pos_table", &["src_window", "dst_window", "num_heads"]),
+    (
+        "resize_abs_pos_embed",
+        &["num_extra", "old_grid", "new_grid"],
+    ),
+    (
+        "resize_rel_pos_table",
+        &["src_window", "dst_window", "num_heads"],
+    ),
 ];
 /// Makers a target may use when no source produces it.
 const MAKERS: [(&str, &[&str]); 2] = [("fill", &["value"]), ("rel_pos_index", &["window"])];
@@ -1015,7 +1151,11 @@ struct Compiler<'a> {
 
 impl Compiler<'_> {
     fn invalid(&self, place: impl Into<String>, message: impl Into<String>) -> TableError {
-        TableError::Invalid { origin: self.origin.into(), place: place.into(), message: message.into() }
+        TableError::Invalid {
+            origin: self.origin.into(),
+            place: place.into(),
+            message: message.into(),
+        }
     }
 
     fn pattern(&self, place: &str, text: &str) -> Result<Pattern, TableError> {
@@ -1029,7 +1169,10 @@ impl Compiler<'_> {
 
     fn formula(&self, place: &str, text: &str) -> Result<Formula, TableError> {
         parse_expr(text)
-            .map(|expr| Formula { text: text.to_string(), expr })
+            .map(|expr| Formula {
+                text: text.to_string(),
+                expr,
+            })
             .map_err(|message| TableError::BadExpression {
                 origin: self.origin.into(),
                 place: place.into(),
@@ -1041,16 +1184,28 @@ impl Compiler<'_> {
     /// An integer or an expression string.
     fn value_formula(&self, place: &str, v: &toml::Value) -> Result<Formula, TableError> {
         match v {
-            toml::Value::Integer(n) => Ok(Formula { text: n.to_string(), expr: Expr::Int(*n) }),
+            toml::Value::Integer(n) => Ok(Formula {
+                text: n.to_string(),
+                expr: Expr::Int(*n),
+            }),
             toml::Value::String(s) => self.formula(place, s),
             other => Err(self.invalid(
                 place,
-                format!("expected an integer or an expression string, found {}", other.type_str()),
+                format!(
+                    "expected an integer or an expression string, found {}",
+                    other.type_str()
+                ),
             )),
         }
     }
 
-    fn template(&self, place: &str, text: &str, captures: bool, layer: bool) -> Result<Template, TableError> {
+    fn template(
+        &self,
+        place: &str,
+        text: &str,
+        captures: bool,
+        layer: bool,
+    ) -> Result<Template, TableError> {
         Template::parse(text, captures, layer).map_err(|message| TableError::BadTemplate {
             origin: self.origin.into(),
             place: place.into(),
@@ -1062,7 +1217,10 @@ impl Compiler<'_> {
     fn table(&self, raw: RawTable) -> Result<MappingTable, TableError> {
         if let Some(found) = raw.format {
             if found != FORMAT_VERSION {
-                return Err(TableError::Format { origin: self.origin.into(), found });
+                return Err(TableError::Format {
+                    origin: self.origin.into(),
+                    found,
+                });
             }
         }
         if raw.name.trim().is_empty() {
@@ -1070,7 +1228,10 @@ impl Compiler<'_> {
         }
         for p in &raw.strip_prefixes {
             if p.is_empty() {
-                return Err(self.invalid("strip_prefixes", "an empty prefix strips nothing; remove it"));
+                return Err(self.invalid(
+                    "strip_prefixes",
+                    "an empty prefix strips nothing; remove it",
+                ));
             }
         }
         let require = raw
@@ -1089,7 +1250,10 @@ impl Compiler<'_> {
         let mut vars = BTreeMap::new();
         for (name, value) in &raw.vars {
             if !is_identifier(name) {
-                return Err(self.invalid(format!("variable '{name}'"), "names are letters, digits and '_'"));
+                return Err(self.invalid(
+                    format!("variable '{name}'"),
+                    "names are letters, digits and '_'",
+                ));
             }
             vars.insert(name.clone(), self.var(name, value)?);
         }
@@ -1099,7 +1263,12 @@ impl Compiler<'_> {
             .iter()
             .map(|text| {
                 parse_check(text)
-                    .map(|(left, op, right)| Check { text: text.clone(), left, op, right })
+                    .map(|(left, op, right)| Check {
+                        text: text.clone(),
+                        left,
+                        op,
+                        right,
+                    })
                     .map_err(|message| TableError::BadExpression {
                         origin: self.origin.into(),
                         place: "checks".into(),
@@ -1153,9 +1322,10 @@ impl Compiler<'_> {
         let place = format!("variable '{name}'");
         let alternatives = |v: &toml::Value| -> Result<Vec<Formula>, TableError> {
             match v {
-                toml::Value::Array(items) if !items.is_empty() => {
-                    items.iter().map(|i| self.value_formula(&place, i)).collect()
-                }
+                toml::Value::Array(items) if !items.is_empty() => items
+                    .iter()
+                    .map(|i| self.value_formula(&place, i))
+                    .collect(),
                 toml::Value::Array(_) => Err(self.invalid(&place, "an empty list of alternatives")),
                 other => Ok(vec![self.value_formula(&place, other)?]),
             }
@@ -1164,18 +1334,29 @@ impl Compiler<'_> {
             toml::Value::Table(t) => {
                 for k in t.keys() {
                     if k != "from" && k != "missing" {
-                        return Err(self.invalid(&place, format!("unknown field '{k}' (fields: from, missing)")));
+                        return Err(self.invalid(
+                            &place,
+                            format!("unknown field '{k}' (fields: from, missing)"),
+                        ));
                     }
                 }
-                let from = t.get("from").ok_or_else(|| self.invalid(&place, "needs 'from'"))?;
+                let from = t
+                    .get("from")
+                    .ok_or_else(|| self.invalid(&place, "needs 'from'"))?;
                 let missing = match t.get("missing") {
                     None => None,
                     Some(toml::Value::String(s)) => Some(s.clone()),
                     Some(_) => return Err(self.invalid(&place, "'missing' is a message string")),
                 };
-                Ok(VarDef { alternatives: alternatives(from)?, missing })
+                Ok(VarDef {
+                    alternatives: alternatives(from)?,
+                    missing,
+                })
             }
-            other => Ok(VarDef { alternatives: alternatives(other)?, missing: None }),
+            other => Ok(VarDef {
+                alternatives: alternatives(other)?,
+                missing: None,
+            }),
         }
     }
 
@@ -1183,7 +1364,12 @@ impl Compiler<'_> {
         let id = r.id.clone().unwrap_or_else(|| format!("#{position}"));
         let place = format!("rule '{id}'");
         let pattern = self.pattern(&place, &r.pattern)?;
-        let actions = [r.rename.is_some(), r.keep.is_some(), r.drop.is_some(), r.expand.is_some()];
+        let actions = [
+            r.rename.is_some(),
+            r.keep.is_some(),
+            r.drop.is_some(),
+            r.expand.is_some(),
+        ];
         if actions.iter().filter(|&&a| a).count() != 1 {
             return Err(self.invalid(&place, "needs exactly one of rename, keep, drop, expand"));
         }
@@ -1191,7 +1377,10 @@ impl Compiler<'_> {
             Action::Rename(self.template(&place, t, true, false)?)
         } else if let Some(keep) = r.keep {
             if !keep {
-                return Err(self.invalid(&place, "'keep = false' means nothing; use drop = \"reason\""));
+                return Err(self.invalid(
+                    &place,
+                    "'keep = false' means nothing; use drop = \"reason\"",
+                ));
             }
             Action::Keep
         } else if let Some(reason) = &r.drop {
@@ -1218,15 +1407,30 @@ impl Compiler<'_> {
             None => None,
             Some(t) => {
                 if matches!(action, Action::Drop(_) | Action::Keep) {
-                    return Err(self.invalid(&place, "a transform needs rename or expand (its output key)"));
+                    return Err(self.invalid(
+                        &place,
+                        "a transform needs rename or expand (its output key)",
+                    ));
                 }
                 Some(self.rule_transform(&place, &t)?)
             }
         };
-        Ok(Rule { id, pattern, action, transform, when: r.when, note: r.note })
+        Ok(Rule {
+            id,
+            pattern,
+            action,
+            transform,
+            when: r.when,
+            note: r.note,
+        })
     }
 
-    fn check_captures(&self, rule: &str, pattern: &Pattern, t: &Template) -> Result<(), TableError> {
+    fn check_captures(
+        &self,
+        rule: &str,
+        pattern: &Pattern,
+        t: &Template,
+    ) -> Result<(), TableError> {
         let groups = pattern.regex.captures_len() - 1;
         let names: Vec<&str> = pattern.regex.capture_names().flatten().collect();
         for piece in &t.pieces {
@@ -1298,13 +1502,19 @@ impl Compiler<'_> {
                 continue;
             }
             if !params.contains(&k.as_str()) {
-                return Err(param_err(format!("unknown parameter '{k}' (parameters: {})", params.join(", "))));
+                return Err(param_err(format!(
+                    "unknown parameter '{k}' (parameters: {})",
+                    params.join(", ")
+                )));
             }
             out.insert(k.as_str(), v);
         }
         for p in params {
             if !out.contains_key(p) {
-                return Err(param_err(format!("missing parameter '{p}' (parameters: {})", params.join(", "))));
+                return Err(param_err(format!(
+                    "missing parameter '{p}' (parameters: {})",
+                    params.join(", ")
+                )));
             }
         }
         Ok((known, out))
@@ -1319,7 +1529,9 @@ impl Compiler<'_> {
             &MAKERS,
             "this transform makes a tensor from nothing; use it as a target's make",
         )?;
-        let f = |k: &str| self.value_formula(&format!("{place}: transform '{name}' parameter {k}"), p[k]);
+        let f = |k: &str| {
+            self.value_formula(&format!("{place}: transform '{name}' parameter {k}"), p[k])
+        };
         Ok(match name {
             "resize_abs_pos_embed" => RuleTransform::ResizeAbsPosEmbed {
                 num_extra: f("num_extra")?,
@@ -1373,13 +1585,21 @@ impl Compiler<'_> {
                 let kind = match name {
                     "fill" => MakeKind::Fill(self.fill_value(&place, p["value"])?),
                     _ => MakeKind::RelPosIndex {
-                        window: self.value_formula(&format!("{place}: make rel_pos_index window"), p["window"])?,
+                        window: self.value_formula(
+                            &format!("{place}: make rel_pos_index window"),
+                            p["window"],
+                        )?,
                     },
                 };
                 Some(Make { kind, when, note })
             }
         };
-        Ok(TargetSpec { key, shape, required: t.required, make })
+        Ok(TargetSpec {
+            key,
+            shape,
+            required: t.required,
+            make,
+        })
     }
 
     fn fill_value(&self, place: &str, v: &toml::Value) -> Result<FillValue, TableError> {
@@ -1440,12 +1660,20 @@ impl Compiler<'_> {
         for r in &table.rules {
             let place = format!("rule '{}'", r.id);
             match &r.transform {
-                Some(RuleTransform::ResizeAbsPosEmbed { num_extra, old_grid, new_grid }) => {
+                Some(RuleTransform::ResizeAbsPosEmbed {
+                    num_extra,
+                    old_grid,
+                    new_grid,
+                }) => {
                     for f in [num_extra, old_grid, new_grid] {
                         undefined(place.clone(), &f.text, used(f))?;
                     }
                 }
-                Some(RuleTransform::ResizeRelPosTable { src_window, dst_window, num_heads }) => {
+                Some(RuleTransform::ResizeRelPosTable {
+                    src_window,
+                    dst_window,
+                    num_heads,
+                }) => {
                     for f in [src_window, dst_window, num_heads] {
                         undefined(place.clone(), &f.text, used(f))?;
                     }
@@ -1453,7 +1681,10 @@ impl Compiler<'_> {
                 None => {}
             }
             if matches!(r.action, Action::Expand(_)) && !table.vars.contains_key("depth") {
-                return Err(self.invalid(place, "expand runs {i} over 0..depth, but no variable 'depth' is defined"));
+                return Err(self.invalid(
+                    place,
+                    "expand runs {i} over 0..depth, but no variable 'depth' is defined",
+                ));
             }
         }
         for t in &table.targets {
@@ -1461,11 +1692,18 @@ impl Compiler<'_> {
             for f in &t.shape {
                 undefined(place.clone(), &f.text, used(f))?;
             }
-            if let Some(Make { kind: MakeKind::RelPosIndex { window }, .. }) = &t.make {
+            if let Some(Make {
+                kind: MakeKind::RelPosIndex { window },
+                ..
+            }) = &t.make
+            {
                 undefined(place.clone(), &window.text, used(window))?;
             }
             if t.key.has_layer() && !table.vars.contains_key("depth") {
-                return Err(self.invalid(place, "{i} runs over 0..depth, but no variable 'depth' is defined"));
+                return Err(self.invalid(
+                    place,
+                    "{i} runs over 0..depth, but no variable 'depth' is defined",
+                ));
             }
         }
         // Cycles: depth-first search over the variable graph.
@@ -1502,8 +1740,9 @@ impl Compiler<'_> {
         }
         let mut state = HashMap::new();
         for name in table.vars.keys() {
-            visit(table, name, &mut state, &mut Vec::new())
-                .map_err(|cycle| self.invalid("vars", format!("variables depend on themselves: {cycle}")))?;
+            visit(table, name, &mut state, &mut Vec::new()).map_err(|cycle| {
+                self.invalid("vars", format!("variables depend on themselves: {cycle}"))
+            })?;
         }
         Ok(())
     }
@@ -1543,7 +1782,10 @@ mod tests {
             }
         }
         fn shape(&self, key: &str) -> Option<Vec<usize>> {
-            self.shapes.iter().find(|(k, _)| *k == key).map(|(_, s)| s.clone())
+            self.shapes
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, s)| s.clone())
         }
         fn keys(&self) -> Vec<String> {
             self.shapes.iter().map(|(k, _)| k.to_string()).collect()
@@ -1570,7 +1812,9 @@ mod tests {
     }
 
     fn eval(text: &str) -> Result<i64, EvalError> {
-        parse_expr(text).unwrap_or_else(|e| panic!("{text}: {e}")).eval(&mut env())
+        parse_expr(text)
+            .unwrap_or_else(|e| panic!("{text}: {e}"))
+            .eval(&mut env())
     }
 
     fn value(text: &str) -> i64 {
@@ -1604,24 +1848,35 @@ mod tests {
         assert_eq!(value("sqrt(shape(\"pos_embed\", 1) - 1)"), 14);
         assert_eq!(value("shape(\"pos_embed\", -1)"), 768);
         assert!(failure("shape(\"pos_embed\", 3)").contains("no axis 3"));
-        assert!(matches!(eval("shape(\"nope\", 0)"), Err(EvalError::Unavailable(m)) if m.contains("'nope'")));
+        assert!(
+            matches!(eval("shape(\"nope\", 0)"), Err(EvalError::Unavailable(m)) if m.contains("'nope'"))
+        );
         assert!(failure("sqrt(730 - 3)").contains("727 is not a perfect square"));
         assert_eq!(value("sqrt(0)"), 0);
         assert_eq!(value("count(\"blocks\\.(\\d+)\\..*\")"), 3);
         assert_eq!(value("count(\"blocks\\.\\d+\\.(\\w+)\")"), 2);
         assert_eq!(value("option(\"img_size\") / 16"), 32);
-        assert!(matches!(eval("option(\"num_heads\")"), Err(EvalError::Unavailable(_))));
+        assert!(matches!(
+            eval("option(\"num_heads\")"),
+            Err(EvalError::Unavailable(_))
+        ));
         assert_eq!(value("lookup(dim, 768: 12, 1024: 16)"), 12);
-        assert!(matches!(eval("lookup(dim, 1: 2)"), Err(EvalError::Unavailable(_))));
+        assert!(matches!(
+            eval("lookup(dim, 1: 2)"),
+            Err(EvalError::Unavailable(_))
+        ));
     }
 
     #[test]
     fn count_needs_contiguous_indices() {
         let mut e = env();
-        e.shapes.retain(|(k, _)| *k != "blocks.1.w" && *k != "blocks.1.b");
+        e.shapes
+            .retain(|(k, _)| *k != "blocks.1.w" && *k != "blocks.1.b");
         let f = parse_expr("count(\"blocks\\.(\\d+)\\..*\")").unwrap();
         match f.eval(&mut e) {
-            Err(EvalError::Failed(m)) => assert!(m.contains("not 0..2") && m.contains("found 0,2"), "{m}"),
+            Err(EvalError::Failed(m)) => {
+                assert!(m.contains("not 0..2") && m.contains("found 0,2"), "{m}")
+            }
             other => panic!("{other:?}"),
         }
     }
