@@ -847,4 +847,19 @@ fn vit_b_timing() {
             t1.elapsed() / n
         );
     }
+    // The same machine's plain matmul throughput, to tell overhead from arithmetic:
+    // ViT-B/16 at 224 is ~35 GFLOP (2 per multiply-add), almost all in such matmuls.
+    let a = Tensor::ones((197, 768), DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::ones((768, 3072), DType::F32, &Device::Cpu).unwrap();
+    a.matmul(&b).unwrap();
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        a.matmul(&b).unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64() / 20.0;
+    eprintln!(
+        "TIMING matmul 197x768x3072: {:.2} GFLOP/s -> ~{:.2} s for ViT-B/16 at 224 if matmul-bound",
+        2.0 * 197.0 * 768.0 * 3072.0 / secs / 1e9,
+        35.0e9 / (2.0 * 197.0 * 768.0 * 3072.0 / secs)
+    );
 }
