@@ -5,6 +5,7 @@
 //! write) → `verify`; `batch` drives many of them.
 
 pub mod atomic;
+pub mod batch;
 pub mod checkpoint;
 pub mod convert;
 pub mod dtype;

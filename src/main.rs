@@ -156,6 +156,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Convert every checkpoint of a list (URLs and paths) into one folder, with a report.
+    ///
+    /// LIST has one item per line: `SOURCE [name=OUT.pth] [mapping=NAME|FILE.toml]
+    /// [sha256=HEX]`; `#` starts a comment. Outputs default to `<source stem>_mmseg.pth`.
+    /// Downloads run in parallel, conversions one at a time as inputs arrive; a failed item
+    /// does not stop the others. DIR/report.json records every item; a rerun skips items
+    /// whose output still has the recorded sha256 and retries the rest.
+    /// Exit 0 every item done, 1 some item failed, 2 bad list or options.
+    Batch {
+        /// The list file.
+        list: PathBuf,
+        /// Folder for the outputs and report.json (created if needed).
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+        /// Downloads at once.
+        #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+        jobs: u16,
+        /// Check each output against its original with the forward pass (as convert --verify).
+        #[arg(long)]
+        verify: bool,
+        /// Make every output load-ready for MMSeg at this input size.
+        #[arg(long)]
+        img_size: Option<usize>,
+        /// Attention heads, when a checkpoint cannot tell (MAE widths without a preset).
+        #[arg(long)]
+        num_heads: Option<usize>,
+        /// Mapping table for lines without mapping= (default: detected per checkpoint).
+        #[arg(long, short)]
+        mapping: Option<String>,
+        /// Print the report (as in DIR/report.json) instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -409,6 +442,9 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
             }
             Ok(if report.same() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Command::Batch { list, out_dir, jobs, verify, img_size, num_heads, mapping, json } => {
+            run_batch_command(list, out_dir, jobs, verify, img_size, num_heads, mapping, json, download)
+        }
     }
 }
 
@@ -513,4 +549,192 @@ fn print_diff(r: &inspect::DiffReport) {
             r.compared
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// batch
+
+#[allow(clippy::too_many_arguments)]
+fn run_batch_command(
+    list: PathBuf,
+    out_dir: PathBuf,
+    jobs: u16,
+    verify: bool,
+    img_size: Option<usize>,
+    num_heads: Option<usize>,
+    mapping: Option<String>,
+    json: bool,
+    download: &DownloadArgs,
+) -> Result<ExitCode> {
+    use ckptmap::batch;
+    if download.sha256.is_some() {
+        anyhow::bail!("--sha256 does not apply to batch: put sha256=HEX on the list's lines");
+    }
+    let items = batch::read_list(&list)?;
+    let opts = batch::BatchOptions {
+        out_dir,
+        jobs: jobs as usize,
+        verify,
+        img_size,
+        num_heads,
+        mapping,
+        fetch: ckptmap::fetch::FetchOptions {
+            cache_dir: download.cache_dir.clone(),
+            retries: download.retries,
+            read_timeout: std::time::Duration::from_secs(download.timeout),
+            ..Default::default()
+        },
+    };
+    let events = BatchBars::new(!download.quiet);
+    let report = batch::run_batch(&list, &items, &opts, &events)?;
+    if let Some(m) = &events.0 {
+        let _ = m.clear();
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_batch(&report, &opts.out_dir.join(batch::REPORT_FILE));
+    }
+    Ok(if report.all_succeeded() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// One progress bar per running download / conversion on an interactive stderr; nothing
+/// otherwise.
+struct BatchBars(Option<indicatif::MultiProgress>);
+
+impl BatchBars {
+    fn new(show: bool) -> BatchBars {
+        use std::io::IsTerminal;
+        BatchBars((show && std::io::stderr().is_terminal()).then(indicatif::MultiProgress::new))
+    }
+}
+
+impl ckptmap::batch::BatchEvents for BatchBars {
+    fn progress(&self, item: &ckptmap::batch::ListItem, _stage: ckptmap::batch::Stage) -> Box<dyn Progress + '_> {
+        Box::new(ItemBar { multi: self.0.as_ref(), name: item.output.clone(), bar: std::sync::Mutex::new(None) })
+    }
+    fn finished(&self, item: &ckptmap::batch::ItemReport) {
+        if let Some(m) = &self.0 {
+            let what = match (&item.status, &item.error) {
+                (_, Some(e)) => format!("failed ({}): {}", format!("{:?}", e.stage).to_lowercase(), e.message),
+                (s, None) => format!("{s:?}").to_lowercase(),
+            };
+            let _ = m.println(format!("{}: {what}", item.output));
+        }
+    }
+}
+
+/// One item's bar inside the batch's MultiProgress.
+struct ItemBar<'a> {
+    multi: Option<&'a indicatif::MultiProgress>,
+    name: String,
+    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+}
+
+impl Progress for ItemBar<'_> {
+    fn begin(&self, label: &str, total: Option<u64>) {
+        let Some(m) = self.multi else { return };
+        let mut slot = self.bar.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = slot.take() {
+            old.finish_and_clear();
+            m.remove(&old);
+        }
+        let bar = match total {
+            Some(t) => m.add(indicatif::ProgressBar::new(t)).with_style(
+                indicatif::ProgressStyle::with_template("{prefix} {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            ),
+            None => {
+                let b = m.add(indicatif::ProgressBar::new_spinner());
+                b.enable_steady_tick(std::time::Duration::from_millis(200));
+                b
+            }
+        };
+        bar.set_prefix(self.name.clone());
+        bar.set_message(label.to_string());
+        *slot = Some(bar);
+    }
+    fn advance(&self, bytes: u64) {
+        if let Some(b) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            b.inc(bytes);
+        }
+    }
+    fn end(&self) {
+        if let (Some(m), Some(b)) = (self.multi, self.bar.lock().unwrap_or_else(|e| e.into_inner()).take()) {
+            b.finish_and_clear();
+            m.remove(&b);
+        }
+    }
+}
+
+fn print_batch(r: &ckptmap::batch::BatchReport, report_path: &std::path::Path) {
+    use ckptmap::batch::Status;
+    let size = |n: u64| {
+        let n = n as f64;
+        if n >= 1e9 {
+            format!("{:.2} GB", n / 1e9)
+        } else if n >= 1e6 {
+            format!("{:.1} MB", n / 1e6)
+        } else {
+            format!("{:.1} kB", n / 1e3)
+        }
+    };
+    let rows: Vec<[String; 6]> = r
+        .items
+        .iter()
+        .map(|i| {
+            let status = match i.status {
+                Status::Converted => "converted",
+                Status::Skipped => "skipped",
+                Status::Failed => "FAILED",
+                Status::Pending => "pending",
+            };
+            let verify = match &i.verify {
+                None => "-".to_string(),
+                Some(v) => format!(
+                    "{} {}{}",
+                    if v.passed { "pass" } else { "FAIL" },
+                    v.max_rel.map(|x| format!("{x:.1e}")).unwrap_or_else(|| "-".into()),
+                    if v.subject == "output" { "" } else { " (clean)" }
+                ),
+            };
+            let error = i.error.as_ref().map(|e| format!("{}: {}", format!("{:?}", e.stage).to_lowercase(), e.message)).unwrap_or_default();
+            [
+                format!("{}:{}", i.line, i.output),
+                status.to_string(),
+                i.seconds.map(|s| format!("{s:.2}")).unwrap_or_else(|| "-".into()),
+                i.output_bytes.map(size).unwrap_or_else(|| "-".into()),
+                verify,
+                error,
+            ]
+        })
+        .collect();
+    let head = ["item", "status", "seconds", "size", "verify", "error"];
+    let mut width = [0usize; 5];
+    for row in rows.iter().map(|r| r.each_ref().map(String::as_str)).chain([head]) {
+        for (w, cell) in width.iter_mut().zip(row.iter()) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |c: [&str; 6]| {
+        let text = format!(
+            "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:<w4$}  {}",
+            c[0], c[1], c[2], c[3], c[4], c[5],
+            w0 = width[0], w1 = width[1], w2 = width[2], w3 = width[3], w4 = width[4]
+        );
+        println!("{}", text.trim_end());
+    };
+    line(head);
+    for row in &rows {
+        line(row.each_ref().map(String::as_str));
+    }
+    let s = &r.summary;
+    println!(
+        "{} items: {} converted, {} skipped, {} failed; report: {}",
+        s.total,
+        s.converted,
+        s.skipped,
+        s.failed,
+        report_path.display()
+    );
 }

@@ -1,0 +1,871 @@
+//! Many conversions from one list: downloads in parallel, conversions as inputs arrive, each
+//! item isolated, one report that a rerun uses to skip what is already done.
+//!
+//! # The list
+//!
+//! One item per line: a source (an `http(s)` URL or a path) followed by optional
+//! `key=value` fields, separated by whitespace:
+//!
+//! ```text
+//! # comment lines and blank lines are ignored; '#' after whitespace starts a comment too
+//! https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth name=mae_b.pth mapping=mae
+//! ../ckpts/beit_base_patch16_224_pt22k.pth sha256=<64 hex digits>
+//! ```
+//!
+//! * `name=FILE` — the output's file name inside the output folder (`.pth` or
+//!   `.safetensors`; no folders). Default: the source's file stem + `_mmseg.pth`.
+//! * `mapping=NAME|FILE.toml` — the mapping table for this item (default: the run's
+//!   `mapping`, else detected from the keys).
+//! * `sha256=HEX` — the whole input file must have this sha256 (64 hex digits).
+//!
+//! Relative paths (sources and mapping files) are relative to the list file's folder. A bad
+//! line is a [`ListError`] naming the file and line, found before anything is fetched.
+//!
+//! # A run
+//!
+//! [`run_batch`] first checks which items are already done: an item is skipped when the
+//! previous `report.json` in the output folder records it as done with the same source,
+//! output name and settings, and the output file still has the recorded sha256 (for a local
+//! source, the input must also still have its recorded sha256). Everything else is (re)done:
+//! up to `jobs` worker threads fetch inputs (or hash local files) and hand them through a
+//! bounded channel to the calling thread, which converts (and verifies) one item at a time,
+//! so memory does not grow with `jobs`. Outputs are staged in `<out>/.ckptmap-staging/` and
+//! renamed into place only once written, re-read, hashed and (with `verify`) verified.
+//!
+//! `report.json` is rewritten atomically (temporary file + rename) before any work starts
+//! (every item to do is `pending`) and after every item finishes, so a killed run leaves a
+//! report that claims only outputs that are complete and hashed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::atomic::AtomicFile;
+use crate::checkpoint::Checkpoint;
+use crate::convert::{choose_table, prepare, write_plan, OutputFormat};
+use crate::fetch::{self, FetchOptions};
+use crate::mapping::plan::PlanOptions;
+use crate::mapping::table::MappingTable;
+use crate::progress::{NoProgress, Progress};
+
+/// The report's file name inside the output folder.
+pub const REPORT_FILE: &str = "report.json";
+/// Where outputs wait (inside the output folder) until they are complete and verified.
+pub const STAGING_DIR: &str = ".ckptmap-staging";
+/// Held (advisory lock) while a batch writes into the output folder.
+pub const LOCK_FILE: &str = ".ckptmap-batch.lock";
+/// Appended to a source's file stem to name its output when the list gives no `name=`.
+pub const DEFAULT_SUFFIX: &str = "_mmseg.pth";
+
+// ---------------------------------------------------------------------------------------
+// The list
+
+/// Where an item's checkpoint comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// An `http://` or `https://` URL, fetched through the download cache.
+    Url(String),
+    /// A local file (relative paths already resolved against the list's folder).
+    Path(PathBuf),
+}
+
+impl Source {
+    /// The URL, or the path as text; what the report records.
+    pub fn text(&self) -> String {
+        match self {
+            Source::Url(u) => u.clone(),
+            Source::Path(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// One line of a list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListItem {
+    /// 1-based line number in the list file.
+    pub line: usize,
+    pub source: Source,
+    /// The output's file name inside the output folder.
+    pub output: String,
+    /// `mapping=`: a built-in table name or a TOML file (resolved like sources).
+    pub mapping: Option<String>,
+    /// `sha256=`: the expected sha256 of the input, lowercase hex.
+    pub sha256: Option<String>,
+}
+
+/// A line of the list that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}: {message}", file.display())]
+pub struct ListError {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: usize,
+    pub message: String,
+}
+
+/// Parses a list's text. `list_file` names the file in errors, and its folder anchors
+/// relative paths. Checks every line (syntax, hashes, output names, duplicates) and returns
+/// the first problem.
+pub fn parse_list(text: &str, list_file: &Path) -> Result<Vec<ListItem>, ListError> {
+    let base = list_file.parent().unwrap_or(Path::new(""));
+    let err = |line: usize, message: String| ListError { file: list_file.to_path_buf(), line, message };
+    let mut items: Vec<ListItem> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let mut tokens = Vec::new();
+        for token in raw.split_whitespace() {
+            if token.starts_with('#') {
+                break;
+            }
+            tokens.push(token);
+        }
+        let Some((&first, fields)) = tokens.split_first() else {
+            continue;
+        };
+        let source = if fetch::is_url(first) {
+            Source::Url(first.to_string())
+        } else if first.contains("://") {
+            return Err(err(line, format!("{first:?} is not an http(s) URL (only http:// and https:// can be fetched; write local files as paths)")));
+        } else {
+            Source::Path(resolve(base, first))
+        };
+        let (mut name, mut mapping, mut sha256) = (None, None, None);
+        for field in fields {
+            let Some((key, value)) = field.split_once('=') else {
+                return Err(err(line, format!("{field:?} is not a key=value field (fields after the source: name=FILE, mapping=NAME|FILE.toml, sha256=HEX)")));
+            };
+            if value.is_empty() {
+                return Err(err(line, format!("{key}= has no value")));
+            }
+            let slot = match key {
+                "name" => &mut name,
+                "mapping" => &mut mapping,
+                "sha256" => &mut sha256,
+                _ => return Err(err(line, format!("unknown field {key:?} (known: name, mapping, sha256)"))),
+            };
+            if slot.is_some() {
+                return Err(err(line, format!("{key}= given twice")));
+            }
+            *slot = Some(value.to_string());
+        }
+        if let Some(h) = &sha256 {
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(err(line, format!("sha256={h} is not 64 hex digits")));
+            }
+        }
+        let output = match name {
+            Some(n) => {
+                check_output_name(&n).map_err(|m| err(line, m))?;
+                n
+            }
+            None => default_output_name(&source).ok_or_else(|| {
+                err(line, format!("cannot name an output after {first:?} (no file name in it); add name=FILE.pth"))
+            })?,
+        };
+        if let Some(prev) = items.iter().find(|it| it.output == output) {
+            return Err(err(line, format!("output {output} is also written by line {}; give one of them another name=", prev.line)));
+        }
+        let mapping = mapping.map(|m| if m.ends_with(".toml") || m.contains('/') { resolve(base, &m).display().to_string() } else { m });
+        items.push(ListItem { line, source, output, mapping, sha256: sha256.map(|h| h.to_ascii_lowercase()) });
+    }
+    Ok(items)
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() || base.as_os_str().is_empty() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// An output name must be a plain file name with a .pth-family or .safetensors extension.
+fn check_output_name(name: &str) -> Result<(), String> {
+    if name.contains('/') || name.contains('\\') || name == "." || name == ".." {
+        return Err(format!("name={name} must be a file name, not a path (outputs go into --out-dir)"));
+    }
+    if name.starts_with('.') {
+        return Err(format!("name={name} must not start with '.'"));
+    }
+    if name == REPORT_FILE {
+        return Err(format!("name={name} is the batch report's name"));
+    }
+    OutputFormat::from_path(Path::new(name)).map(|_| ()).map_err(|_| format!("name={name} must end in .pth, .pt, .bin, .ckpt or .safetensors"))
+}
+
+/// `<stem of the source's file name>_mmseg.pth`, e.g. `mae_pretrain_vit_base_mmseg.pth`.
+pub fn default_output_name(source: &Source) -> Option<String> {
+    let file = match source {
+        Source::Url(u) => {
+            let path = reqwest::Url::parse(u).ok()?.path().to_string();
+            path.rsplit('/').next().unwrap_or("").to_string()
+        }
+        Source::Path(p) => p.file_name()?.to_string_lossy().into_owned(),
+    };
+    let stem = Path::new(&file).file_stem()?.to_string_lossy().into_owned();
+    if stem.is_empty() || stem.starts_with('.') {
+        return None;
+    }
+    Some(format!("{stem}{DEFAULT_SUFFIX}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// The report
+
+/// Where a run stands with one item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Converted (and verified, when asked) in this run.
+    Converted,
+    /// Already done by an earlier run: the output still has the recorded sha256.
+    Skipped,
+    /// Failed in this run; see `error`.
+    Failed,
+    /// Not finished yet (only seen in the report of a run that is still going or was killed).
+    Pending,
+}
+
+impl Status {
+    pub fn succeeded(self) -> bool {
+        matches!(self, Status::Converted | Status::Skipped)
+    }
+}
+
+/// What an item was doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Downloading (or finding and hashing a local file), checking the sha256.
+    Input,
+    /// Opening the checkpoint.
+    Read,
+    /// Choosing the table and planning.
+    Plan,
+    /// Writing, re-reading and hashing the output.
+    Write,
+    /// The forward-pass check.
+    Verify,
+    /// A bug (a panic), caught so the other items go on.
+    Internal,
+}
+
+/// The settings an item was converted with; a rerun skips an item only when they are equal.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ItemSettings {
+    /// The mapping requested (the line's, else the run's); `None` = detected.
+    pub mapping: Option<String>,
+    /// The sha256 the input had to have.
+    pub sha256: Option<String>,
+    pub img_size: Option<usize>,
+    pub num_heads: Option<usize>,
+    pub verify: bool,
+}
+
+/// The input file of an item.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InputRecord {
+    /// The local file read (the download cache's copy for a URL).
+    pub path: String,
+    pub sha256: String,
+    pub bytes: u64,
+    /// For URLs: true when the cached copy was reused without a request.
+    pub from_cache: bool,
+    /// Time spent downloading or hashing it.
+    pub seconds: f64,
+}
+
+/// The plan's counts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PlanSummary {
+    pub table: String,
+    /// The container the tensors came from (`model`, `state_dict`, `""` = top level).
+    pub container: String,
+    pub outputs: usize,
+    pub dropped: usize,
+    pub generated: usize,
+    pub img_size: Option<usize>,
+    pub notes: Vec<String>,
+}
+
+/// The forward-pass check of an item.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VerifyRecord {
+    /// What was run against the original: `output`, or — when the output is resized to an
+    /// `img_size` the original cannot run at — `clean conversion` (the same table and
+    /// checkpoint converted without resizing).
+    pub subject: String,
+    pub passed: bool,
+    /// The largest max |ours - original| / max |original| over the outputs compared.
+    pub max_rel: Option<f64>,
+    /// The smallest cosine similarity over the outputs compared.
+    pub min_cosine: Option<f64>,
+    /// Why a clean conversion was checked instead of the output.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub note: Option<String>,
+    /// The whole outcome (per-output figures, tolerance, configuration).
+    pub outcome: serde_json::Value,
+}
+
+/// Why an item failed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ItemError {
+    pub stage: Stage,
+    pub message: String,
+}
+
+/// Everything about one item.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ItemReport {
+    pub line: usize,
+    /// The URL, or the local path.
+    pub source: String,
+    /// The output's file name inside the output folder.
+    pub output: String,
+    pub status: Status,
+    pub settings: ItemSettings,
+    /// This run's time on the item (fetch + conversion + verification; for a skipped item,
+    /// the check that it is up to date).
+    pub seconds: Option<f64>,
+    pub input: Option<InputRecord>,
+    /// Set only for a complete output: converted, re-read, hashed and (if asked) verified.
+    pub output_sha256: Option<String>,
+    pub output_bytes: Option<u64>,
+    /// The table used (`builtin:mae`, or a file).
+    pub mapping: Option<String>,
+    pub plan: Option<PlanSummary>,
+    pub verify: Option<VerifyRecord>,
+    pub error: Option<ItemError>,
+}
+
+/// Counts of items by status.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Summary {
+    pub total: usize,
+    pub converted: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    pub pending: usize,
+}
+
+/// The run-wide options, as recorded.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub jobs: usize,
+    pub verify: bool,
+    pub img_size: Option<usize>,
+    pub num_heads: Option<usize>,
+    pub mapping: Option<String>,
+}
+
+/// `report.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BatchReport {
+    /// `ckptmap <version>`.
+    pub tool: String,
+    pub list: String,
+    pub out_dir: String,
+    pub options: RunRecord,
+    /// False while the run is going (or when it was killed).
+    pub complete: bool,
+    pub summary: Summary,
+    pub items: Vec<ItemReport>,
+}
+
+impl BatchReport {
+    /// True when every item was converted or skipped.
+    pub fn all_succeeded(&self) -> bool {
+        self.items.iter().all(|i| i.status.succeeded())
+    }
+
+    fn recount(&mut self) {
+        let mut s = Summary { total: self.items.len(), ..Summary::default() };
+        for i in &self.items {
+            match i.status {
+                Status::Converted => s.converted += 1,
+                Status::Skipped => s.skipped += 1,
+                Status::Failed => s.failed += 1,
+                Status::Pending => s.pending += 1,
+            }
+        }
+        self.summary = s;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Running
+
+/// How to run a batch.
+#[derive(Clone, Debug)]
+pub struct BatchOptions {
+    pub out_dir: PathBuf,
+    /// Inputs fetched at once (at least 1).
+    pub jobs: usize,
+    /// Check each output against its original with the forward pass.
+    pub verify: bool,
+    /// Make outputs load-ready at this size.
+    pub img_size: Option<usize>,
+    pub num_heads: Option<usize>,
+    /// The mapping for lines without `mapping=`; `None` = detect.
+    pub mapping: Option<String>,
+    /// Download settings (cache folder, retries, timeouts); `sha256` is set per item.
+    pub fetch: FetchOptions,
+}
+
+/// Where the library reports a run's progress; the CLI decides what to draw.
+pub trait BatchEvents: Sync {
+    /// A progress sink for one stage of one item (`Input` from worker threads, `Write` and
+    /// `Verify` from the converting thread).
+    fn progress(&self, _item: &ListItem, _stage: Stage) -> Box<dyn Progress + '_> {
+        Box::new(NoProgress)
+    }
+    /// An item reached its state for this run (converted, skipped or failed).
+    fn finished(&self, _item: &ItemReport) {}
+}
+
+/// Reports nothing.
+pub struct NoEvents;
+impl BatchEvents for NoEvents {}
+
+/// A failure of the run as a whole (an item's failure is in its [`ItemReport`] instead).
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("{}: cannot read the list: {source}", path.display())]
+    ReadList { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    List(#[from] ListError),
+    #[error("invalid option: {0}")]
+    Options(String),
+    #[error("{}: {source}", path.display())]
+    OutDir { path: PathBuf, source: io::Error },
+    #[error("{}: another `ckptmap batch` is writing into this folder", path.display())]
+    Busy { path: PathBuf },
+    #[error("{}: cannot write the report: {source}", path.display())]
+    Report { path: PathBuf, source: io::Error },
+}
+
+/// Reads and parses a list file.
+pub fn read_list(path: &Path) -> Result<Vec<ListItem>, BatchError> {
+    let text = fs::read_to_string(path).map_err(|source| BatchError::ReadList { path: path.to_path_buf(), source })?;
+    Ok(parse_list(&text, path)?)
+}
+
+/// Runs the batch; see the module docs. Returns the final report (also in
+/// `<out_dir>/report.json`); an `Err` means the run itself could not go on.
+pub fn run_batch(list: &Path, items: &[ListItem], opts: &BatchOptions, events: &dyn BatchEvents) -> Result<BatchReport, BatchError> {
+    if opts.jobs == 0 {
+        return Err(BatchError::Options("jobs must be at least 1".into()));
+    }
+    let out_dir = &opts.out_dir;
+    let dir_err = |path: &Path, source: io::Error| BatchError::OutDir { path: path.to_path_buf(), source };
+    fs::create_dir_all(out_dir).map_err(|e| dir_err(out_dir, e))?;
+    let lock_path = out_dir.join(LOCK_FILE);
+    let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| dir_err(&lock_path, e))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => return Err(BatchError::Busy { path: out_dir.clone() }),
+        Err(fs::TryLockError::Error(e)) => return Err(dir_err(&lock_path, e)),
+    }
+    // Leftovers of a run that was killed (we hold the lock, so no run is using them).
+    let _ = fs::remove_dir_all(out_dir.join(STAGING_DIR));
+    if let Ok(entries) = fs::read_dir(out_dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!(".{REPORT_FILE}.")) && name.ends_with(".tmp") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+    let report_path = out_dir.join(REPORT_FILE);
+    let previous = read_previous(&report_path);
+
+    let mut report = BatchReport {
+        tool: concat!("ckptmap ", env!("CARGO_PKG_VERSION")).to_string(),
+        list: list.display().to_string(),
+        out_dir: out_dir.display().to_string(),
+        options: RunRecord {
+            jobs: opts.jobs,
+            verify: opts.verify,
+            img_size: opts.img_size,
+            num_heads: opts.num_heads,
+            mapping: opts.mapping.clone(),
+        },
+        complete: false,
+        summary: Summary::default(),
+        items: items.iter().map(|it| pending_report(it, opts)).collect(),
+    };
+
+    // What is already done (outputs hashed in parallel).
+    let skipped = parallel_map(items, opts.jobs, |item| up_to_date(item, opts, previous.as_ref()));
+    for (slot, done) in report.items.iter_mut().zip(skipped) {
+        if let Some(done) = done {
+            *slot = done;
+            events.finished(slot);
+        }
+    }
+    save(&mut report, &report_path)?;
+
+    let todo: Vec<usize> = (0..items.len()).filter(|&i| report.items[i].status == Status::Pending).collect();
+    if !todo.is_empty() {
+        let staging = out_dir.join(STAGING_DIR);
+        fs::create_dir_all(&staging).map_err(|e| dir_err(&staging, e))?;
+        let mut fatal: Option<BatchError> = None;
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            // Capacity `jobs`: what waits in the channel is a path, not data; conversions
+            // happen one at a time on this thread.
+            let (tx, rx) = sync_channel::<(usize, Result<InputRecord, ItemError>)>(opts.jobs);
+            for _ in 0..opts.jobs.min(todo.len()) {
+                let tx = tx.clone();
+                let (next, stop, todo) = (&next, &stop, &todo);
+                scope.spawn(move || loop {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let k = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(&i) = todo.get(k) else { break };
+                    let item = &items[i];
+                    let got = guarded(Stage::Input, || acquire(item, opts, events)).and_then(|r| r);
+                    if tx.send((i, got)).is_err() {
+                        break;
+                    }
+                });
+            }
+            drop(tx);
+            for (i, got) in rx {
+                if fatal.is_some() {
+                    continue; // nothing more can be recorded; let the workers wind down
+                }
+                let item = &items[i];
+                let mut done = report.items[i].clone();
+                match got {
+                    Ok(input) => {
+                        let start = Instant::now();
+                        let result = guarded(Stage::Internal, || convert_item(item, &input, opts, &staging, events, &mut done))
+                            .and_then(|r| r);
+                        done.seconds = Some(input.seconds + start.elapsed().as_secs_f64());
+                        done.input = Some(input);
+                        match result {
+                            Ok(()) => done.status = Status::Converted,
+                            Err(e) => fail(&mut done, e),
+                        }
+                    }
+                    Err(e) => fail(&mut done, e),
+                }
+                report.items[i] = done;
+                events.finished(&report.items[i]);
+                if let Err(e) = save(&mut report, &report_path) {
+                    // Without a report no result can be recorded: start nothing new.
+                    fatal = Some(e);
+                    stop.store(true, Ordering::SeqCst);
+                }
+            }
+        });
+        let _ = fs::remove_dir(&staging); // only when empty
+        if let Some(e) = fatal {
+            return Err(e);
+        }
+    }
+    report.complete = true;
+    save(&mut report, &report_path)?;
+    drop(lock);
+    Ok(report)
+}
+
+fn fail(done: &mut ItemReport, e: ItemError) {
+    done.status = Status::Failed;
+    done.output_sha256 = None;
+    done.output_bytes = None;
+    done.error = Some(e);
+}
+
+fn settings(item: &ListItem, opts: &BatchOptions) -> ItemSettings {
+    ItemSettings {
+        mapping: item.mapping.clone().or_else(|| opts.mapping.clone()),
+        sha256: item.sha256.clone(),
+        img_size: opts.img_size,
+        num_heads: opts.num_heads,
+        verify: opts.verify,
+    }
+}
+
+fn pending_report(item: &ListItem, opts: &BatchOptions) -> ItemReport {
+    ItemReport {
+        line: item.line,
+        source: item.source.text(),
+        output: item.output.clone(),
+        status: Status::Pending,
+        settings: settings(item, opts),
+        seconds: None,
+        input: None,
+        output_sha256: None,
+        output_bytes: None,
+        mapping: None,
+        plan: None,
+        verify: None,
+        error: None,
+    }
+}
+
+/// The previous report, if there is a readable one (an unreadable one is ignored: then
+/// everything is done again).
+fn read_previous(path: &Path) -> Option<BatchReport> {
+    let text = fs::read(path).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// The previous run's record of `item` as a `Skipped` report, when it is still true.
+fn up_to_date(item: &ListItem, opts: &BatchOptions, previous: Option<&BatchReport>) -> Option<ItemReport> {
+    let start = Instant::now();
+    let prev = previous?.items.iter().find(|p| p.output == item.output)?;
+    let wanted = settings(item, opts);
+    if !prev.status.succeeded() || prev.source != item.source.text() || prev.settings != wanted {
+        return None;
+    }
+    let recorded = prev.output_sha256.as_deref()?;
+    let out = opts.out_dir.join(&item.output);
+    if !out.is_file() || sha256_with_progress(&out, &NoProgress).ok()? != recorded {
+        return None;
+    }
+    if let Source::Path(p) = &item.source {
+        let input = prev.input.as_ref()?;
+        if sha256_with_progress(p, &NoProgress).ok()? != input.sha256 {
+            return None;
+        }
+    }
+    let mut done = prev.clone();
+    done.line = item.line;
+    done.status = Status::Skipped;
+    done.error = None;
+    done.seconds = Some(start.elapsed().as_secs_f64());
+    Some(done)
+}
+
+fn save(report: &mut BatchReport, path: &Path) -> Result<(), BatchError> {
+    report.recount();
+    let err = |source: io::Error| BatchError::Report { path: path.to_path_buf(), source };
+    let mut text = serde_json::to_vec_pretty(report).map_err(|e| err(io::Error::other(e)))?;
+    text.push(b'\n');
+    let mut file = AtomicFile::create(path).map_err(err)?;
+    file.file().write_all(&text).map_err(err)?;
+    file.commit().map_err(err)
+}
+
+/// Runs `f`, turning a panic into an item error so one bad item cannot stop the run.
+fn guarded<T>(stage: Stage, f: impl FnOnce() -> T) -> Result<T, ItemError> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        ItemError { stage, message: format!("internal error (please report it): {what}") }
+    })
+}
+
+/// `f` over `items` on up to `jobs` threads, results in order.
+fn parallel_map<T: Sync, R: Send>(items: &[T], jobs: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let next = AtomicUsize::new(0);
+    let mut out: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..jobs.min(items.len()))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(item) = items.get(i) else { break };
+                        mine.push((i, f(item)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    });
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Fetches a URL (through the cache) or finds and hashes a local file; checks the sha256.
+fn acquire(item: &ListItem, opts: &BatchOptions, events: &dyn BatchEvents) -> Result<InputRecord, ItemError> {
+    let start = Instant::now();
+    let err = |message: String| ItemError { stage: Stage::Input, message };
+    let progress = events.progress(item, Stage::Input);
+    let record = match &item.source {
+        Source::Url(url) => {
+            let mut fopts = opts.fetch.clone();
+            fopts.sha256 = item.sha256.clone();
+            let got = fetch::fetch(url, &fopts, &*progress).map_err(|e| err(e.to_string()))?;
+            InputRecord {
+                path: got.path.display().to_string(),
+                sha256: got.sha256,
+                bytes: got.bytes,
+                from_cache: got.from_cache,
+                seconds: 0.0,
+            }
+        }
+        Source::Path(path) => {
+            let meta = fs::metadata(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+            if !meta.is_file() {
+                return Err(err(format!("{}: not a file", path.display())));
+            }
+            let sha256 = sha256_with_progress(path, &*progress).map_err(|e| err(format!("{}: {e}", path.display())))?;
+            if let Some(expected) = &item.sha256 {
+                if &sha256 != expected {
+                    return Err(err(format!("sha256 mismatch for {}: expected {expected} (given sha256) got {sha256}", path.display())));
+                }
+            }
+            InputRecord { path: path.display().to_string(), sha256, bytes: meta.len(), from_cache: false, seconds: 0.0 }
+        }
+    };
+    Ok(InputRecord { seconds: start.elapsed().as_secs_f64(), ..record })
+}
+
+/// sha256 of a file, reporting bytes hashed.
+fn sha256_with_progress(path: &Path, progress: &dyn Progress) -> io::Result<String> {
+    let mut file = File::open(path)?;
+    let total = file.metadata().map(|m| m.len()).ok();
+    progress.begin("hashing", total);
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let result = loop {
+        match file.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                progress.advance(n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(e),
+        }
+    };
+    progress.end();
+    result.map(|()| hex::encode(hasher.finalize()))
+}
+
+/// Converts one acquired input into `<out_dir>/<output>`, filling `done` as it goes. The
+/// output appears only when it is complete, hashed and (if asked) verified.
+fn convert_item(
+    item: &ListItem,
+    input: &InputRecord,
+    opts: &BatchOptions,
+    staging: &Path,
+    events: &dyn BatchEvents,
+    done: &mut ItemReport,
+) -> Result<(), ItemError> {
+    let at = |stage: Stage| move |e: &dyn std::fmt::Display| ItemError { stage, message: e.to_string() };
+    let ckpt = Checkpoint::open(Path::new(&input.path)).map_err(|e| at(Stage::Read)(&e))?;
+    let choice = choose_table(done.settings.mapping.as_deref(), &ckpt).map_err(|e| at(Stage::Plan)(&e))?;
+    let table = choice.table();
+    done.mapping = Some(table.origin().to_string());
+    let plan_opts = PlanOptions { img_size: opts.img_size, num_heads: opts.num_heads, keep_unused: false, init_values: None };
+    let (root, sources, plan) = prepare(&ckpt, table, &plan_opts).map_err(|e| at(Stage::Plan)(&e))?;
+    done.plan = Some(PlanSummary {
+        table: table.name().to_string(),
+        container: root,
+        outputs: plan.outputs.len(),
+        dropped: plan.dropped.len(),
+        generated: plan.generated().count(),
+        img_size: plan.img_size,
+        notes: plan.notes.clone(),
+    });
+
+    let staged = staging.join(&item.output);
+    let staged_guard = RemoveOnDrop(&staged);
+    let progress = events.progress(item, Stage::Write);
+    let summary = write_plan(&ckpt, &sources, &plan, &staged, None, &*progress).map_err(|e| at(Stage::Write)(&e))?;
+    drop(progress);
+    let out_sha = sha256_with_progress(&staged, &NoProgress).map_err(|e| at(Stage::Write)(&format!("{}: {e}", staged.display())))?;
+
+    if opts.verify {
+        let progress = events.progress(item, Stage::Verify);
+        progress.begin("verifying", None);
+        let record = verify_item(&ckpt, &staged, table, opts, staging, item);
+        progress.end();
+        let record = record.map_err(|e| at(Stage::Verify)(&e))?;
+        let passed = record.passed;
+        let summary_text = format!(
+            "the converted weights do not compute what the original computes (max rel {}, min cosine {})",
+            record.max_rel.map(|x| format!("{x:.3e}")).unwrap_or_else(|| "-".into()),
+            record.min_cosine.map(|x| format!("{x:.9}")).unwrap_or_else(|| "-".into()),
+        );
+        done.verify = Some(record);
+        if !passed {
+            return Err(ItemError { stage: Stage::Verify, message: summary_text });
+        }
+    }
+
+    let dest = opts.out_dir.join(&item.output);
+    fs::rename(&staged, &dest).map_err(|e| at(Stage::Write)(&format!("cannot move {} into place: {e}", staged.display())))?;
+    std::mem::forget(staged_guard);
+    if let Ok(d) = File::open(&opts.out_dir) {
+        let _ = d.sync_all();
+    }
+    done.output_sha256 = Some(out_sha);
+    done.output_bytes = Some(summary.bytes);
+    Ok(())
+}
+
+/// Deletes a staged file unless forgotten.
+struct RemoveOnDrop<'a>(&'a Path);
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(self.0);
+    }
+}
+
+/// The forward-pass check of a staged output against its original. When the output was
+/// resized (`img_size`) and so cannot run at the original's size, the same table is applied
+/// without resizing and that clean conversion is checked instead.
+fn verify_item(
+    ckpt: &Checkpoint,
+    staged: &Path,
+    table: &MappingTable,
+    opts: &BatchOptions,
+    staging: &Path,
+    item: &ListItem,
+) -> Result<VerifyRecord, String> {
+    use crate::verify::{verify_against_original, Tolerance, VerifyOptions};
+    let vopts = VerifyOptions { img_size: None, num_heads: opts.num_heads, out_indices: None, tolerance: Tolerance::default(), init_values: 1.0 };
+    let device = candle_core::Device::Cpu;
+    let out = Checkpoint::open(staged).map_err(|e| e.to_string())?;
+    let first = verify_against_original(&out, ckpt, &vopts, &device);
+    drop(out);
+    let (outcome, subject, note) = match first {
+        Ok(o) => (o, "output", None),
+        Err(e) if opts.img_size.is_some() => {
+            let plan_opts = PlanOptions { img_size: None, num_heads: opts.num_heads, keep_unused: false, init_values: None };
+            let (_, sources, plan) = prepare(ckpt, table, &plan_opts).map_err(|e| e.to_string())?;
+            let clean = staging.join(format!("clean-{}", item.output));
+            let _guard = RemoveOnDrop(&clean);
+            write_plan(ckpt, &sources, &plan, &clean, None, &NoProgress).map_err(|e| e.to_string())?;
+            let conv = Checkpoint::open(&clean).map_err(|e| e.to_string())?;
+            let o = verify_against_original(&conv, ckpt, &vopts, &device).map_err(|e| e.to_string())?;
+            let note = format!(
+                "the output is load-ready at img_size {}, a size the original does not run at ({e}); the same mapping without resizing was checked instead (the resizes themselves are tested against PyTorch/SciPy in the test suite)",
+                opts.img_size.unwrap_or_default()
+            );
+            (o, "clean conversion", Some(note))
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let max_rel = outcome.outputs.iter().filter_map(|o| o.max_rel).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    let min_cosine = outcome.outputs.iter().filter_map(|o| o.cosine).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))));
+    Ok(VerifyRecord {
+        subject: subject.to_string(),
+        passed: outcome.passed,
+        max_rel,
+        min_cosine,
+        note,
+        outcome: serde_json::to_value(&outcome).map_err(|e| e.to_string())?,
+    })
+}

@@ -1,0 +1,465 @@
+//! `ckptmap batch` end to end against a loopback HTTP server (no internet): good, missing,
+//! wrong-hash, corrupt and badly converted items in one list; the report, the outputs, the
+//! exit code; a rerun that skips what is done and retries what failed; list errors.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ckptmap::batch::{parse_list, ListItem, Source};
+use ckptmap::checkpoint::Checkpoint;
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------
+// A loopback server: fixed routes, everything else 404; it records every request's path.
+// (std TcpListener, one request per connection, as in tests/fetch.rs.)
+
+struct Server {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(routes: HashMap<String, Vec<u8>>) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let routes = Arc::new(routes);
+        let accept = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut connections = Vec::new();
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let (seen, routes) = (seen.clone(), routes.clone());
+                    connections.push(std::thread::spawn(move || serve_one(stream, &seen, &routes)));
+                }
+                for c in connections {
+                    let _ = c.join();
+                }
+            })
+        };
+        Server { addr, seen, stop, accept: Some(accept) }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// How many requests asked for `path`.
+    fn hits(&self, path: &str) -> usize {
+        self.seen.lock().unwrap().iter().filter(|p| *p == path).count()
+    }
+
+    fn total(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr); // wakes the accept loop
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+    }
+}
+
+fn serve_one(stream: TcpStream, seen: &Mutex<Vec<String>>, routes: &HashMap<String, Vec<u8>>) {
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return; // the wake-up connection
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim_end().is_empty() {
+            break;
+        }
+    }
+    seen.lock().unwrap().push(path.clone());
+    let (status, body) = match routes.get(&path) {
+        Some(body) => (200, body.clone()),
+        None => (404, b"not found".to_vec()),
+    };
+    let mut out = stream;
+    let head = format!("HTTP/1.1 {status} Scripted\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let _ = out.write_all(head.as_bytes()).and_then(|_| out.write_all(&body));
+    let _ = out.flush();
+    let _ = out.shutdown(Shutdown::Both);
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+fn ckptmap(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(args).output().unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Deterministic bytes that are no checkpoint.
+fn noise(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn report(dir: &Path) -> Value {
+    serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap()
+}
+
+fn item<'a>(report: &'a Value, output: &str) -> &'a Value {
+    report["items"].as_array().unwrap().iter().find(|i| i["output"] == output).unwrap_or_else(|| panic!("no item {output} in {report:#}"))
+}
+
+/// The names in a folder, sorted (hidden ones included).
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+/// The built-in MAE table with norm1 and norm2 swapped: it plans fine (same shapes) and
+/// computes something else, so --verify must catch it.
+fn swapped_norm_table() -> String {
+    let table = ckptmap::mapping::table::builtin_table_text("mae").unwrap();
+    let rule = "match = 'blocks\\.(\\d+)\\.norm([12])\\.(weight|bias)'\nrename = \"layers.${1}.ln${2}.${3}\"";
+    assert!(table.contains(rule), "the built-in mae table changed; update this test's rule text");
+    table.replace(
+        rule,
+        "match = 'blocks\\.(\\d+)\\.norm1\\.(weight|bias)'\nrename = \"layers.${1}.ln2.${2}\"\n\n[[rule]]\nid = \"swapped-norm2\"\nmatch = 'blocks\\.(\\d+)\\.norm2\\.(weight|bias)'\nrename = \"layers.${1}.ln1.${2}\"",
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// The list parser
+
+#[test]
+fn list_syntax() {
+    let list = Path::new("/lists/zoo.txt");
+    let hex = "AB".repeat(32);
+    let text = format!(
+        "# a comment\n\
+         \n\
+         https://example.com/mae/mae_pretrain_vit_base.pth   # trailing comment\n\
+         \thttps://example.com/x/beit.pth?sig=1#frag name=beit_b.safetensors mapping=beit sha256={hex}\n\
+         local/ckpt.pth mapping=tables/my.toml\n\
+         /abs/other.pth name=o.pth\n"
+    );
+    let items = parse_list(&text, list).unwrap();
+    let expected = vec![
+        ListItem {
+            line: 3,
+            source: Source::Url("https://example.com/mae/mae_pretrain_vit_base.pth".into()),
+            output: "mae_pretrain_vit_base_mmseg.pth".into(),
+            mapping: None,
+            sha256: None,
+        },
+        ListItem {
+            line: 4,
+            source: Source::Url("https://example.com/x/beit.pth?sig=1#frag".into()),
+            output: "beit_b.safetensors".into(),
+            mapping: Some("beit".into()),
+            sha256: Some(hex.to_ascii_lowercase()),
+        },
+        ListItem {
+            line: 5,
+            source: Source::Path("/lists/local/ckpt.pth".into()),
+            output: "ckpt_mmseg.pth".into(),
+            mapping: Some("/lists/tables/my.toml".into()),
+            sha256: None,
+        },
+        ListItem { line: 6, source: Source::Path("/abs/other.pth".into()), output: "o.pth".into(), mapping: None, sha256: None },
+    ];
+    assert_eq!(items, expected);
+    assert_eq!(parse_list("# nothing\n\n   \n", list).unwrap(), vec![]);
+
+    // Each bad line names the file and its line; the message says what is wrong.
+    let bad = [
+        ("a.pth name", "not a key=value field"),
+        ("a.pth color=red", "unknown field \"color\""),
+        ("a.pth name=b.pth name=c.pth", "name= given twice"),
+        ("a.pth name=", "name= has no value"),
+        ("a.pth sha256=abc", "not 64 hex digits"),
+        ("a.pth name=sub/b.pth", "must be a file name"),
+        ("a.pth name=b.txt", "must end in .pth"),
+        ("a.pth name=report.json", "report"),
+        ("ftp://host/a.pth", "not an http(s) URL"),
+        ("https://host/", "cannot name an output"),
+        ("https://host/dir/a.pth\nb/a.pth", "also written by line 2"),
+    ];
+    for (line, message) in bad {
+        let text = format!("# header\n{line}\n");
+        let e = parse_list(&text, list).unwrap_err();
+        let last = text.lines().count();
+        assert_eq!(e.line, last, "{line:?}: {e}");
+        assert!(e.to_string().starts_with(&format!("/lists/zoo.txt:{last}: ")), "{e}");
+        assert!(e.message.contains(message), "{line:?}: {e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// End to end
+
+#[test]
+fn mixed_list_reports_each_item_and_a_rerun_skips_the_good_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, cache, out) = (tmp.path(), tmp.path().join("cache"), tmp.path().join("out"));
+    let mae = fs::read(fixture("mae_tiny.pth")).unwrap();
+    let beit = fs::read(fixture("beit_tiny_pt.pth")).unwrap();
+    let server = Server::start(HashMap::from([
+        ("/mae/mae_tiny.pth".to_string(), mae.clone()),
+        ("/beit/beit_tiny_pt.pth".to_string(), beit.clone()),
+        ("/beit/beit_copy.pth".to_string(), beit.clone()),
+        ("/corrupt.pth".to_string(), noise(100_000)),
+    ]));
+    fs::create_dir(dir.join("local")).unwrap();
+    fs::write(dir.join("local/mae_copy.pth"), &mae).unwrap();
+    fs::write(dir.join("swapped.toml"), swapped_norm_table()).unwrap();
+    let list = format!(
+        "# good: two downloads and a local file\n\
+         {mae_url}\n\
+         {beit_url} name=beit_pt.safetensors\n\
+         {local_ft}\n\
+         # bad: 404, wrong sha256, not a checkpoint, a table that computes something else\n\
+         {missing}\n\
+         {copy} name=beit_wrong_hash.pth sha256={zeros}\n\
+         {corrupt}\n\
+         local/mae_copy.pth mapping=swapped.toml\n",
+        mae_url = server.url("/mae/mae_tiny.pth"),
+        beit_url = server.url("/beit/beit_tiny_pt.pth"),
+        local_ft = fixture("beit_tiny_ft.pth").display(),
+        missing = server.url("/missing.pth"),
+        copy = server.url("/beit/beit_copy.pth"),
+        zeros = "0".repeat(64),
+        corrupt = server.url("/corrupt.pth"),
+    );
+    let list_path = dir.join("zoo.txt");
+    fs::write(&list_path, list).unwrap();
+    let args = [
+        "batch",
+        list_path.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+        "-j",
+        "3",
+        "--verify",
+        "--num-heads",
+        "2",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--retries",
+        "1",
+        "--timeout",
+        "10",
+    ];
+
+    let run = ckptmap(&args);
+    assert_eq!(run.status.code(), Some(1), "{}", text(&run));
+    let good = ["mae_tiny_mmseg.pth", "beit_pt.safetensors", "beit_tiny_ft_mmseg.pth"];
+    let bad = ["missing_mmseg.pth", "beit_wrong_hash.pth", "corrupt_mmseg.pth", "mae_copy_mmseg.pth"];
+    // Only finished outputs and the report: no staging folder, no temporary files.
+    let mut expected: Vec<String> = good.iter().map(|s| s.to_string()).chain([".ckptmap-batch.lock".into(), "report.json".into()]).collect();
+    expected.sort();
+    assert_eq!(names_in(&out), expected);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    for name in good.iter().chain(&bad) {
+        assert!(stdout.contains(name), "table lacks {name}:\n{stdout}");
+    }
+    assert!(stdout.contains("7 items: 3 converted, 0 skipped, 4 failed"), "{stdout}");
+
+    let r = report(&out);
+    assert_eq!(r["complete"], true);
+    assert_eq!(r["summary"]["failed"], 4);
+    for name in good {
+        let it = item(&r, name);
+        assert_eq!(it["status"], "converted", "{it:#}");
+        assert!(it["error"].is_null(), "{it:#}");
+        let path = out.join(name);
+        let bytes = fs::read(&path).unwrap();
+        assert_eq!(it["output_sha256"], sha256_hex(&bytes), "{name}");
+        assert_eq!(it["output_bytes"], bytes.len() as u64);
+        // It reads back with the planned number of tensors.
+        let back = Checkpoint::open(&path).unwrap();
+        assert_eq!(back.tensors().len() as u64, it["plan"]["outputs"].as_u64().unwrap(), "{name}");
+        assert!(it["plan"]["dropped"].as_u64().unwrap() > 0);
+        assert_eq!(it["verify"]["passed"], true, "{it:#}");
+        assert_eq!(it["verify"]["subject"], "output");
+        assert!(it["verify"]["max_rel"].as_f64().unwrap() <= 1e-4);
+        assert!(!it["verify"]["outcome"]["outputs"].as_array().unwrap().is_empty());
+    }
+    assert_eq!(item(&r, "mae_tiny_mmseg.pth")["input"]["sha256"], sha256_hex(&mae));
+    assert_eq!(item(&r, "mae_tiny_mmseg.pth")["source"], server.url("/mae/mae_tiny.pth"));
+    assert_eq!(item(&r, "mae_tiny_mmseg.pth")["mapping"], "builtin:mae");
+    assert_eq!(item(&r, "beit_pt.safetensors")["input"]["sha256"], sha256_hex(&beit));
+    assert_eq!(item(&r, "beit_pt.safetensors")["mapping"], "builtin:beit");
+    assert_eq!(item(&r, "beit_pt.safetensors")["plan"]["container"], "model");
+    assert_eq!(item(&r, "beit_tiny_ft_mmseg.pth")["source"], fixture("beit_tiny_ft.pth").display().to_string());
+
+    let failure = |name: &str, stage: &str, message: &str| {
+        let it = item(&r, name);
+        assert_eq!(it["status"], "failed", "{it:#}");
+        assert_eq!(it["error"]["stage"], stage, "{it:#}");
+        assert!(it["error"]["message"].as_str().unwrap().contains(message), "{it:#}");
+        assert!(it["output_sha256"].is_null());
+    };
+    failure("missing_mmseg.pth", "input", "HTTP 404");
+    failure("beit_wrong_hash.pth", "input", "sha256 mismatch");
+    failure("corrupt_mmseg.pth", "read", "");
+    failure("mae_copy_mmseg.pth", "verify", "do not compute what the original computes");
+    let swapped = item(&r, "mae_copy_mmseg.pth");
+    assert_eq!(swapped["verify"]["passed"], false);
+    assert!(swapped["verify"]["max_rel"].as_f64().unwrap() > 1e-3, "{swapped:#}");
+    assert!(swapped["mapping"].as_str().unwrap().ends_with("swapped.toml"));
+
+    // The same command again: the good items are skipped without a request, the failures
+    // are retried (the corrupt file comes from the cache, so it needs no request either).
+    let before: HashMap<&str, usize> =
+        ["/mae/mae_tiny.pth", "/beit/beit_tiny_pt.pth", "/missing.pth", "/beit/beit_copy.pth"].into_iter().map(|p| (p, server.hits(p))).collect();
+    assert_eq!(before["/mae/mae_tiny.pth"], 1);
+    let mtimes: Vec<_> = good.iter().map(|n| fs::metadata(out.join(n)).unwrap().modified().unwrap()).collect();
+    let again = ckptmap(&args);
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+    assert_eq!(server.hits("/mae/mae_tiny.pth"), before["/mae/mae_tiny.pth"]);
+    assert_eq!(server.hits("/beit/beit_tiny_pt.pth"), before["/beit/beit_tiny_pt.pth"]);
+    assert_eq!(server.hits("/missing.pth"), before["/missing.pth"] + 1);
+    assert_eq!(server.hits("/beit/beit_copy.pth"), before["/beit/beit_copy.pth"] + 1);
+    let r2 = report(&out);
+    for (name, mtime) in good.iter().zip(&mtimes) {
+        let it = item(&r2, name);
+        assert_eq!(it["status"], "skipped", "{it:#}");
+        assert_eq!(it["output_sha256"], item(&r, name)["output_sha256"]);
+        assert_eq!(it["verify"]["passed"], true);
+        assert_eq!(&fs::metadata(out.join(name)).unwrap().modified().unwrap(), mtime, "{name} was rewritten");
+    }
+    for name in bad {
+        assert_eq!(item(&r2, name)["status"], "failed");
+        assert!(!out.join(name).exists());
+    }
+    assert!(String::from_utf8_lossy(&again.stdout).contains("7 items: 0 converted, 3 skipped, 4 failed"), "{}", text(&again));
+
+    // Only the good lines: exit 0, nothing fetched. Then a damaged output is made again.
+    let good_list = dir.join("good.txt");
+    let full = fs::read_to_string(&list_path).unwrap();
+    fs::write(&good_list, full.lines().take(4).collect::<Vec<_>>().join("\n")).unwrap();
+    let args_good: Vec<&str> = args.iter().map(|a| if *a == list_path.to_str().unwrap() { good_list.to_str().unwrap() } else { a }).collect();
+    let requests = server.total();
+    let clean = ckptmap(&args_good);
+    assert_eq!(clean.status.code(), Some(0), "{}", text(&clean));
+    assert_eq!(report(&out)["summary"]["skipped"], 3);
+    assert_eq!(report(&out)["items"].as_array().unwrap().len(), 3);
+    let damaged = out.join("beit_tiny_ft_mmseg.pth");
+    let mut bytes = fs::read(&damaged).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&damaged, bytes).unwrap();
+    let redo = ckptmap(&args_good);
+    assert_eq!(redo.status.code(), Some(0), "{}", text(&redo));
+    let r4 = report(&out);
+    assert_eq!(item(&r4, "beit_tiny_ft_mmseg.pth")["status"], "converted");
+    assert_eq!(item(&r4, "beit_tiny_ft_mmseg.pth")["output_sha256"], sha256_hex(&fs::read(&damaged).unwrap()));
+    assert_eq!(item(&r4, "beit_tiny_ft_mmseg.pth")["output_sha256"], item(&r, "beit_tiny_ft_mmseg.pth")["output_sha256"]);
+    assert_eq!(item(&r4, "mae_tiny_mmseg.pth")["status"], "skipped");
+    assert_eq!(server.total(), requests, "nothing is fetched for done items");
+}
+
+#[test]
+fn a_malformed_line_is_exit_2_before_any_download() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(HashMap::from([("/mae_tiny.pth".to_string(), fs::read(fixture("mae_tiny.pth")).unwrap())]));
+    let list = tmp.path().join("list.txt");
+    fs::write(&list, format!("{}\n\n{} name=x.pth mapping\n", server.url("/mae_tiny.pth"), server.url("/mae_tiny.pth"))).unwrap();
+    let out = tmp.path().join("out");
+    let run = ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--cache-dir", tmp.path().join("c").to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(2), "{}", text(&run));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains(&format!("{}:3: ", list.display())), "{stderr}");
+    assert!(stderr.contains("\"mapping\" is not a key=value field"), "{stderr}");
+    assert_eq!(server.total(), 0);
+    assert!(!out.exists());
+
+    // A list that cannot be read, and a global --sha256, are exit 2 too.
+    let run = ckptmap(&["batch", tmp.path().join("none.txt").to_str().unwrap(), "--out-dir", out.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(2), "{}", text(&run));
+    fs::write(&list, format!("{}\n", server.url("/mae_tiny.pth"))).unwrap();
+    let run = ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--sha256", &"0".repeat(64)]);
+    assert_eq!(run.status.code(), Some(2), "{}", text(&run));
+    assert_eq!(server.total(), 0);
+}
+
+#[test]
+fn resized_outputs_are_verified_through_a_clean_conversion() {
+    // The original runs at its own size (112); an output load-ready at 224 cannot be run
+    // against it, so the same mapping without resizing is checked and the report says so.
+    let tmp = tempfile::tempdir().unwrap();
+    let list = tmp.path().join("list.txt");
+    fs::write(&list, format!("{}\n{}\n", fixture("mae_tiny.pth").display(), fixture("beit_tiny_pt.pth").display())).unwrap();
+    let out = tmp.path().join("out");
+    let run = ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--img-size", "224", "--num-heads", "2", "--verify", "--json"]);
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run));
+    let printed: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(printed["items"], report(&out)["items"]);
+    for name in ["mae_tiny_mmseg.pth", "beit_tiny_pt_mmseg.pth"] {
+        let it = item(&printed, name);
+        assert_eq!(it["plan"]["img_size"], 224);
+        assert_eq!(it["verify"]["subject"], "clean conversion", "{it:#}");
+        assert_eq!(it["verify"]["passed"], true);
+        assert!(it["verify"]["note"].as_str().unwrap().contains("img_size 224"));
+        let back = Checkpoint::open(&out.join(name)).unwrap();
+        let pos = back.tensors().into_iter().find(|t| t.name.ends_with("relative_position_bias_table")).unwrap();
+        assert_eq!(pos.view.shape[0], 27 * 27 + 3, "{name}: tables sized for 224/16 = 14x14 patches");
+    }
+    assert_eq!(names_in(&out), vec![".ckptmap-batch.lock", "beit_tiny_pt_mmseg.pth", "mae_tiny_mmseg.pth", "report.json"]);
+}
+
+#[test]
+fn a_second_batch_into_the_same_folder_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let lock = fs::File::create(out.join(".ckptmap-batch.lock")).unwrap();
+    lock.lock().unwrap(); // as a running batch holds it
+    let list = tmp.path().join("list.txt");
+    fs::write(&list, format!("{}\n", fixture("mae_tiny.pth").display())).unwrap();
+    let run = ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--num-heads", "2"]);
+    assert_eq!(run.status.code(), Some(2), "{}", text(&run));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("another `ckptmap batch` is writing into this folder"), "{}", text(&run));
+    assert!(!out.join("report.json").exists());
+    drop(lock);
+    let run = ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--num-heads", "2"]);
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run));
+}
