@@ -12,6 +12,12 @@ use crate::pth::{PthError, TensorView, Value};
 
 /// Bytes moved per read when streaming a contiguous tensor.
 const CHUNK: usize = 8 << 20;
+/// Most bytes a view with overlapping strides may expand its storage to when read.
+pub const MAX_EXPANDED_VIEW_BYTES: u64 = 1 << 30;
+/// Longest dotted tensor name, and most bytes all tensor names may take together (names
+/// are paths of dict keys; a pickle could nest long keys deeply).
+pub const MAX_NAME_BYTES: usize = 64 << 10;
+pub const MAX_ALL_NAMES_BYTES: usize = 64 << 20;
 
 /// An error about one checkpoint file: `<path>: <what is wrong>`.
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +74,13 @@ impl Checkpoint {
     }
 
     fn check_views(&self) -> Result<(), PthError> {
+        check_names(&self.root)?;
         for t in self.tensors() {
-            let storage = &self.storages[t.view.storage].storage;
+            let loc = &self.storages[t.view.storage];
+            let storage = &loc.storage;
+            let nbytes = t.view.checked_nbytes().ok_or_else(|| {
+                PthError::BadView(format!("tensor {}: size {:?} overflows", t.name, t.view.shape))
+            })?;
             let needed = t.view.extent().ok_or_else(|| PthError::BadView(format!("tensor {}: size/stride overflow", t.name)))?;
             if needed > storage.numel {
                 return Err(PthError::ViewOutOfBounds {
@@ -78,6 +89,15 @@ impl Checkpoint {
                     needed: needed as u64,
                     available: storage.numel as u64,
                 });
+            }
+            // A view with overlapping strides (stride 0: torch's expand) has more elements
+            // than its storage; reading it materializes them, so bound what a small file
+            // can make us allocate.
+            if nbytes as u64 > loc.byte_len && nbytes as u64 > MAX_EXPANDED_VIEW_BYTES {
+                return Err(PthError::BadView(format!(
+                    "tensor {}: shape {:?} with strides {:?} expands {} bytes of storage {} to {nbytes} bytes (more than the {} allowed)",
+                    t.name, t.view.shape, t.view.strides, loc.byte_len, storage.key, MAX_EXPANDED_VIEW_BYTES
+                )));
             }
         }
         Ok(())
@@ -184,6 +204,41 @@ fn for_each_index(shape: &[usize], strides: &[usize], mut f: impl FnMut(usize)) 
             idx[d] = 0;
         }
     }
+}
+
+/// Checks the length of every tensor's dotted name, without building the names.
+fn check_names(root: &Value) -> Result<(), PthError> {
+    fn walk(v: &Value, len: usize, total: &mut usize) -> Result<(), PthError> {
+        let child = |k: usize| if len == 0 { k } else { len + 1 + k };
+        match v {
+            Value::Tensor(_) => {
+                if len > MAX_NAME_BYTES {
+                    return Err(PthError::BadView(format!("a tensor's name is {len} bytes long, more than the {MAX_NAME_BYTES} allowed")));
+                }
+                *total += len;
+                if *total > MAX_ALL_NAMES_BYTES {
+                    return Err(PthError::BadView(format!("tensor names take more than {MAX_ALL_NAMES_BYTES} bytes")));
+                }
+            }
+            Value::Dict(items) => {
+                for (k, c) in items {
+                    let klen = match k {
+                        Value::Str(s) => s.len(),
+                        other => key_text(other).len(),
+                    };
+                    walk(c, child(klen), total)?;
+                }
+            }
+            Value::List(items) | Value::Tuple(items) => {
+                for (i, c) in items.iter().enumerate() {
+                    walk(c, child(i.to_string().len()), total)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    walk(root, 0, &mut 0)
 }
 
 fn subtree<'v>(v: &'v Value, path: &str) -> Option<&'v Value> {

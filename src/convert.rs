@@ -272,10 +272,12 @@ pub enum PrepareError {
     TableFile { path: PathBuf, source: io::Error },
     #[error("{0}")]
     Table(#[from] crate::mapping::table::TableError),
-    #[error("{file}: {source} (pick one with --mapping)")]
+    #[error("{file}: {source}")]
     Detect { file: PathBuf, source: crate::mapping::table::TableError },
     #[error("{file}: mapping table {table}: {source}")]
     Plan { file: PathBuf, table: String, source: crate::mapping::plan::PlanError },
+    #[error("{file}: the checkpoint holds no tensors: nothing to convert")]
+    NoTensors { file: PathBuf },
     #[error("{file}: none of the containers {containers:?} that mapping table {table} unwraps holds tensors")]
     NoContainer { file: PathBuf, table: String, containers: Vec<String> },
 }
@@ -283,6 +285,9 @@ pub enum PrepareError {
 /// `spec` is a built-in table name or a path to a TOML file; `None` detects the table from
 /// the checkpoint's key names.
 pub fn choose_table(spec: Option<&str>, ckpt: &Checkpoint) -> Result<TableChoice, PrepareError> {
+    if ckpt.tensors().is_empty() {
+        return Err(PrepareError::NoTensors { file: ckpt.path().to_path_buf() });
+    }
     match spec {
         Some(s) if s.ends_with(".toml") || Path::new(s).is_file() => {
             let text = std::fs::read_to_string(s).map_err(|source| PrepareError::TableFile { path: s.into(), source })?;
@@ -326,7 +331,8 @@ pub fn prepare<'c>(
         .collect();
     let plan = plan(table, &sources, opts).map_err(|source| PrepareError::Plan {
         file: ckpt.path().to_path_buf(),
-        table: table.name().to_string(),
+        // A user's table by its path; a built-in one as `builtin:NAME`.
+        table: table.origin().to_string(),
         source,
     })?;
     Ok((root.to_string(), entries, plan))

@@ -48,9 +48,11 @@ pub fn read_safetensors(file: &File) -> Result<(PthFile, HashMap<String, String>
         let dtype = DType::from_safetensors_code(info.dtype)
             .ok_or_else(|| PthError::Safetensors(format!("tensor {name}: unsupported dtype {:?}", info.dtype)))?;
         let (start, end) = info.data_offsets;
-        let numel: usize = info.shape.iter().product();
-        let byte_len = (end - start) as u64;
-        if byte_len != numel as u64 * dtype.size() as u64 || data_start + end as u64 > len {
+        let numel = info.shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n));
+        let numel = numel.ok_or_else(|| PthError::Safetensors(format!("tensor {name}: shape {:?} overflows", info.shape)))?;
+        let byte_len = end.saturating_sub(start) as u64;
+        let fits = end >= start && (end as u64).checked_add(data_start).is_some_and(|e| e <= len);
+        if !fits || Some(byte_len) != (numel as u64).checked_mul(dtype.size() as u64) {
             return Err(PthError::Safetensors(format!("tensor {name}: data offsets {start}..{end} do not fit its shape or the file")));
         }
         let storage = storages.len();

@@ -70,6 +70,14 @@ pub fn read_container(file: &mut File) -> Result<PthFile, PthError> {
     if head.starts_with(&LEGACY_MAGIC) {
         return read_legacy(file, len);
     }
+    // A pickled 10-byte integer where the magic number goes: a legacy stream, damaged.
+    if head.len() >= LEGACY_MAGIC.len() && head[..4] == LEGACY_MAGIC[..4] {
+        return Err(PthError::Legacy(format!(
+            "wrong magic number 0x{} (torch's is 0x{})",
+            hex_le(&head[4..14]),
+            hex_le(&LEGACY_MAGIC[4..14])
+        )));
+    }
     if head.len() >= 262 && &head[257..262] == b"ustar" {
         return Err(PthError::TarFormat);
     }
@@ -77,6 +85,7 @@ pub fn read_container(file: &mut File) -> Result<PthFile, PthError> {
 }
 
 fn read_zip(file: &mut File) -> Result<PthFile, PthError> {
+    let file_len = file.metadata()?.len();
     file.seek(SeekFrom::Start(0))?;
     let mut archive = zip::ZipArchive::new(&*file).map_err(|e| PthError::Zip(e.to_string()))?;
     if archive.len() > MAX_ZIP_ENTRIES {
@@ -102,7 +111,8 @@ fn read_zip(file: &mut File) -> Result<PthFile, PthError> {
         if entry.size() > MAX_PICKLE_BYTES {
             return Err(PthError::Zip(format!("{pkl} is {} bytes, larger than the {} allowed", entry.size(), MAX_PICKLE_BYTES)));
         }
-        let mut buf = Vec::with_capacity(entry.size() as usize);
+        // (The declared size may lie: reserve no more than the file can hold.)
+        let mut buf = Vec::with_capacity(entry.size().min(file_len) as usize);
         entry
             .by_ref()
             .take(MAX_PICKLE_BYTES)
@@ -125,10 +135,15 @@ fn read_zip(file: &mut File) -> Result<PthFile, PthError> {
             return Err(PthError::StorageSize { key: s.key.clone(), expected, actual: entry.size() });
         }
         let file_offset = entry.data_start().ok_or_else(|| PthError::Zip(format!("{name}: no data offset")))?;
+        if file_offset.checked_add(entry.compressed_size()).is_none_or(|end| end > file_len) {
+            return Err(PthError::Zip(format!(
+                "{name}: the directory says {} bytes at offset {file_offset}, past the end of the {file_len}-byte file",
+                entry.compressed_size()
+            )));
+        }
         let crc32 = Some(entry.crc32());
         storages.push(StorageLocation { storage: s, file_offset, byte_len: expected, crc32 });
     }
-    let file_len = file.metadata()?.len();
     check_within(&storages, file_len)?;
     Ok(PthFile { kind: ContainerKind::Zip, value: unpickled.value, storages })
 }
@@ -177,6 +192,8 @@ fn read_legacy(file: &mut File, file_len: u64) -> Result<PthFile, PthError> {
         _ => return Err(PthError::Legacy("storage key list is missing".into())),
     };
     // Raw storages follow in the key list's order: an i64 element count, then the bytes.
+    let elem_of: std::collections::HashMap<&str, usize> =
+        main.storages.iter().map(|s| (s.key.as_str(), s.dtype.size())).collect();
     let mut by_key = std::collections::HashMap::new();
     for key in &keys {
         let mut count = [0u8; 8];
@@ -185,7 +202,7 @@ fn read_legacy(file: &mut File, file_len: u64) -> Result<PthFile, PthError> {
         let nbytes_of = |size: usize| numel.checked_mul(size as u64);
         by_key.insert(key.clone(), (pos + 8, numel));
         // The element size comes from the pickle's reference to this storage.
-        let elem = main.storages.iter().find(|s| &s.key == key).map(|s| s.dtype.size()).unwrap_or(1);
+        let elem = elem_of.get(key.as_str()).copied().unwrap_or(1);
         let nbytes = nbytes_of(elem).ok_or_else(|| PthError::Legacy(format!("storage {key} size overflows")))?;
         pos = pos
             .checked_add(8 + nbytes)
@@ -197,13 +214,22 @@ fn read_legacy(file: &mut File, file_len: u64) -> Result<PthFile, PthError> {
         let &(file_offset, numel) = by_key.get(&s.key).ok_or_else(|| PthError::MissingStorage { key: s.key.clone() })?;
         let elem = s.dtype.size() as u64;
         if numel < s.numel as u64 {
-            return Err(PthError::StorageSize { key: s.key.clone(), expected: s.numel as u64 * elem, actual: numel * elem });
+            return Err(PthError::StorageSize {
+                key: s.key.clone(),
+                expected: (s.numel as u64).saturating_mul(elem),
+                actual: numel.saturating_mul(elem),
+            });
         }
-        let byte_len = s.numel as u64 * elem;
+        let byte_len = (s.numel as u64).saturating_mul(elem);
         storages.push(StorageLocation { storage: s, file_offset, byte_len, crc32: None });
     }
     check_within(&storages, file_len)?;
     Ok(PthFile { kind: ContainerKind::Legacy, value: main.value, storages })
+}
+
+/// A little-endian integer's bytes as big-endian hex.
+fn hex_le(bytes: &[u8]) -> String {
+    bytes.iter().rev().map(|b| format!("{b:02x}")).collect()
 }
 
 fn check_within(storages: &[StorageLocation], file_len: u64) -> Result<(), PthError> {

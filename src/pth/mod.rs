@@ -11,6 +11,20 @@ pub mod write;
 pub use container::{read_container, ContainerKind, PthFile, StorageLocation};
 pub use value::{TensorView, Value};
 
+impl PthError {
+    /// The same error seen from one level up the value tree: an invalid tensor's name gets
+    /// the parent key in front (`blocks.0.w`).
+    pub(crate) fn under(self, key: &str) -> PthError {
+        match self {
+            PthError::InvalidTensor { name, msg } => {
+                let name = if name.is_empty() { key.to_string() } else { format!("{key}.{name}") };
+                PthError::InvalidTensor { name, msg }
+            }
+            other => other,
+        }
+    }
+}
+
 /// What can be wrong with a checkpoint file. Messages say what is wrong; the caller adds
 /// the file name.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +51,8 @@ pub enum PthError {
     ViewOutOfBounds { name: String, key: String, needed: u64, available: u64 },
     #[error("invalid tensor view: {0}")]
     BadView(String),
+    #[error("tensor {name}: {msg}")]
+    InvalidTensor { name: String, msg: String },
     #[error("unsupported tensor storage type {0}")]
     UnsupportedDtype(String),
     #[error("pickle ends before its STOP opcode (file truncated?)")]
@@ -47,6 +63,10 @@ pub enum PthError {
     TooDeep(usize),
     #[error("pickle expands to more than {0} values (a memo bomb?)")]
     TooLarge(usize),
+    #[error("pickle holds more than {limit} {what}: refusing a malicious or corrupt file")]
+    TooMany { what: &'static str, limit: usize },
+    #[error("pickle expands to more than {mib} MiB in memory (a memo bomb?)")]
+    TooBig { mib: usize },
     #[error("malformed pickle: {0}")]
     Pickle(String),
     #[error("legacy checkpoint: {0}")]

@@ -16,7 +16,20 @@ use crate::DType;
 /// Deepest nesting the tree may have (a state dict needs about 5).
 pub const MAX_DEPTH: usize = 256;
 /// Most values the tree may expand to (memo references count each time they are used).
-pub const MAX_TREE_NODES: usize = 20_000_000;
+pub const MAX_TREE_NODES: usize = 2_000_000;
+/// Most objects the VM may create, and most entries its stack may hold at once (a state
+/// dict's pickle makes about 20 per tensor).
+pub const MAX_OBJECTS: usize = 10_000_000;
+/// Most entries the memo may hold.
+pub const MAX_MEMO: usize = 10_000_000;
+/// Memory the VM's objects and the tree's values may take beyond twice the pickle's own
+/// length: copies made by REDUCEs of a big list or string, or memo references expanded in
+/// the tree, count each time.
+pub const MAX_EXPANSION_BYTES: usize = 256 << 20;
+/// Most dimensions a tensor may have (torch's own limit is 64 too).
+pub const MAX_DIMS: usize = 64;
+/// How deeply `_rebuild_from_type_v2` calls may nest (torch nests one).
+const MAX_REBUILD_NESTING: usize = 8;
 
 /// A storage named by a persistent id: `('storage', <Type>Storage, key, location, numel[, view])`.
 #[derive(Clone, Debug, PartialEq)]
@@ -52,6 +65,9 @@ enum Node {
     /// A storage from a persistent id: index into `storages`, extra element offset (legacy views).
     Storage(usize, usize),
     Tensor(TensorView),
+    /// A tensor whose rebuild arguments are invalid: an error once the tree is built, when
+    /// the tensor's place (its dotted key) is known.
+    BadTensor(String),
     Opaque(String),
 }
 
@@ -69,6 +85,10 @@ struct Vm<'a> {
     memo: HashMap<u32, Id>,
     storages: Vec<StorageRef>,
     storage_index: HashMap<String, usize>,
+    /// Approximate bytes held by the arena's nodes and what they own.
+    weight: usize,
+    /// The most `weight` (and the tree's size) may reach.
+    weight_limit: usize,
 }
 
 /// Unpickles one pickle from the start of `data`. Bytes after STOP are ignored (legacy
@@ -82,15 +102,38 @@ pub fn unpickle(data: &[u8]) -> Result<Unpickled, PthError> {
         memo: HashMap::new(),
         storages: Vec::new(),
         storage_index: HashMap::new(),
+        weight: 0,
+        weight_limit: MAX_EXPANSION_BYTES.saturating_add(data.len().saturating_mul(2)),
     };
     let root = vm.run()?;
-    let mut budget = MAX_TREE_NODES;
+    let mut budget = TreeBudget { nodes: MAX_TREE_NODES, bytes: vm.weight_limit };
     let value = vm.to_value(root, 0, &mut budget)?;
     Ok(Unpickled { value, storages: vm.storages, consumed: vm.pos })
 }
 
 fn bad(msg: impl Into<String>) -> PthError {
     PthError::Pickle(msg.into())
+}
+
+/// What the tree may still grow by: values, and bytes (values plus their strings).
+struct TreeBudget {
+    nodes: usize,
+    bytes: usize,
+}
+
+/// Approximate memory a node takes, with what it owns.
+fn node_weight(node: &Node) -> usize {
+    let id = std::mem::size_of::<Id>();
+    std::mem::size_of::<Node>()
+        + match node {
+            Node::Str(s) | Node::Opaque(s) | Node::BadTensor(s) => s.len(),
+            Node::Bytes(b) => b.len(),
+            Node::List(v) | Node::Tuple(v) => v.len() * id,
+            Node::Dict(v) => v.len() * 2 * id,
+            Node::Global(m, n) => m.len() + n.len(),
+            Node::Tensor(t) => (t.shape.len() + t.strides.len()) * std::mem::size_of::<usize>(),
+            _ => 0,
+        }
 }
 
 impl<'a> Vm<'a> {
@@ -131,8 +174,27 @@ impl<'a> Vm<'a> {
     }
 
     fn new(&mut self, node: Node) -> Id {
+        self.weight = self.weight.saturating_add(node_weight(&node));
         self.arena.push(node);
         self.arena.len() - 1
+    }
+
+    /// The limits on what the VM holds, checked before each opcode (one opcode can add at
+    /// most one object's worth, bounded by what already exists).
+    fn check_limits(&self) -> Result<(), PthError> {
+        if self.arena.len() > MAX_OBJECTS {
+            return Err(PthError::TooMany { what: "objects", limit: MAX_OBJECTS });
+        }
+        if self.stack.len() > MAX_OBJECTS {
+            return Err(PthError::TooMany { what: "stack entries", limit: MAX_OBJECTS });
+        }
+        if self.memo.len() > MAX_MEMO {
+            return Err(PthError::TooMany { what: "memo entries", limit: MAX_MEMO });
+        }
+        if self.weight > self.weight_limit {
+            return Err(PthError::TooBig { mib: self.weight_limit >> 20 });
+        }
+        Ok(())
     }
 
     fn push(&mut self, node: Node) {
@@ -184,6 +246,7 @@ impl<'a> Vm<'a> {
 
     fn run(&mut self) -> Result<Id, PthError> {
         loop {
+            self.check_limits()?;
             let op = self.u8()?;
             match op {
                 0x80 => {
@@ -260,9 +323,12 @@ impl<'a> Vm<'a> {
                     self.push(Node::Float(v));
                 }
                 b'S' => {
-                    let s = self.line()?;
-                    let s = s.trim();
-                    let inner = if s.len() >= 2 { &s[1..s.len() - 1] } else { s };
+                    // STRING: a quoted Python literal; escapes are kept as written.
+                    let s = self.line()?.trim();
+                    let inner = ['\'', '"']
+                        .iter()
+                        .find_map(|&q| s.strip_prefix(q).and_then(|r| r.strip_suffix(q)))
+                        .ok_or_else(|| bad(format!("STRING argument is not quoted: {s:?}")))?;
                     self.push(Node::Str(inner.to_string()));
                 }
                 b'T' => {
@@ -399,8 +465,8 @@ impl<'a> Vm<'a> {
                 b'R' => {
                     let args = self.pop()?;
                     let func = self.pop()?;
-                    let node = self.reduce(func, args)?;
-                    self.push(node);
+                    let id = self.reduce(func, args, 0)?;
+                    self.stack.push(Slot::Obj(id));
                 }
                 0x81 => {
                     let _args = self.pop()?;
@@ -480,12 +546,14 @@ impl<'a> Vm<'a> {
         // Appending to something that is not a list (a list subclass we keep opaque) is
         // accepted and ignored, like every other effect on opaque objects.
         if let Node::List(v) = &mut self.arena[list] {
+            self.weight = self.weight.saturating_add(items.len() * std::mem::size_of::<Id>());
             v.extend(items);
         }
     }
 
     fn extend_dict(&mut self, dict: Id, pairs: Vec<(Id, Id)>) {
         if let Node::Dict(v) = &mut self.arena[dict] {
+            self.weight = self.weight.saturating_add(pairs.len() * 2 * std::mem::size_of::<Id>());
             v.extend(pairs);
         }
     }
@@ -514,21 +582,38 @@ impl<'a> Vm<'a> {
     }
 
     /// Interprets a REDUCE of a known global; any other callable gives an opaque value.
-    fn reduce(&mut self, func: Id, args: Id) -> Result<Node, PthError> {
+    /// Returns the result's id: a new object, or (for a Parameter) the tensor it wraps.
+    fn reduce(&mut self, func: Id, args: Id, nesting: usize) -> Result<Id, PthError> {
         let name = self.global_name(func);
-        let items = self.tuple_items(args).map(|a| a.to_vec()).unwrap_or_default();
-        match name.as_str() {
-            "torch._utils._rebuild_tensor_v2" | "torch._utils._rebuild_tensor" => self.rebuild_tensor(&items),
+        let node = match name.as_str() {
             "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => {
-                let data = items.first().ok_or_else(|| bad("_rebuild_parameter without arguments"))?;
-                Ok(self.arena[*data].clone())
+                let data = self.tuple_items(args).and_then(|a| a.first().copied());
+                return data.ok_or_else(|| bad("_rebuild_parameter without arguments"));
             }
             "torch._tensor._rebuild_from_type_v2" => {
                 // (func, type, args, state): the tensor is func(*args).
+                let items = self.tuple_items(args).unwrap_or_default();
                 if items.len() < 3 {
                     return Err(bad("_rebuild_from_type_v2 needs 3 arguments"));
                 }
-                self.reduce(items[0], items[2])
+                if nesting >= MAX_REBUILD_NESTING {
+                    return Err(bad("_rebuild_from_type_v2 calls nest too deeply"));
+                }
+                let (f, a) = (items[0], items[2]);
+                return self.reduce(f, a, nesting + 1);
+            }
+            _ => self.reduce_new(&name, args)?,
+        };
+        Ok(self.new(node))
+    }
+
+    /// A REDUCE that builds a new object.
+    fn reduce_new(&mut self, name: &str, args: Id) -> Result<Node, PthError> {
+        let name = name.to_string();
+        let items = self.tuple_items(args).map(|a| a.to_vec()).unwrap_or_default();
+        match name.as_str() {
+            "torch._utils._rebuild_tensor_v2" | "torch._utils._rebuild_tensor" => {
+                Ok(self.rebuild_tensor(&items).unwrap_or_else(|e| Node::BadTensor(e.to_string())))
             }
             "collections.OrderedDict" | "builtins.dict" => {
                 let mut pairs = Vec::new();
@@ -582,6 +667,12 @@ impl<'a> Vm<'a> {
             _ => return Err(bad("tensor rebuilt from something that is not a storage")),
         };
         let offset = self.int_arg(args[1], "storage offset")?;
+        for (id, what) in [(args[2], "size"), (args[3], "stride")] {
+            let n = self.tuple_items(id).map_or(0, <[Id]>::len);
+            if n > MAX_DIMS {
+                return Err(PthError::BadView(format!("{what} has {n} dimensions; at most {MAX_DIMS} are supported")));
+            }
+        }
         let shape = self.int_tuple(args[2], "size")?;
         let strides = self.int_tuple(args[3], "stride")?;
         if shape.len() != strides.len() {
@@ -637,16 +728,28 @@ impl<'a> Vm<'a> {
         Ok(Node::Storage(index, extra))
     }
 
-    fn to_value(&self, id: Id, depth: usize, budget: &mut usize) -> Result<Value, PthError> {
+    fn to_value(&self, id: Id, depth: usize, budget: &mut TreeBudget) -> Result<Value, PthError> {
         if depth > MAX_DEPTH {
             return Err(PthError::TooDeep(MAX_DEPTH));
         }
-        if *budget == 0 {
+        if budget.nodes == 0 {
             return Err(PthError::TooLarge(MAX_TREE_NODES));
         }
-        *budget -= 1;
-        let list = |items: &[Id], budget: &mut usize| -> Result<Vec<Value>, PthError> {
-            items.iter().map(|&i| self.to_value(i, depth + 1, budget)).collect()
+        budget.nodes -= 1;
+        let size = std::mem::size_of::<Value>()
+            + match &self.arena[id] {
+                Node::Str(s) | Node::Opaque(s) => s.len(),
+                Node::Bytes(b) => b.len(),
+                Node::Global(m, n) => m.len() + n.len() + 1,
+                _ => 0,
+            };
+        budget.bytes = budget.bytes.checked_sub(size).ok_or(PthError::TooBig { mib: self.weight_limit >> 20 })?;
+        let list = |items: &[Id], budget: &mut TreeBudget| -> Result<Vec<Value>, PthError> {
+            let mut out = Vec::with_capacity(items.len());
+            for (n, &i) in items.iter().enumerate() {
+                out.push(self.to_value(i, depth + 1, budget).map_err(|e| e.under(&n.to_string()))?);
+            }
+            Ok(out)
         };
         Ok(match &self.arena[id] {
             Node::None => Value::None,
@@ -660,13 +763,20 @@ impl<'a> Vm<'a> {
             Node::Dict(pairs) => {
                 let mut out = Vec::with_capacity(pairs.len());
                 for &(k, v) in pairs {
-                    out.push((self.to_value(k, depth + 1, budget)?, self.to_value(v, depth + 1, budget)?));
+                    let key = self.to_value(k, depth + 1, budget)?;
+                    let value = self.to_value(v, depth + 1, budget).map_err(|e| match &key {
+                        Value::Str(s) => e.under(s),
+                        Value::Int(i) => e.under(&i.to_string()),
+                        _ => e,
+                    })?;
+                    out.push((key, value));
                 }
                 Value::Dict(out)
             }
             Node::Global(m, n) => Value::Opaque(format!("{m}.{n}")),
             Node::Storage(..) => Value::Opaque("torch.storage".into()),
             Node::Tensor(t) => Value::Tensor(t.clone()),
+            Node::BadTensor(msg) => return Err(PthError::InvalidTensor { name: String::new(), msg: msg.clone() }),
             Node::Opaque(n) => Value::Opaque(n.clone()),
         })
     }

@@ -71,10 +71,20 @@ impl TensorView {
         true
     }
 
+    /// Number of elements, or `None` when the shape's product overflows.
+    pub fn checked_numel(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |acc, &n| acc.checked_mul(n))
+    }
+
+    /// Bytes of the contiguous tensor, or `None` on overflow.
+    pub fn checked_nbytes(&self) -> Option<usize> {
+        self.checked_numel()?.checked_mul(self.dtype.size())
+    }
+
     /// One past the largest element index the view touches (0 for an empty view), or
     /// `None` on overflow.
     pub fn extent(&self) -> Option<usize> {
-        if self.numel() == 0 {
+        if self.checked_numel()? == 0 {
             return Some(0);
         }
         let mut last = self.offset;
