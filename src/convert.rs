@@ -204,7 +204,7 @@ pub fn write_plan(
                     (t.target.clone(), lazy)
                 })
                 .collect();
-            crate::safetensors_io::write_safetensors(atomic.temp_path(), tensors, &error).map_err(out_err)
+            crate::safetensors_io::write_safetensors(atomic.file(), tensors, &error).map_err(out_err)
         }
     };
     progress.end();

@@ -193,11 +193,22 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Ctrl-C / SIGTERM / SIGHUP remove unfinished outputs' temporary files (exit 130/143/129).
+    if let Err(e) = ckptmap::atomic::remove_temporaries_on_signal() {
+        eprintln!("warning: cannot install signal handlers: {e}");
+    }
     let download = cli.download.clone();
     match run(cli.command, &download) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line: each cause once (many errors already quote their source).
+            let mut line = e.to_string();
+            for cause in e.chain().skip(1).map(|c| c.to_string()) {
+                if !line.contains(&cause) {
+                    line = format!("{line}: {cause}");
+                }
+            }
+            eprintln!("error: {}", line.replace('\n', " "));
             ExitCode::from(2)
         }
     }

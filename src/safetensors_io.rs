@@ -5,8 +5,8 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 use crate::pth::container::{ContainerKind, PthFile, StorageLocation};
 use crate::pth::unpickle::StorageRef;
@@ -106,12 +106,42 @@ impl safetensors::View for LazyTensor<'_> {
     }
 }
 
-/// Writes `tensors` to `path` with `{"format": "pt"}` metadata.
-pub fn write_safetensors(path: &Path, tensors: Vec<(String, LazyTensor)>, error: &RefCell<Option<String>>) -> Result<(), String> {
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| e.to_string())?;
-    match error.borrow_mut().take() {
-        Some(e) => Err(e),
-        None => Ok(()),
+/// Writes `tensors` to `out` with `{"format": "pt"}` metadata, byte for byte as
+/// `safetensors::serialize_to_file` would (same order: descending dtype, then name; header
+/// padded to 8 bytes), but into the caller's file: the crate's own function writes a
+/// temporary file of its own next to the destination, which an interrupt would leave behind.
+pub fn write_safetensors(out: &mut dyn Write, tensors: Vec<(String, LazyTensor)>, error: &RefCell<Option<String>>) -> Result<(), String> {
+    let mut tensors = tensors;
+    tensors.sort_by(|(ln, l), (rn, r)| {
+        use safetensors::View;
+        r.dtype().cmp(&l.dtype()).then(ln.cmp(rn))
+    });
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for (name, t) in &tensors {
+        use safetensors::View;
+        let n = t.data_len();
+        infos.push((name.clone(), safetensors::tensor::TensorInfo { dtype: t.dtype(), shape: t.shape.clone(), data_offsets: (offset, offset + n) }));
+        offset += n;
     }
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let metadata = safetensors::tensor::Metadata::new(Some(metadata), infos).map_err(|e| e.to_string())?;
+    let mut header = serde_json::to_string(&metadata).map_err(|e| e.to_string())?.into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    if header.len() as u64 > MAX_HEADER {
+        return Err(format!("safetensors header of {} bytes is too large", header.len()));
+    }
+    let mut w = BufWriter::with_capacity(1 << 20, out);
+    let io = |e: std::io::Error| e.to_string();
+    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&header).map_err(io)?;
+    for (_, t) in &tensors {
+        use safetensors::View;
+        w.write_all(&t.data()).map_err(io)?;
+        if let Some(e) = error.borrow_mut().take() {
+            return Err(e);
+        }
+    }
+    w.flush().map_err(io)?;
+    Ok(())
 }

@@ -1,0 +1,217 @@
+//! Nothing lost when anything fails (issue 7): a conversion that runs out of disk space, or
+//! is interrupted by SIGTERM / SIGINT while it writes, leaves the previous file at DST
+//! untouched and no temporary file behind.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ckptmap::pth::write::{write_pth, TensorToWrite};
+
+const PREVIOUS: &[u8] = b"previous good file: must survive every failed conversion";
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// Every file in DST's folder but DST: temporaries of ours or of any library.
+fn others(dst: &Path) -> Vec<String> {
+    std::fs::read_dir(dst.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.as_str() != dst.file_name().unwrap())
+        .collect()
+}
+
+/// Asserts the aftermath of a failed conversion: exit code, one line on stderr, the old
+/// DST, no temporaries.
+fn assert_nothing_lost(what: &str, out: &std::process::Output, code: i32, needle: &str, dst: &Path) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{what}: {err}");
+    assert!(!err.contains("panicked"), "{what}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{what}: {err}");
+    assert!(err.contains(needle), "{what}: {err}");
+    let now = std::fs::read(dst).unwrap();
+    assert!(now == PREVIOUS, "{what}: DST was replaced ({} bytes now)", now.len());
+    assert!(others(dst).is_empty(), "{what}: files left next to DST: {:?}", others(dst));
+}
+
+/// A size-limited tmpfs mounted for the life of the value (root only).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_leaves_the_previous_file_and_no_temporary() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    // 256 KiB of space; the converted MAE fixture needs about 320 KB.
+    let Some(_tmpfs) = Tmpfs::mount(&disk, "256k") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); the RLIMIT_FSIZE test still runs");
+        return;
+    };
+    for name in ["out.pth", "out.safetensors"] {
+        let dst = disk.join(name);
+        std::fs::write(&dst, PREVIOUS).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_ckptmap")).arg("convert").arg(fixture("mae_tiny.pth")).arg(&dst).output().unwrap();
+        assert_nothing_lost(&format!("full tmpfs, {name}"), &out, 2, "No space left on device", &dst);
+        std::fs::remove_file(&dst).unwrap();
+    }
+}
+
+#[test]
+fn a_file_size_limit_leaves_the_previous_file_and_no_temporary() {
+    // RLIMIT_FSIZE makes writes past the limit fail (EFBIG) once SIGXFSZ no longer kills the
+    // process: the same path as a full disk, without needing root.
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["out.pth", "out.safetensors"] {
+        let dst = dir.path().join(name);
+        std::fs::write(&dst, PREVIOUS).unwrap();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -f 200 && exec \"$0\" convert \"$1\" \"$2\"")
+            .arg(env!("CARGO_BIN_EXE_ckptmap"))
+            .arg(fixture("mae_tiny.pth"))
+            .arg(&dst)
+            .output()
+            .unwrap();
+        assert_nothing_lost(&format!("ulimit -f, {name}"), &out, 2, "File too large", &dst);
+        std::fs::remove_file(&dst).unwrap();
+    }
+}
+
+/// An MAE ViT-B/16 pretrain checkpoint with `depth` blocks (official key set and shapes,
+/// zero weights): large enough that converting it takes a while.
+fn write_big_mae(dest: &Path, depth: usize) {
+    let dim = 768usize;
+    let mut specs: Vec<(String, Vec<usize>)> = vec![
+        ("cls_token".into(), vec![1, 1, dim]),
+        ("pos_embed".into(), vec![1, 197, dim]),
+        ("patch_embed.proj.weight".into(), vec![dim, 3, 16, 16]),
+        ("patch_embed.proj.bias".into(), vec![dim]),
+    ];
+    for i in 0..depth {
+        for (n, s) in [
+            ("norm1.weight", vec![dim]),
+            ("norm1.bias", vec![dim]),
+            ("attn.qkv.weight", vec![3 * dim, dim]),
+            ("attn.qkv.bias", vec![3 * dim]),
+            ("attn.proj.weight", vec![dim, dim]),
+            ("attn.proj.bias", vec![dim]),
+            ("norm2.weight", vec![dim]),
+            ("norm2.bias", vec![dim]),
+            ("mlp.fc1.weight", vec![4 * dim, dim]),
+            ("mlp.fc1.bias", vec![4 * dim]),
+            ("mlp.fc2.weight", vec![dim, 4 * dim]),
+            ("mlp.fc2.bias", vec![dim]),
+        ] {
+            specs.push((format!("blocks.{i}.{n}"), s));
+        }
+    }
+    specs.push(("norm.weight".into(), vec![dim]));
+    specs.push(("norm.bias".into(), vec![dim]));
+    let t: Vec<TensorToWrite> = specs.iter().map(|(n, s)| TensorToWrite { name: n, dtype: ckptmap::DType::F32, shape: s }).collect();
+    let file = std::io::BufWriter::new(std::fs::File::create(dest).unwrap());
+    write_pth(file, "big", &t, |i, w| w.write_all(&vec![0u8; t[i].nbytes() as usize])).unwrap();
+}
+
+/// Starts `convert SRC DST --dtype f16`, waits for its temporary file to appear, sends
+/// `signal`, and returns the output.
+fn interrupt(src: &Path, dst: &Path, signal: &str) -> std::process::Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_ckptmap"))
+        .arg("convert")
+        .arg(src)
+        .arg(dst)
+        .args(["--dtype", "f16"])
+        .env("RUST_BACKTRACE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    // Wait until the output is being written (a file next to DST has data).
+    loop {
+        let growing = std::fs::read_dir(dst.parent().unwrap()).unwrap().filter_map(|e| e.ok()).any(|e| {
+            e.path() != dst && e.metadata().is_ok_and(|m| m.len() > 1 << 20)
+        });
+        if growing {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "the conversion never started writing");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let sent = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+    assert!(sent.success());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn sigterm_and_sigint_mid_write_leave_the_previous_file_and_no_temporary() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big_mae.pth");
+    write_big_mae(&src, 6);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    for (signal, code) in [("TERM", 143), ("INT", 130)] {
+        for name in ["big.pth", "big.safetensors"] {
+            let dst = out_dir.join(name);
+            std::fs::write(&dst, PREVIOUS).unwrap();
+            let out = interrupt(&src, &dst, signal);
+            let what = format!("SIG{signal} during {name}");
+            assert_nothing_lost(&what, &out, code, &format!("interrupted by SIG{signal}"), &dst);
+            assert!(String::from_utf8_lossy(&out.stderr).contains(name), "{what}: the message names DST");
+            std::fs::remove_file(&dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn safetensors_output_matches_the_crate_byte_for_byte() {
+    // We write safetensors into our own temporary file (the crate's serialize_to_file makes
+    // a second temporary of its own, which an interrupt would leave behind); the bytes must
+    // still be the crate's.
+    use ckptmap::safetensors_io::{write_safetensors, LazyTensor};
+    use std::cell::RefCell;
+    let error = RefCell::new(None);
+    let specs: Vec<(&str, ckptmap::DType, Vec<usize>)> = vec![
+        ("b.weight", ckptmap::DType::F32, vec![3, 2]),
+        ("a.index", ckptmap::DType::I64, vec![4]),
+        ("c.half", ckptmap::DType::F16, vec![5]),
+        ("a.weight", ckptmap::DType::F32, vec![1]),
+        ("flag", ckptmap::DType::Bool, vec![2]),
+    ];
+    let lazies = || -> Vec<(String, LazyTensor)> {
+        specs
+            .iter()
+            .map(|(n, d, s)| {
+                let len = s.iter().product::<usize>() * d.size();
+                let fill = n.len() as u8;
+                let lazy = LazyTensor { dtype: *d, shape: s.clone(), produce: Box::new(move || Ok(vec![fill; len])), error: &error };
+                (n.to_string(), lazy)
+            })
+            .collect()
+    };
+    let mut ours = Vec::new();
+    write_safetensors(&mut ours, lazies(), &error).unwrap();
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let theirs = safetensors::serialize(lazies(), Some(meta)).unwrap();
+    assert!(ours == theirs, "ours {} bytes, theirs {} bytes", ours.len(), theirs.len());
+}
