@@ -433,3 +433,38 @@ fn the_limits_let_real_checkpoints_through() {
     let r = Command::new(env!("CARGO_BIN_EXE_ckptmap")).arg("convert").arg(fixture("mae_tiny_train.pth")).arg(&out).output().unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
 }
+
+/// A URL list with a malformed line: `batch` refuses it before fetching or writing anything.
+#[test]
+fn a_malformed_list_line_is_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mae = fixture("mae_tiny.pth").display().to_string();
+    let cases: [(&str, String, &[&str]); 3] = [
+        ("unknown field", format!("# list\n{mae} name=a.pth\n{mae} frobnicate=3\n"), &["list.txt:3", "frobnicate"]),
+        ("name with a folder", format!("{mae} name=../escape.pth\n"), &["list.txt:1", "../escape.pth"]),
+        ("bad sha256", format!("\n{mae} sha256=xyz\n"), &["list.txt:2", "sha256"]),
+    ];
+    for (i, (what, text, needles)) in cases.iter().enumerate() {
+        let case_dir = dir.path().join(format!("case{i}"));
+        std::fs::create_dir(&case_dir).unwrap();
+        let list = write(&case_dir, "list.txt", text.as_bytes());
+        let out = case_dir.join("out");
+        let r = Command::new(env!("CARGO_BIN_EXE_ckptmap"))
+            .arg("batch")
+            .arg(&list)
+            .arg("--out-dir")
+            .arg(&out)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{what}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{what}: {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        for n in *needles {
+            assert!(err.contains(n), "{what}: {err} does not say {n:?}");
+        }
+        let written: Vec<_> = std::fs::read_dir(&out).map(|d| d.map(|e| e.unwrap().file_name()).collect()).unwrap_or_default();
+        assert!(written.is_empty(), "{what}: wrote {written:?}");
+    }
+}
