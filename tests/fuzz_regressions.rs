@@ -1,0 +1,206 @@
+//! Regression tests for what fuzzing and the hardening review of the readers found (issue 7).
+//! Each input here once panicked, overflowed the stack, or made the reader allocate without
+//! bound; now each is a clear error (or, where the input is valid, a quick answer).
+//!
+//! The fuzz targets themselves live in `fuzz/` (see fuzz/README.md).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ckptmap::checkpoint::Checkpoint;
+use ckptmap::pth::unpickle::unpickle;
+use ckptmap::pth::PthError;
+
+fn op_str(s: &str) -> Vec<u8> {
+    let mut v = vec![b'X'];
+    v.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+fn op_int(i: i64) -> Vec<u8> {
+    let mut v = vec![0x8a, 8];
+    v.extend_from_slice(&i.to_le_bytes());
+    v
+}
+
+/// Runs `f` and fails if it takes longer than `limit` (a hang or a quadratic blow-up).
+fn quickly<T>(limit: Duration, f: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let r = f();
+    assert!(start.elapsed() < limit, "took {:?}", start.elapsed());
+    r
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn string_opcode_with_a_multibyte_first_character() {
+    // STRING's argument was unquoted by byte position: 'é' made it slice inside a character.
+    for arg in ["\u{e9}x", "\u{e9}", "'a\u{e9}", "\u{1F600}\u{1F600}"] {
+        let mut p = vec![0x80, 2, b'S'];
+        p.extend_from_slice(arg.as_bytes());
+        p.extend_from_slice(b"\n.");
+        let e = unpickle(&p).unwrap_err();
+        assert!(e.to_string().contains("STRING argument is not quoted"), "{arg:?}: {e}");
+    }
+    // Quoted ones still read.
+    let v = unpickle(b"\x80\x02S'\xc3\xa9t\xc3\xa9'\n.").unwrap().value;
+    assert_eq!(v.as_str(), Some("\u{e9}t\u{e9}"));
+}
+
+#[test]
+fn rebuild_from_type_that_contains_itself() {
+    // L = [_rebuild_from_type_v2, None, L]; _rebuild_from_type_v2(*L) called itself forever
+    // (a stack overflow: an abort, not an error).
+    let p = b"\x80\x02ctorch._tensor\n_rebuild_from_type_v2\nq\x00]q\x01(h\x00Nh\x01eR.";
+    let e = unpickle(p).unwrap_err();
+    assert!(e.to_string().contains("nest too deeply"), "{e}");
+}
+
+#[test]
+fn parameters_of_one_big_list_are_not_copied() {
+    // 100 000 `_rebuild_parameter((L,))` of a 200 000-item list copied the list each time
+    // (160 GB). A Parameter now refers to what it wraps.
+    let mut p = vec![0x80, 2, b']', b'('];
+    p.extend(std::iter::repeat_n(b'N', 200_000));
+    p.extend_from_slice(b"eq\x00h\x00\x85q\x01ctorch._utils\n_rebuild_parameter\nq\x02");
+    for _ in 0..100_000 {
+        p.extend_from_slice(b"h\x02h\x01R0");
+    }
+    p.extend_from_slice(b"N.");
+    let v = quickly(Duration::from_secs(20), || unpickle(&p)).unwrap();
+    assert_eq!(v.value, ckptmap::pth::Value::None);
+}
+
+#[test]
+fn copies_made_by_reduce_count_against_the_memory_limit() {
+    // builtins.list(L) copies L: 100 000 copies of a 200 000-item list would be 160 GB.
+    let mut p = vec![0x80, 2, b']', b'('];
+    p.extend(std::iter::repeat_n(b'N', 200_000));
+    p.extend_from_slice(b"eq\x00h\x00\x85q\x01cbuiltins\nlist\nq\x02");
+    for _ in 0..100_000 {
+        p.extend_from_slice(b"h\x02h\x01R0");
+    }
+    p.extend_from_slice(b"N.");
+    let e = quickly(Duration::from_secs(20), || unpickle(&p)).unwrap_err();
+    assert!(matches!(e, PthError::TooBig { .. }), "{e}");
+}
+
+#[test]
+fn a_string_memo_bomb_is_an_error() {
+    // A 1 MB string referenced 200 000 times: 200 GB once the tree is built.
+    let big = "x".repeat(1 << 20);
+    let mut p = vec![0x80, 2];
+    p.extend(op_str(&big));
+    p.extend_from_slice(b"q\x00(");
+    for _ in 0..200_000 {
+        p.extend_from_slice(b"h\x00");
+    }
+    p.extend_from_slice(b"l.");
+    let e = quickly(Duration::from_secs(20), || unpickle(&p)).unwrap_err();
+    assert!(e.to_string().contains("memo bomb"), "{e}");
+}
+
+#[test]
+fn a_tensor_with_a_million_dimensions() {
+    // Each REDUCE of the same huge size tuple made a new million-entry shape.
+    let mut p = vec![0x80, 2, b'}', b'('];
+    p.extend(op_str("w"));
+    p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n((");
+    p.extend(op_str("storage"));
+    p.extend_from_slice(b"ctorch\nFloatStorage\n");
+    p.extend(op_str("0"));
+    p.extend(op_str("cpu"));
+    p.extend_from_slice(b"K\x01tQK\x00(");
+    p.extend(std::iter::repeat_n([b'K', 1], 1_000_000).flatten());
+    p.extend_from_slice(b"tq\x00h\x00\x89}tRu.");
+    let e = quickly(Duration::from_secs(20), || unpickle(&p)).unwrap_err();
+    assert!(e.to_string().contains("tensor w") && e.to_string().contains("1000000 dimensions"), "{e}");
+}
+
+/// A legacy (`_use_new_zipfile_serialization=False`) file: magic, protocol, sys_info, the
+/// state dict `{w: FloatStorage '0' of `declared` elements viewed as [1]}`, the key list, then
+/// storage '0' holding `actual` float elements.
+fn legacy_file(declared: i64, actual: u64) -> Vec<u8> {
+    let mut f = vec![0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e];
+    f.extend_from_slice(b"\x80\x02M\xe9\x03.");
+    f.extend_from_slice(b"\x80\x02}.");
+    let mut p = vec![0x80, 2, b'}', b'('];
+    p.extend(op_str("w"));
+    p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n((");
+    p.extend(op_str("storage"));
+    p.extend_from_slice(b"ctorch\nFloatStorage\n");
+    p.extend(op_str("0"));
+    p.extend(op_str("cpu"));
+    p.extend(op_int(declared));
+    p.extend_from_slice(b"NtQK\x00(K\x01t(K\x01t\x89}tRu.");
+    f.extend(p);
+    f.extend_from_slice(b"\x80\x02]q\x00X\x01\x00\x00\x000a.");
+    f.extend_from_slice(&actual.to_le_bytes());
+    f.extend(std::iter::repeat_n(0u8, actual as usize * 4));
+    f
+}
+
+#[test]
+fn legacy_storage_larger_than_its_record_does_not_overflow() {
+    let dir = tempfile::tempdir().unwrap();
+    // Control: consistent sizes read.
+    let ok = write(dir.path(), "ok.pth", &legacy_file(1, 1));
+    assert_eq!(Checkpoint::open(&ok).unwrap().tensors().len(), 1);
+    // The pickle declares 2^62 floats (2^64 bytes: the size computation overflowed).
+    let bad = write(dir.path(), "huge.pth", &legacy_file(1 << 62, 1));
+    let e = Checkpoint::open(&bad).err().unwrap().to_string();
+    assert!(e.contains("storage 0") && e.contains("huge.pth"), "{e}");
+}
+
+/// A zip checkpoint whose pickle is `p` and whose storage `0` holds `bytes`.
+fn zip_checkpoint(p: &[u8], bytes: &[u8]) -> Vec<u8> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut z = zip::ZipWriter::new(&mut buf);
+        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        for (name, data) in [("a/data.pkl", p), ("a/data/0", bytes), ("a/version", b"3\n")] {
+            z.start_file(name, opts).unwrap();
+            z.write_all(data).unwrap();
+        }
+        z.finish().unwrap();
+    }
+    buf.into_inner()
+}
+
+#[test]
+fn long_tensor_names_are_bounded() {
+    // 200 dicts deep, each key 60 KB (one memoized string): every tensor's name is 12 MB,
+    // and a list of 10 000 references to one tensor at the bottom would make 120 GB of names.
+    let key = "k".repeat(60_000);
+    let mut p = vec![0x80, 2];
+    p.extend(op_str(&key));
+    p.extend_from_slice(b"q\x00");
+    for _ in 0..200 {
+        p.extend_from_slice(b"}h\x00");
+    }
+    p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n((");
+    p.extend(op_str("storage"));
+    p.extend_from_slice(b"ctorch\nFloatStorage\n");
+    p.extend(op_str("0"));
+    p.extend(op_str("cpu"));
+    p.extend_from_slice(b"K\x01tQK\x00(K\x01t(K\x01t\x89}tRq\x010(");
+    for _ in 0..10_000 {
+        p.extend_from_slice(b"h\x01");
+    }
+    p.push(b'l');
+    for _ in 0..200 {
+        p.push(b's');
+    }
+    p.push(b'.');
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "names.pth", &zip_checkpoint(&p, &[0u8; 4]));
+    let e = quickly(Duration::from_secs(20), || Checkpoint::open(&f)).err().unwrap().to_string();
+    assert!(e.contains("names.pth") && e.contains("name is") && e.contains("bytes long"), "{e}");
+}
