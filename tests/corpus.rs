@@ -230,6 +230,14 @@ fn bad_checkpoints(dir: &Path, marker: &Path) -> Vec<Case> {
         h[at..at + 2].copy_from_slice(&8u16.to_le_bytes());
     });
     cases.push(case("a deflated storage entry", write(dir, "deflated.pth", &z), &["small/data/0", "compressed"]));
+    // A compressed pickle: this build reads stored entries only, so nothing is decompressed
+    // (no decompression bomb can get in).
+    let mut z = good_small_zip();
+    patch_zip_entry(&mut z, "data.pkl", |h, central| {
+        let at = if central { 10 } else { 8 };
+        h[at..at + 2].copy_from_slice(&8u16.to_le_bytes());
+    });
+    cases.push(case("a deflated data.pkl", write(dir, "deflated_pkl.pth", &z), &["small/data.pkl", "not supported"]));
 
     let w = |shape: &'static [i64], stride: &'static [i64], numel: i64, offset: i64| Tensor { name: "blocks.0.w", key: "0", numel, offset, shape, stride };
     let zip_of = |t: Tensor, bytes: usize| checkpoint_zip(&state_dict_pickle(&[t]), &[&vec![0u8; bytes]]);
