@@ -128,7 +128,16 @@ fn read_zip(file: &mut File) -> Result<PthFile, PthError> {
         let idx = archive.index_for_name(&name).ok_or_else(|| PthError::MissingStorage { key: s.key.clone() })?;
         let entry = archive.by_index_raw(idx).map_err(|e| PthError::Zip(format!("{name}: {e}")))?;
         if entry.compression() != zip::CompressionMethod::Stored {
-            return Err(PthError::Compressed(name, format!("{:?}", entry.compression())));
+            #[allow(deprecated)]
+            let method = match entry.compression().to_u16() {
+                8 => "deflate".to_string(),
+                9 => "deflate64".to_string(),
+                12 => "bzip2".to_string(),
+                14 => "lzma".to_string(),
+                93 => "zstd".to_string(),
+                n => format!("compression method {n}"),
+            };
+            return Err(PthError::Compressed(name, method));
         }
         let expected = (s.numel as u64).checked_mul(s.dtype.size() as u64).unwrap_or(u64::MAX);
         if entry.size() < expected || entry.compressed_size() != entry.size() {
