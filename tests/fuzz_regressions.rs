@@ -204,3 +204,54 @@ fn long_tensor_names_are_bounded() {
     let e = quickly(Duration::from_secs(20), || Checkpoint::open(&f)).err().unwrap().to_string();
     assert!(e.contains("names.pth") && e.contains("name is") && e.contains("bytes long"), "{e}");
 }
+
+/// The MAE table with `check` added to its checks, compiled and planned against the MAE
+/// fixture: the error text (from compiling or planning), or "" when both succeed.
+fn table_with_check(check: &str) -> String {
+    use ckptmap::mapping::plan::{plan, PlanOptions, SourceTensor};
+    use ckptmap::mapping::table::MappingTable;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("mappings/mae.toml")).unwrap();
+    assert!(text.contains("checks = [\n"));
+    let text = text.replacen("checks = [\n", &format!("checks = [\n    {check:?},\n"), 1);
+    let table = match MappingTable::parse(&text, "t.toml") {
+        Ok(t) => t,
+        Err(e) => return e.to_string(),
+    };
+    let c = Checkpoint::open(&root.join("fixtures/mae_tiny.pth")).unwrap();
+    let sources: Vec<SourceTensor> = c
+        .tensors_under(ckptmap::inspect::find_state_dict(&c).unwrap())
+        .unwrap()
+        .into_iter()
+        .map(|t| SourceTensor { name: t.name, shape: t.view.shape.clone(), dtype: t.view.dtype })
+        .collect();
+    match plan(&table, &sources, &PlanOptions::default()) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn table_arithmetic_that_overflows_is_an_error() {
+    // i64::MIN negated, divided or taken modulo -1, and sqrt near i64::MAX panicked.
+    let min = "(-9223372036854775807 - 1)";
+    for check in [format!("-{min} > 0"), format!("{min} % -1 == 0"), format!("{min} / -1 == 0"), format!("{min} // -1 == 0")] {
+        let e = table_with_check(&check);
+        assert!(e.contains("arithmetic overflow"), "{check}: {e:?}");
+    }
+    let e = table_with_check("sqrt(9223372036854775807) > 0");
+    assert!(e.contains("not a perfect square"), "{e:?}");
+    // Control: the check itself works.
+    assert_eq!(table_with_check("sqrt(9223372030926249001) == 3037000499"), "");
+}
+
+#[test]
+fn deeply_nested_table_expressions_are_an_error() {
+    // A recursive-descent parser, evaluator and drop: 100 000 levels overflowed the stack.
+    for check in [format!("{}1 > 0", "-".repeat(100_000)), format!("{}1{} > 0", "(".repeat(100_000), ")".repeat(100_000))] {
+        let e = table_with_check(&check);
+        assert!(e.contains("nests deeper than 64 levels"), "{}", &e[..e.len().min(300)]);
+    }
+    // 60 levels are fine.
+    assert_eq!(table_with_check(&format!("{}1{} > 0", "(".repeat(60), ")".repeat(60))), "");
+}

@@ -637,7 +637,10 @@ impl Expr {
         match self {
             Expr::Int(v) => Ok(*v),
             Expr::Var(name) => env.var(name),
-            Expr::Neg(e) => Ok(-e.eval(env)?),
+            Expr::Neg(e) => {
+                let v = e.eval(env)?;
+                v.checked_neg().ok_or_else(|| EvalError::Failed(format!("arithmetic overflow in -({v})")))
+            }
             Expr::Bin(op, a, b) => {
                 let (a, b) = (a.eval(env)?, b.eval(env)?);
                 let overflow =
@@ -649,10 +652,13 @@ impl Expr {
                     BinOp::Div | BinOp::FloorDiv | BinOp::Rem if b == 0 => {
                         fail(format!("division by zero ({a} {} 0)", op.symbol()))
                     }
-                    BinOp::Div if a % b != 0 => fail(format!("{a} / {b} is not a whole number")),
-                    BinOp::Div => Ok(a / b),
-                    BinOp::FloorDiv => Ok(a.div_euclid(b)),
-                    BinOp::Rem => Ok(a.rem_euclid(b)),
+                    // (checked: i64::MIN / -1 overflows)
+                    BinOp::Div if a.checked_rem(b).ok_or_else(overflow)? != 0 => {
+                        fail(format!("{a} / {b} is not a whole number"))
+                    }
+                    BinOp::Div => a.checked_div(b).ok_or_else(overflow),
+                    BinOp::FloorDiv => a.checked_div_euclid(b).ok_or_else(overflow),
+                    BinOp::Rem => a.checked_rem_euclid(b).ok_or_else(overflow),
                 }
             }
             Expr::Shape(key, axis) => {
@@ -712,14 +718,16 @@ fn exact_sqrt(v: i64) -> Option<i64> {
     if v < 0 {
         return None;
     }
-    let mut r = (v as f64).sqrt() as i64;
+    // In i128: near i64::MAX the square of the estimate (or of one more) overflows i64.
+    let v = v as i128;
+    let mut r = (v as f64).sqrt() as i128;
     while r * r > v {
         r -= 1;
     }
     while (r + 1) * (r + 1) <= v {
         r += 1;
     }
-    (r * r == v).then_some(r)
+    (r * r == v).then_some(r as i64)
 }
 
 /// `count("regex")`: the number of distinct values of capture group 1 over the keys the
@@ -804,9 +812,14 @@ fn tokenize(text: &str) -> Result<Vec<Tok>, String> {
     Ok(toks)
 }
 
+/// How deeply an expression may nest (parentheses, function arguments, unary minus): the
+/// parser, evaluation and dropping all recurse.
+const MAX_EXPR_DEPTH: usize = 64;
+
 struct Parser {
     toks: Vec<Tok>,
     pos: usize,
+    depth: usize,
 }
 
 impl Parser {
@@ -850,7 +863,19 @@ impl Parser {
             Some(Tok::Sym(s)) => format!(" but found '{s}'"),
         }
     }
+    fn nested<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, String>) -> Result<T, String> {
+        if self.depth >= MAX_EXPR_DEPTH {
+            return Err(format!("expression nests deeper than {MAX_EXPR_DEPTH} levels"));
+        }
+        self.depth += 1;
+        let r = f(self);
+        self.depth -= 1;
+        r
+    }
     fn sum(&mut self) -> Result<Expr, String> {
+        self.nested(Self::sum_inner)
+    }
+    fn sum_inner(&mut self) -> Result<Expr, String> {
         let mut e = self.product()?;
         loop {
             let op = match self.peek() {
@@ -879,7 +904,7 @@ impl Parser {
     fn unary(&mut self) -> Result<Expr, String> {
         if self.peek() == Some(&Tok::Sym("-")) {
             self.pos += 1;
-            return Ok(Expr::Neg(Box::new(self.unary()?)));
+            return Ok(Expr::Neg(Box::new(self.nested(Self::unary)?)));
         }
         self.atom()
     }
@@ -992,6 +1017,7 @@ fn parse_expr(text: &str) -> Result<Expr, String> {
     let mut p = Parser {
         toks: tokenize(text)?,
         pos: 0,
+        depth: 0,
     };
     let e = p.sum()?;
     p.finish()?;
@@ -1002,6 +1028,7 @@ fn parse_check(text: &str) -> Result<(Expr, CmpOp, Expr), String> {
     let mut p = Parser {
         toks: tokenize(text)?,
         pos: 0,
+        depth: 0,
     };
     let left = p.sum()?;
     let op = match p.next() {
