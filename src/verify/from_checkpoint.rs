@@ -3,7 +3,9 @@
 
 use candle_core::{DType as CDType, Device, Tensor};
 
-use super::{compare, deterministic_input, mmseg_forward, original_forward, relative_position_index};
+use super::{
+    compare, deterministic_input, mmseg_forward, original_forward, relative_position_index,
+};
 use super::{Arch, BackboneConfig, OutputReport, Reference, Tolerance, VerifyError, WeightMap};
 use crate::checkpoint::Checkpoint;
 use crate::dtype::decode_f64;
@@ -17,24 +19,40 @@ pub fn weights_from_checkpoint(ckpt: &Checkpoint, device: &Device) -> super::Res
     let all_module = !entries.is_empty() && entries.iter().all(|t| t.name.starts_with("module."));
     let mut w = WeightMap::new();
     for t in entries {
-        let io = |e: std::io::Error| VerifyError::Io { path: ckpt.path().display().to_string(), source: e };
+        let io = |e: std::io::Error| VerifyError::Io {
+            path: ckpt.path().display().to_string(),
+            source: e,
+        };
         let bytes = ckpt.read(t.view).map_err(io)?;
         let shape = t.view.shape.clone();
         let tensor = match t.view.dtype {
             d if d.is_float() => {
                 let v: Vec<f32> = match d {
-                    DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-                    _ => decode_f64(&bytes, d).into_iter().map(|x| x as f32).collect(),
+                    DType::F32 => bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                    _ => decode_f64(&bytes, d)
+                        .into_iter()
+                        .map(|x| x as f32)
+                        .collect(),
                 };
                 Tensor::from_vec(v, shape, device)
             }
             d => {
-                let v: Vec<i64> = decode_f64(&bytes, d).into_iter().map(|x| x as i64).collect();
+                let v: Vec<i64> = decode_f64(&bytes, d)
+                    .into_iter()
+                    .map(|x| x as i64)
+                    .collect();
                 Tensor::from_vec(v, shape, device)
             }
         }
         .map_err(VerifyError::from)?;
-        let name = if all_module { t.name["module.".len()..].to_string() } else { t.name };
+        let name = if all_module {
+            t.name["module.".len()..].to_string()
+        } else {
+            t.name
+        };
         w.insert(name, tensor);
     }
     Ok(w)
@@ -43,13 +61,24 @@ pub fn weights_from_checkpoint(ckpt: &Checkpoint, device: &Device) -> super::Res
 /// Adds what MMSeg's constructor creates and a clean conversion does not carry: for MAE, zero
 /// relative-position tables and gammas of `init_values`; for both, the relative-position
 /// index of the configured window. Returns the keys it added.
-pub fn add_load_time_defaults(w: &mut WeightMap, cfg: &BackboneConfig, init_values: f64) -> super::Result<Vec<String>> {
-    let device = w.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+pub fn add_load_time_defaults(
+    w: &mut WeightMap,
+    cfg: &BackboneConfig,
+    init_values: f64,
+) -> super::Result<Vec<String>> {
+    let device = w
+        .values()
+        .next()
+        .map(|t| t.device().clone())
+        .unwrap_or(Device::Cpu);
     let mut added = Vec::new();
     for i in 0..cfg.depth {
         let table = format!("layers.{i}.attn.relative_position_bias_table");
         if cfg.arch == Arch::Mae && !w.contains_key(&table) {
-            w.insert(table.clone(), Tensor::zeros((cfg.table_rows(), cfg.num_heads), CDType::F32, &device)?);
+            w.insert(
+                table.clone(),
+                Tensor::zeros((cfg.table_rows(), cfg.num_heads), CDType::F32, &device)?,
+            );
             added.push(table);
         }
         let index = format!("layers.{i}.attn.relative_position_index");
@@ -60,7 +89,10 @@ pub fn add_load_time_defaults(w: &mut WeightMap, cfg: &BackboneConfig, init_valu
         for g in ["gamma_1", "gamma_2"] {
             let key = format!("layers.{i}.{g}");
             if cfg.arch == Arch::Mae && !w.contains_key(&key) {
-                w.insert(key.clone(), (Tensor::ones(cfg.embed_dim, CDType::F32, &device)? * init_values)?);
+                w.insert(
+                    key.clone(),
+                    (Tensor::ones(cfg.embed_dim, CDType::F32, &device)? * init_values)?,
+                );
                 added.push(key);
             }
         }
@@ -93,7 +125,13 @@ pub struct VerifyOptions {
     pub init_values: f64,
 }
 
-fn outcome(against: String, cfg: &BackboneConfig, filled: usize, outputs: Vec<OutputReport>, tol: Tolerance) -> VerifyOutcome {
+fn outcome(
+    against: String,
+    cfg: &BackboneConfig,
+    filled: usize,
+    outputs: Vec<OutputReport>,
+    tol: Tolerance,
+) -> VerifyOutcome {
     let passed = !outputs.is_empty() && outputs.iter().all(|o| o.passed);
     VerifyOutcome {
         against,
@@ -109,7 +147,12 @@ fn outcome(against: String, cfg: &BackboneConfig, filled: usize, outputs: Vec<Ou
 
 /// Runs the MMSeg backbone on the converted weights with the reference's input and compares
 /// with the reference's outputs.
-pub fn verify_with_reference(converted: &Checkpoint, reference: &std::path::Path, opts: &VerifyOptions, device: &Device) -> super::Result<VerifyOutcome> {
+pub fn verify_with_reference(
+    converted: &Checkpoint,
+    reference: &std::path::Path,
+    opts: &VerifyOptions,
+    device: &Device,
+) -> super::Result<VerifyOutcome> {
     let r = Reference::load(reference, device)?;
     let mut w = weights_from_checkpoint(converted, device)?;
     let img = opts.img_size.unwrap_or(r.img_size());
@@ -119,12 +162,23 @@ pub fn verify_with_reference(converted: &Checkpoint, reference: &std::path::Path
     let filled = add_load_time_defaults(&mut w, &cfg, opts.init_values)?.len();
     let ours = mmseg_forward(&w, &cfg, &r.input)?;
     let reports = compare(&ours, &r.outputs, &opts.tolerance)?;
-    Ok(outcome(format!("reference {}", reference.display()), &cfg, filled, reports, opts.tolerance))
+    Ok(outcome(
+        format!("reference {}", reference.display()),
+        &cfg,
+        filled,
+        reports,
+        opts.tolerance,
+    ))
 }
 
 /// Runs the original-layout model on the original weights and the MMSeg backbone on the
 /// converted ones, on the same deterministic input, and compares.
-pub fn verify_against_original(converted: &Checkpoint, original: &Checkpoint, opts: &VerifyOptions, device: &Device) -> super::Result<VerifyOutcome> {
+pub fn verify_against_original(
+    converted: &Checkpoint,
+    original: &Checkpoint,
+    opts: &VerifyOptions,
+    device: &Device,
+) -> super::Result<VerifyOutcome> {
     let wo = weights_from_checkpoint(original, device)?;
     let ocfg = BackboneConfig::infer_original(&wo, None, opts.num_heads, opts.out_indices.clone())?;
     if let Some(n) = opts.img_size {
@@ -138,9 +192,20 @@ pub fn verify_against_original(converted: &Checkpoint, original: &Checkpoint, op
     let input = deterministic_input(ocfg.img_size, device)?;
     let expected = original_forward(&wo, &ocfg, &input)?;
     let mut w = weights_from_checkpoint(converted, device)?;
-    let cfg = BackboneConfig::infer_mmseg(&w, Some(ocfg.img_size), Some(ocfg.num_heads), Some(ocfg.out_indices.clone()))?;
+    let cfg = BackboneConfig::infer_mmseg(
+        &w,
+        Some(ocfg.img_size),
+        Some(ocfg.num_heads),
+        Some(ocfg.out_indices.clone()),
+    )?;
     let filled = add_load_time_defaults(&mut w, &cfg, opts.init_values)?.len();
     let ours = mmseg_forward(&w, &cfg, &input)?;
     let reports = compare(&ours, &expected, &opts.tolerance)?;
-    Ok(outcome(format!("original {}", original.path().display()), &cfg, filled, reports, opts.tolerance))
+    Ok(outcome(
+        format!("original {}", original.path().display()),
+        &cfg,
+        filled,
+        reports,
+        opts.tolerance,
+    ))
 }
