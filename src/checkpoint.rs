@@ -120,6 +120,25 @@ impl Checkpoint {
         &self.metadata
     }
 
+    /// The open file, for copies that go straight from it to an output.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Where a contiguous view's bytes lie in the file, and their CRC-32 when the container
+    /// recorded one for exactly those bytes (a view that is its whole storage).
+    pub fn byte_range(&self, view: &TensorView) -> Option<(u64, u64, Option<u32>)> {
+        if !view.is_contiguous() {
+            return None;
+        }
+        let loc = &self.storages[view.storage];
+        let elem = view.dtype.size() as u64;
+        let start = loc.file_offset + view.offset as u64 * elem;
+        let len = view.nbytes() as u64;
+        let whole = view.offset == 0 && len == loc.byte_len;
+        Some((start, len, if whole { loc.crc32 } else { None }))
+    }
+
     pub fn storage(&self, view: &TensorView) -> &StorageLocation {
         &self.storages[view.storage]
     }

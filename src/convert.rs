@@ -3,7 +3,7 @@
 //! computed one at a time. Also the JSON report of a run.
 
 use std::cell::RefCell;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -70,6 +70,10 @@ struct Producer<'a> {
     ckpt: &'a Checkpoint,
     sources: std::collections::HashMap<&'a str, &'a TensorEntry<'a>>,
     cast: Option<DType>,
+    /// Reused by `cast_f32_stream`.
+    cast_buffers: RefCell<(Vec<f32>, Vec<u16>)>,
+    /// Relative-position indices by window (every layer gets the same one).
+    index_cache: RefCell<std::collections::HashMap<usize, std::rc::Rc<Vec<u8>>>>,
 }
 
 impl<'a> Producer<'a> {
@@ -88,6 +92,54 @@ impl<'a> Producer<'a> {
         Ok((vals, s.view.dtype))
     }
 
+    /// Casts a contiguous f32 range of the input to f16/bf16 while copying, a chunk at a
+    /// time through reused buffers (no per-tensor allocations, one pass, vectorised).
+    fn cast_f32_stream(&self, offset: u64, len: u64, to: DType, out: &mut dyn Write) -> io::Result<()> {
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        use std::os::unix::fs::FileExt;
+        const CHUNK: usize = 1 << 20; // elements
+        let mut bufs = self.cast_buffers.borrow_mut();
+        let (src, dst) = &mut *bufs;
+        src.resize(CHUNK, 0.0);
+        dst.resize(CHUNK, 0);
+        let mut done = 0u64;
+        while done < len {
+            let n = (((len - done) / 4) as usize).min(CHUNK);
+            // SAFETY: an f32 buffer viewed as its bytes (any bit pattern is a valid f32).
+            let bytes = unsafe { std::slice::from_raw_parts_mut(src.as_mut_ptr() as *mut u8, n * 4) };
+            self.ckpt.file().read_exact_at(bytes, offset + done)?;
+            if cfg!(target_endian = "big") {
+                return Err(io::Error::other("big-endian hosts are not supported"));
+            }
+            match to {
+                DType::F16 => HalfBitsSliceExt::reinterpret_cast_mut::<half::f16>(&mut dst[..n]).convert_from_f32_slice(&src[..n]),
+                _ => HalfBitsSliceExt::reinterpret_cast_mut::<half::bf16>(&mut dst[..n]).convert_from_f32_slice(&src[..n]),
+            }
+            // SAFETY: a u16 buffer viewed as its (little-endian) bytes.
+            out.write_all(unsafe { std::slice::from_raw_parts(dst.as_ptr() as *const u8, n * 2) })?;
+            done += n as u64 * 4;
+        }
+        Ok(())
+    }
+
+    /// Writes `t` into a zip entry: a plain rename of a contiguous tensor is copied file to
+    /// file (inside the kernel, reusing the source's CRC when it covers exactly these bytes).
+    fn write_entry<S: crate::pth::write::ZipSink>(
+        &self,
+        t: &PlannedTensor,
+        w: &mut crate::pth::write::EntryWriter<S>,
+    ) -> Result<(), ConvertError> {
+        if let Origin::Rename { source } | Origin::Expand { source } | Origin::Keep { source } = &t.origin {
+            let s = self.source(source)?;
+            if s.view.dtype == output_dtype(t, self.cast) {
+                if let Some((offset, len, crc)) = self.ckpt.byte_range(s.view) {
+                    return w.copy_range(self.ckpt.file(), offset, len, crc).map_err(|e| Self::terr(t, e));
+                }
+            }
+        }
+        self.write(t, w)
+    }
+
     /// Writes the bytes of `t` to `out`. A plain rename without a dtype change streams the
     /// source bytes unchanged; everything else is computed in memory, one tensor at a time.
     fn write(&self, t: &PlannedTensor, out: &mut dyn Write) -> Result<(), ConvertError> {
@@ -97,6 +149,11 @@ impl<'a> Producer<'a> {
                 let s = self.source(source)?;
                 if s.view.dtype == to {
                     return self.ckpt.write_to(s.view, out).map_err(|e| Self::terr(t, e));
+                }
+                if s.view.dtype == DType::F32 && matches!(to, DType::F16 | DType::BF16) {
+                    if let Some((offset, len, _)) = self.ckpt.byte_range(s.view) {
+                        return self.cast_f32_stream(offset, len, to, out).map_err(|e| Self::terr(t, e));
+                    }
                 }
                 let raw = self.ckpt.read(s.view).map_err(|e| Self::terr(t, e))?;
                 transforms::cast(&raw, s.view.dtype, to).map_err(|e| Self::terr(t, e))?
@@ -115,8 +172,16 @@ impl<'a> Producer<'a> {
                 transforms::f32_to_bytes(&out_vals, to).map_err(|e| Self::terr(t, e))?
             }
             Origin::RelPosIndex { window } => {
-                let idx = transforms::relative_position_index(*window);
-                idx.iter().flat_map(|v| v.to_le_bytes()).collect()
+                let bytes = self
+                    .index_cache
+                    .borrow_mut()
+                    .entry(*window)
+                    .or_insert_with(|| {
+                        let idx = transforms::relative_position_index(*window);
+                        std::rc::Rc::new(idx.iter().flat_map(|v| v.to_le_bytes()).collect())
+                    })
+                    .clone();
+                return out.write_all(&bytes).map_err(|e| Self::terr(t, e));
             }
             Origin::Fill { value } => {
                 let n: usize = t.shape.iter().product();
@@ -148,6 +213,8 @@ pub fn write_plan(
         ckpt,
         sources: sources.iter().map(|s| (s.name.as_str(), s)).collect(),
         cast,
+        cast_buffers: RefCell::new((Vec::new(), Vec::new())),
+        index_cache: RefCell::new(std::collections::HashMap::new()),
     };
     let dtypes: Vec<DType> = plan.outputs.iter().map(|t| output_dtype(t, cast)).collect();
     let total: u64 = plan.outputs.iter().zip(&dtypes).map(|(t, d)| (t.shape.iter().product::<usize>() * d.size()) as u64).sum();
@@ -163,12 +230,11 @@ pub fn write_plan(
                 .zip(&dtypes)
                 .map(|(t, &dtype)| TensorToWrite { name: &t.target, dtype, shape: &t.shape })
                 .collect();
-            let file = atomic.file().try_clone().map_err(|e| out_err(e.to_string()))?;
-            let writer = BufWriter::with_capacity(1 << 20, file);
+            let file: &std::fs::File = atomic.file();
             let mut failure: Option<ConvertError> = None;
-            let res = write_pth(writer, &stem, &to_write, |i, w| {
+            let res = write_pth(file, &stem, &to_write, |i, w| {
                 let t = &plan.outputs[i];
-                let r = producer.write(t, w);
+                let r = producer.write_entry(t, w);
                 progress.advance((t.shape.iter().product::<usize>() * dtypes[i].size()) as u64);
                 r.map_err(|e| {
                     let msg = e.to_string();
@@ -179,7 +245,7 @@ pub fn write_plan(
             match (res, failure) {
                 (_, Some(e)) => Err(e),
                 (Err(e), None) => Err(out_err(e.to_string())),
-                (Ok(mut w), None) => w.flush().map_err(|e| out_err(e.to_string())),
+                (Ok(_), None) => Ok(()),
             }
         }
         OutputFormat::Safetensors => {

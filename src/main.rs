@@ -191,7 +191,17 @@ enum Command {
     },
 }
 
+extern "C" {
+    fn signal(signum: i32, handler: usize) -> usize;
+}
+
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes away
+    // (`ckptmap inspect big.pth | head`) instead of panicking on a failed print.
+    // SAFETY: restores the default action of SIGPIPE (13) before any thread starts.
+    unsafe {
+        signal(13, 0);
+    }
     let cli = Cli::parse();
     // Ctrl-C / SIGTERM / SIGHUP remove unfinished outputs' temporary files (exit 130/143/129).
     if let Err(e) = ckptmap::atomic::remove_temporaries_on_signal() {

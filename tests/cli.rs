@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::io::Write;
 use std::process::{Command, Output};
 
 use ckptmap::checkpoint::Checkpoint;

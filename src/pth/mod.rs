@@ -7,6 +7,7 @@ pub mod pickle_write;
 pub mod unpickle;
 pub mod value;
 pub mod write;
+pub mod zip_write;
 
 pub use container::{read_container, ContainerKind, PthFile, StorageLocation};
 pub use value::{TensorView, Value};

@@ -5,9 +5,9 @@
 
 use std::io::{self, Write};
 
-use zip::write::SimpleFileOptions;
-
 use super::pickle_write::{state_dict_pickle, PickledTensor};
+pub use super::zip_write::{EntryWriter, ZipSink};
+use super::zip_write::ZipOut;
 use crate::DType;
 
 /// One tensor to write: contiguous bytes, `nbytes` long, produced by the caller on demand.
@@ -23,72 +23,29 @@ impl TensorToWrite<'_> {
     }
 }
 
-/// Counts bytes on their way to the zip entry, to hold the caller to `nbytes`.
-struct Counted<'w, W: Write> {
-    inner: &'w mut W,
-    written: u64,
-}
-
-impl<W: Write> Write for Counted<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.written += n as u64;
-        Ok(n)
-    }
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.inner.write_all(buf)?;
-        self.written += buf.len() as u64;
-        Ok(())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-fn zip_err(e: zip::result::ZipError) -> io::Error {
-    io::Error::other(e)
-}
-
 /// Writes the archive to `out`. `folder` is the record prefix torch uses (the file stem).
-/// `fill(i, w)` must write exactly the i-th tensor's bytes, little-endian, row-major.
-pub fn write_pth<W: Write + io::Seek>(
-    out: W,
+/// `fill(i, w)` must write exactly the i-th tensor's bytes, little-endian, row-major, by
+/// `w.write_all` or (file to file) `w.copy_range`.
+pub fn write_pth<S: ZipSink>(
+    out: S,
     folder: &str,
     tensors: &[TensorToWrite],
-    mut fill: impl FnMut(usize, &mut dyn Write) -> io::Result<()>,
-) -> io::Result<W> {
+    mut fill: impl FnMut(usize, &mut EntryWriter<S>) -> io::Result<()>,
+) -> io::Result<S> {
     let folder = sanitize_folder(folder);
-    let mut zip = zip::ZipWriter::new(out);
-    let options = |len: u64| {
-        SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Stored)
-            .with_alignment(64)
-            .large_file(len >= u32::MAX as u64)
-            .last_modified_time(zip::DateTime::default())
-    };
-
+    let mut zip = ZipOut::new(out);
     let pickled: Vec<PickledTensor> =
         tensors.iter().map(|t| PickledTensor { name: t.name, dtype: t.dtype, shape: t.shape }).collect();
     let pkl = state_dict_pickle(&pickled);
-    zip.start_file(format!("{folder}/data.pkl"), options(pkl.len() as u64)).map_err(zip_err)?;
-    zip.write_all(&pkl)?;
-    zip.start_file(format!("{folder}/byteorder"), options(6)).map_err(zip_err)?;
-    zip.write_all(b"little")?;
+    zip.entry(&format!("{folder}/data.pkl"), pkl.len() as u64, |w| w.write_all(&pkl))?;
+    zip.entry(&format!("{folder}/byteorder"), 6, |w| w.write_all(b"little"))?;
     for (i, t) in tensors.iter().enumerate() {
         let nbytes = t.nbytes();
-        zip.start_file(format!("{folder}/data/{i}"), options(nbytes)).map_err(zip_err)?;
-        let mut counted = Counted { inner: &mut zip, written: 0 };
-        fill(i, &mut counted)?;
-        if counted.written != nbytes {
-            return Err(io::Error::other(format!(
-                "tensor {} produced {} bytes, expected {nbytes}",
-                t.name, counted.written
-            )));
-        }
+        zip.entry(&format!("{folder}/data/{i}"), nbytes, |w| fill(i, w))
+            .map_err(|e| io::Error::new(e.kind(), format!("tensor {}: {e}", t.name)))?;
     }
-    zip.start_file(format!("{folder}/version"), options(2)).map_err(zip_err)?;
-    zip.write_all(b"3\n")?;
-    zip.finish().map_err(zip_err)
+    zip.entry(&format!("{folder}/version"), 2, |w| w.write_all(b"3\n"))?;
+    zip.finish()
 }
 
 /// torch names the folder after the file stem; keep it to safe characters.
