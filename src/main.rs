@@ -286,6 +286,10 @@ fn print_outcome(o: &ckptmap::verify::VerifyOutcome) {
     }
 }
 
+fn opts_for_check(o: &PlanOptions) -> PlanOptions {
+    PlanOptions { img_size: o.img_size, num_heads: o.num_heads, keep_unused: false, init_values: o.init_values }
+}
+
 fn parse_float_dtype(s: &str) -> Result<DType, String> {
     match DType::from_name(s) {
         Some(d) if d.is_float() => Ok(d),
@@ -355,8 +359,8 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
             let ckpt = Checkpoint::open(&src)?;
             let choice = choose_table(mapping.as_deref(), &ckpt)?;
             let table = choice.table();
-            let opts = PlanOptions { img_size, num_heads, keep_unused, init_values };
-            let (root, sources, plan) = prepare(&ckpt, table, &opts)?;
+            let plan_opts = PlanOptions { img_size, num_heads, keep_unused, init_values };
+            let (root, sources, plan) = prepare(&ckpt, table, &plan_opts)?;
             if dry_run {
                 if json {
                     let doc = serde_json::json!({ "input": source, "container": root, "mapping": table.origin(), "plan": plan });
@@ -407,7 +411,6 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
                 }
             }
             if verify {
-                let out = Checkpoint::open(&dst)?;
                 let opts = ckptmap::verify::VerifyOptions {
                     img_size: None,
                     num_heads,
@@ -415,6 +418,29 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
                     tolerance: ckptmap::verify::Tolerance::default(),
                     init_values: init_values.unwrap_or(1.0),
                 };
+                // A load-ready output at another size cannot run next to the original at its
+                // native size: check the same table applied without resizing (the resizes
+                // themselves are tested against PyTorch/SciPy numbers in the test suite).
+                let resized = plan.outputs.iter().any(|t| {
+                    matches!(
+                        t.origin,
+                        ckptmap::mapping::plan::Origin::ResizeAbsPosEmbed { .. } | ckptmap::mapping::plan::Origin::ResizeRelPosTable { .. }
+                    )
+                });
+                let scratch = tempfile::tempdir()?;
+                let checked = if resized {
+                    let clean_opts = PlanOptions { img_size: None, ..opts_for_check(&plan_opts) };
+                    let (_, srcs, clean_plan) = prepare(&ckpt, table, &clean_opts)?;
+                    let clean = scratch.path().join("clean.pth");
+                    write_plan(&ckpt, &srcs, &clean_plan, &clean, None, &ckptmap::progress::NoProgress)?;
+                    if !json {
+                        println!("note: the output is resized to img_size {}; checking the same mapping without resizing", img_size.unwrap_or_default());
+                    }
+                    clean
+                } else {
+                    dst.clone()
+                };
+                let out = Checkpoint::open(&checked)?;
                 let outcome = ckptmap::verify::verify_against_original(&out, &ckpt, &opts, &candle_core::Device::Cpu)?;
                 if json {
                     eprintln!("{}", serde_json::to_string(&outcome)?);

@@ -247,6 +247,10 @@ fn verify_against_original_passes_and_fails() {
     let out = dir.path().join("o.pth");
     let text = ok(&["convert", fixture("beit_tiny_ft.pth").to_str().unwrap(), out.to_str().unwrap(), "--verify"]);
     assert!(text.contains("PASS"), "{text}");
+    // A load-ready output at another size is checked through the unresized mapping.
+    let resized = dir.path().join("r.pth");
+    let text = ok(&["convert", fixture("beit_tiny_ft.pth").to_str().unwrap(), resized.to_str().unwrap(), "--img-size", "224", "--verify"]);
+    assert!(text.contains("without resizing") && text.contains("PASS"), "{text}");
     let broken = dir.path().join("b.pth");
     rewrite(&out, &broken, |n, b, _| if n == "layers.2.gamma_1" { b.iter_mut().for_each(|x| *x = 0) });
     let r = ckptmap(&["verify", broken.to_str().unwrap(), "--against", fixture("beit_tiny_ft.pth").to_str().unwrap()]);
