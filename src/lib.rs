@@ -15,6 +15,7 @@ pub mod mapping;
 pub mod progress;
 pub mod pth;
 pub mod safetensors_io;
+pub mod synth;
 pub mod verify;
 
 pub use dtype::DType;

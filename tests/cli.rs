@@ -104,30 +104,7 @@ fn dtype_cast_matches_torch_half() {
 
 /// An MAE ViT-B/16 pretrain checkpoint (official key set and shapes, zero weights).
 fn write_vit_b(dest: &Path) {
-    let (dim, depth) = (768usize, 12usize);
-    let mut specs: Vec<(String, Vec<usize>)> = vec![
-        ("cls_token".into(), vec![1, 1, dim]),
-        ("pos_embed".into(), vec![1, 197, dim]),
-        ("patch_embed.proj.weight".into(), vec![dim, 3, 16, 16]),
-        ("patch_embed.proj.bias".into(), vec![dim]),
-    ];
-    for i in 0..depth {
-        for (n, s) in [
-            ("norm1.weight", vec![dim]), ("norm1.bias", vec![dim]),
-            ("attn.qkv.weight", vec![3 * dim, dim]), ("attn.qkv.bias", vec![3 * dim]),
-            ("attn.proj.weight", vec![dim, dim]), ("attn.proj.bias", vec![dim]),
-            ("norm2.weight", vec![dim]), ("norm2.bias", vec![dim]),
-            ("mlp.fc1.weight", vec![4 * dim, dim]), ("mlp.fc1.bias", vec![4 * dim]),
-            ("mlp.fc2.weight", vec![dim, 4 * dim]), ("mlp.fc2.bias", vec![dim]),
-        ] {
-            specs.push((format!("blocks.{i}.{n}"), s));
-        }
-    }
-    specs.push(("norm.weight".into(), vec![dim]));
-    specs.push(("norm.bias".into(), vec![dim]));
-    let t: Vec<TensorToWrite> = specs.iter().map(|(n, s)| TensorToWrite { name: n, dtype: ckptmap::DType::F32, shape: s }).collect();
-    let file = std::io::BufWriter::new(std::fs::File::create(dest).unwrap());
-    write_pth(file, "vitb", &t, |i, w| w.write_all(&vec![0u8; t[i].nbytes() as usize])).unwrap();
+    ckptmap::synth::write_synthetic(dest, &ckptmap::synth::mae_pretrain_layout(768, 12, 16), false).unwrap();
 }
 
 /// Target names and shapes of a dry-run plan.
