@@ -159,6 +159,19 @@ fn legacy_storage_larger_than_its_record_does_not_overflow() {
     assert!(e.contains("storage 0") && e.contains("huge.pth"), "{e}");
 }
 
+#[test]
+fn legacy_storage_record_with_a_huge_count() {
+    // Found by the `container` fuzz target: a record claiming u64::MAX / 4 floats made the
+    // next record's position overflow (a panic; a wrong offset where overflow wraps).
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = legacy_file(1, 1);
+    let at = f.len() - 4 - 8;
+    f[at..at + 8].copy_from_slice(&(u64::MAX / 4).to_le_bytes());
+    let p = write(dir.path(), "count.pth", &f);
+    let e = Checkpoint::open(&p).err().unwrap().to_string();
+    assert!(e.contains("storage 0 is cut short"), "{e}");
+}
+
 /// A zip checkpoint whose pickle is `p` and whose storage `0` holds `bytes`.
 fn zip_checkpoint(p: &[u8], bytes: &[u8]) -> Vec<u8> {
     let mut buf = std::io::Cursor::new(Vec::new());

@@ -213,8 +213,9 @@ fn read_legacy(file: &mut File, file_len: u64) -> Result<PthFile, PthError> {
         // The element size comes from the pickle's reference to this storage.
         let elem = elem_of.get(key.as_str()).copied().unwrap_or(1);
         let nbytes = nbytes_of(elem).ok_or_else(|| PthError::Legacy(format!("storage {key} size overflows")))?;
-        pos = pos
-            .checked_add(8 + nbytes)
+        pos = nbytes
+            .checked_add(8)
+            .and_then(|n| pos.checked_add(n))
             .filter(|&p| p <= file_len)
             .ok_or_else(|| PthError::Legacy(format!("storage {key} is cut short: the file ends before its {nbytes} bytes")))?;
     }
