@@ -133,9 +133,16 @@ fn write_big_mae(dest: &Path, depth: usize) {
     write_pth(file, "big", &t, |i, w| w.write_all(&vec![0u8; t[i].nbytes() as usize])).unwrap();
 }
 
-/// Starts `convert SRC DST --dtype f16`, waits for its temporary file to appear, sends
-/// `signal`, and returns the output.
-fn interrupt(src: &Path, dst: &Path, signal: &str) -> std::process::Output {
+fn kill(signal: &str, pid: u32) {
+    let sent = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(sent.success(), "kill -{signal} {pid}");
+}
+
+/// Starts `convert SRC DST --dtype f16`, waits until its output is being written, freezes it
+/// (SIGSTOP), checks that it is indeed mid-write (a temporary next to DST, DST unchanged),
+/// sends `signal` and lets it run on (SIGCONT). `None` when the conversion had already
+/// finished by the time it was frozen (then the caller tries again).
+fn interrupt(src: &Path, dst: &Path, signal: &str) -> Option<std::process::Output> {
     let child = Command::new(env!("CARGO_BIN_EXE_ckptmap"))
         .arg("convert")
         .arg(src)
@@ -156,11 +163,21 @@ fn interrupt(src: &Path, dst: &Path, signal: &str) -> std::process::Output {
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(120), "the conversion never started writing");
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(1));
     }
-    let sent = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
-    assert!(sent.success());
-    child.wait_with_output().unwrap()
+    kill("STOP", child.id());
+    let mid_write = !others(dst).is_empty() && std::fs::read(dst).unwrap() == PREVIOUS;
+    if mid_write {
+        kill(signal, child.id());
+    }
+    kill("CONT", child.id());
+    let out = child.wait_with_output().unwrap();
+    if mid_write {
+        Some(out)
+    } else {
+        std::fs::write(dst, PREVIOUS).unwrap();
+        None
+    }
 }
 
 #[test]
@@ -174,7 +191,7 @@ fn sigterm_and_sigint_mid_write_leave_the_previous_file_and_no_temporary() {
         for name in ["big.pth", "big.safetensors"] {
             let dst = out_dir.join(name);
             std::fs::write(&dst, PREVIOUS).unwrap();
-            let out = interrupt(&src, &dst, signal);
+            let out = (0..5).find_map(|_| interrupt(&src, &dst, signal)).expect("never caught the conversion mid-write");
             let what = format!("SIG{signal} during {name}");
             assert_nothing_lost(&what, &out, code, &format!("interrupted by SIG{signal}"), &dst);
             assert!(String::from_utf8_lossy(&out.stderr).contains(name), "{what}: the message names DST");
