@@ -13,10 +13,17 @@
 //! `attn` scales q by `head_dim^-0.5`, adds the relative bias `table[index[i,j], h]` to the
 //! logits, and GELU is the exact erf form.
 
-use candle_core::{DType, Device, Tensor};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, TensorId};
 
 use super::config::{Layout, SHARED_INDEX, SHARED_TABLE};
-use super::layers::{check_shape, softmax_last, LayerNorm, Linear, PatchEmbed, Weights};
+use super::layers::{
+    check_shape, fused, softmax_last, softmax_scaled_biased_, transposed, BiasTable, LayerNorm,
+    Linear, PatchEmbed, Weights,
+};
 use super::{Arch, BackboneConfig, Features, Result, VerifyError, WeightMap, LOAD_READY_HINT};
 
 /// Runs the MMSeg backbone on MMSeg-layout weights; `input` is `[B, 3, img_size, img_size]`.
@@ -67,9 +74,23 @@ struct RelBias {
     table: Tensor, // [rows, H]
     index: Tensor, // [T*T] i64
     tokens: usize,
+    cpu: BiasTable, // the same, laid out for the fused CPU softmax
 }
 
 impl RelBias {
+    /// `index` must have been checked against the table's rows.
+    fn new(table: Tensor, index: &Index, tokens: usize) -> Result<Self> {
+        let cpu = BiasTable::new(&table, index.flat.clone(), index.window)?.ok_or_else(|| {
+            VerifyError::Config("a relative-position index reads outside its table".to_string())
+        })?;
+        Ok(RelBias {
+            table,
+            index: index.tensor.clone(),
+            tokens,
+            cpu,
+        })
+    }
+
     /// `[H, T, T]`: `bias[h, i, j] = table[index[i, j], h]`.
     fn bias(&self) -> Result<Tensor> {
         let h = self.table.dim(1)?;
@@ -78,6 +99,16 @@ impl RelBias {
             .permute((2, 0, 1))?
             .contiguous()?)
     }
+}
+
+/// A checked relative-position index, both as a tensor (for the generic path) and as plain
+/// u32s (for the fused CPU softmax). Blocks whose stored index is one shared tensor share it.
+#[derive(Clone)]
+struct Index {
+    tensor: Tensor,
+    flat: Arc<[u32]>,
+    /// `Some(W)` when this is the standard index of a W×W window (the one MMSeg builds).
+    window: Option<usize>,
 }
 
 struct Attention {
@@ -89,7 +120,10 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, shared_bias: Option<&Tensor>) -> Result<Tensor> {
+    /// Attention up to (not including) the output projection, token-major, any device:
+    /// `[B, T, C]` → `[B, T, C]` with the heads side by side, as
+    /// `(attn @ v).transpose(1, 2).reshape(B, T, C)`.
+    fn heads(&self, x: &Tensor, shared_bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let h = self.num_heads;
         let hd = c / h;
@@ -108,8 +142,37 @@ impl Attention {
             attn = attn.broadcast_add(bias)?;
         }
         let attn = softmax_last(&attn)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
-        self.proj.forward(&out)
+        Ok(attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?)
+    }
+
+    /// The same on the CPU, feature-major: `xt [C, B·T]` → `[C, B·T]`.
+    ///
+    /// One image and one head at a time, so a head's `[T, T]` logits stay in cache (at 512 px
+    /// all heads' logits would be 50 MB per block). q, k and v are `[hd, T]` row blocks of
+    /// the feature-major qkv projection, read in place through views; the scale, the
+    /// relative-bias gather and the softmax are one fused pass over the logits.
+    fn heads_t(&self, xt: &Tensor, b: usize, t: usize, shared: Option<&RelBias>) -> Result<Tensor> {
+        let c = xt.dim(0)?;
+        let h = self.num_heads;
+        let hd = c / h;
+        let qkv = self.qkv.forward_t(xt, false)?; // [3C, B·T]
+        let rel = self.rel.as_ref().or(shared);
+        let scale = self.scale as f32;
+        let mut images = Vec::with_capacity(b);
+        for bi in 0..b {
+            let image = qkv.narrow(1, bi * t, t)?; // [3C, T]
+            let mut heads = Vec::with_capacity(h);
+            for head in 0..h {
+                let q = image.narrow(0, head * hd, hd)?; // [hd, T]
+                let k = image.narrow(0, c + head * hd, hd)?;
+                let v = image.narrow(0, 2 * c + head * hd, hd)?;
+                let logits = q.t()?.matmul(&k)?; // [T, T] (query, key), fresh
+                softmax_scaled_biased_(&logits, scale, rel.map(|r| (&r.cpu, head)))?;
+                heads.push(logits.matmul(&v.t()?)?); // attn · v: [T, hd]
+            }
+            images.push(transposed(&Tensor::cat(&heads, 1)?)?); // [T, C] → [C, T]
+        }
+        Ok(Tensor::cat(&images, 1)?)
     }
 }
 
@@ -124,8 +187,12 @@ struct Block {
 }
 
 impl Block {
+    /// Token-major, any device: `[B, T, C]` → `[B, T, C]`.
     fn forward(&self, x: &Tensor, shared_bias: Option<&Tensor>) -> Result<Tensor> {
-        let mut y = self.attn.forward(&self.ln1.forward(x)?, shared_bias)?;
+        let mut y = self
+            .attn
+            .proj
+            .forward(&self.attn.heads(&self.ln1.forward(x)?, shared_bias)?)?;
         if let Some(g) = &self.gamma_1 {
             y = y.broadcast_mul(g)?;
         }
@@ -138,6 +205,30 @@ impl Block {
         }
         Ok((x + y)?)
     }
+
+    /// Feature-major (the CPU path): `xt [C, B·T]` → `[C, B·T]`, `b` images of `t` tokens.
+    fn forward_t(
+        &self,
+        xt: &Tensor,
+        b: usize,
+        t: usize,
+        shared: Option<&RelBias>,
+    ) -> Result<Tensor> {
+        let a = self.attn.heads_t(&self.ln1.forward_t(xt)?, b, t, shared)?;
+        let xt = self
+            .attn
+            .proj
+            .forward_residual_t(&a, xt, self.gamma_1.as_ref())?;
+        let hidden = self.fc1.forward_t(&self.ln2.forward_t(&xt)?, true)?;
+        self.fc2
+            .forward_residual_t(&hidden, &xt, self.gamma_2.as_ref())
+    }
+}
+
+/// A checked index and whether it was checked against the generated one.
+struct MemoIndex {
+    index: Index,
+    checked_generated: bool,
 }
 
 struct Backbone {
@@ -184,9 +275,27 @@ impl Backbone {
             check_shape("pos_embed", pe, &[1, t, d], &size_hint)?;
         }
 
-        let load_index = |key: &str, must_equal_generated: bool| -> Result<Tensor> {
-            match w.raw(key) {
-                None => Ok(Tensor::from_vec(generated.clone(), t * t, device)?),
+        // Checked indexes by the stored tensor's id (blocks often share one tensor), and the
+        // generated one, so each distinct index is read, checked and converted once.
+        let memo: RefCell<HashMap<Option<TensorId>, MemoIndex>> = RefCell::new(HashMap::new());
+        let load_index = |key: &str, must_equal_generated: bool| -> Result<Index> {
+            let stored = w.raw(key);
+            let id = stored.map(Tensor::id);
+            if let Some(hit) = memo.borrow().get(&id) {
+                if stored.is_none() || !must_equal_generated || hit.checked_generated {
+                    return Ok(hit.index.clone());
+                }
+            }
+            let to_index = |v: Vec<i64>| -> Result<Index> {
+                let flat: Arc<[u32]> = v.iter().map(|&i| i as u32).collect();
+                Ok(Index {
+                    window: (v == generated).then_some(cfg.grid()),
+                    tensor: Tensor::from_vec(v, t * t, device)?,
+                    flat,
+                })
+            };
+            let index = match stored {
+                None => to_index(generated.clone())?,
                 Some(stored) => {
                     check_shape(key, stored, &[t, t], &size_hint)?;
                     let v: Vec<i64> = stored.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
@@ -202,20 +311,24 @@ impl Backbone {
                             "'{key}' holds {bad}, outside the table's {rows} rows"
                         )));
                     }
-                    Ok(Tensor::from_vec(v, t * t, device)?)
+                    to_index(v)?
                 }
-            }
+            };
+            memo.borrow_mut().insert(
+                id,
+                MemoIndex {
+                    index: index.clone(),
+                    checked_generated: stored.is_none() || must_equal_generated,
+                },
+            );
+            Ok(index)
         };
 
         let shared = if layout == Layout::Original {
             match w.opt(SHARED_TABLE)? {
                 Some(table) => {
                     check_shape(SHARED_TABLE, &table, &[rows, cfg.num_heads], &size_hint)?;
-                    Some(RelBias {
-                        table,
-                        index: load_index(SHARED_INDEX, false)?,
-                        tokens: t,
-                    })
+                    Some(RelBias::new(table, &load_index(SHARED_INDEX, false)?, t)?)
                 }
                 None => None,
             }
@@ -253,11 +366,11 @@ impl Backbone {
             let rel = match table {
                 Some(table) => {
                     check_shape(&table_key, &table, &[rows, cfg.num_heads], &size_hint)?;
-                    Some(RelBias {
+                    Some(RelBias::new(
                         table,
-                        index: load_index(&index_key, layout == Layout::MMSeg)?,
-                        tokens: t,
-                    })
+                        &load_index(&index_key, layout == Layout::MMSeg)?,
+                        t,
+                    )?)
                 }
                 None => None,
             };
@@ -271,7 +384,7 @@ impl Backbone {
             blocks.push(Block {
                 ln1: LayerNorm::new(&w, &format!("{p}.{}", n.ln1), d, cfg.ln_eps)?,
                 attn: Attention {
-                    qkv: Linear::from_parts(qkv_w, Some(qkv_b))?,
+                    qkv: Linear::from_parts(qkv_w, qkv_b)?,
                     proj: Linear::new(&w, &format!("{p}.attn.proj"), d, d)?,
                     num_heads: cfg.num_heads,
                     scale: (cfg.head_dim() as f64).powf(-0.5),
@@ -305,8 +418,26 @@ impl Backbone {
             )));
         }
         let input = input.to_dtype(DType::F32)?;
-        let b = dims[0];
-        let x = self.patch_embed.forward(&input)?; // [B, N, D]
+        let kept = if fused(&input) {
+            self.blocks_t(&input)?
+        } else {
+            self.blocks(&input)?
+        };
+        Ok(cfg
+            .out_indices
+            .iter()
+            .map(|&i| {
+                let t = kept.iter().find(|(k, _)| *k == i).expect("computed above");
+                (i, t.1.clone())
+            })
+            .collect())
+    }
+
+    /// Token-major, any device: the maps after the blocks in `out_indices`, block order.
+    fn blocks(&self, input: &Tensor) -> Result<Vec<(usize, Tensor)>> {
+        let cfg = &self.cfg;
+        let b = input.dim(0)?;
+        let x = self.patch_embed.forward(input)?; // [B, N, D]
         let cls = self.cls_token.broadcast_as((b, 1, cfg.embed_dim))?;
         let mut x = Tensor::cat(&[&cls, &x], 1)?;
         if let Some(pe) = &self.pos_embed {
@@ -315,7 +446,7 @@ impl Backbone {
         let shared_bias = self.shared.as_ref().map(RelBias::bias).transpose()?;
         let last = *cfg.out_indices.iter().max().expect("validated non-empty");
         let g = cfg.grid();
-        let mut kept: Vec<(usize, Tensor)> = Vec::with_capacity(cfg.out_indices.len());
+        let mut kept = Vec::with_capacity(cfg.out_indices.len());
         for (i, block) in self.blocks.iter().enumerate().take(last + 1) {
             x = block.forward(&x, shared_bias.as_ref())?;
             if cfg.out_indices.contains(&i) {
@@ -327,20 +458,142 @@ impl Backbone {
                 kept.push((i, map));
             }
         }
-        Ok(cfg
-            .out_indices
-            .iter()
-            .map(|&i| {
-                let t = kept.iter().find(|(k, _)| *k == i).expect("computed above");
-                (i, t.1.clone())
-            })
-            .collect())
+        Ok(kept)
+    }
+
+    /// The same computation feature-major on the CPU (see `layers`): activations `[D, B·T]`,
+    /// images side by side, so an output map is a column block reshaped, no permute.
+    fn blocks_t(&self, input: &Tensor) -> Result<Vec<(usize, Tensor)>> {
+        let cfg = &self.cfg;
+        let (b, d, g) = (input.dim(0)?, cfg.embed_dim, cfg.grid());
+        let (n, t) = (g * g, cfg.tokens());
+        let patches = self.patch_embed.forward_t(input)?; // [D, B·N]
+        let cls = self.cls_token.reshape((d, 1))?;
+        let pos = self
+            .pos_embed
+            .as_ref()
+            .map(|pe| transposed(&pe.reshape((t, d))?))
+            .transpose()?; // [D, T]
+        let mut images = Vec::with_capacity(b);
+        for bi in 0..b {
+            let mut image = Tensor::cat(&[&cls, &patches.narrow(1, bi * n, n)?], 1)?; // [D, T]
+            if let Some(pos) = &pos {
+                image = (image + pos)?;
+            }
+            images.push(image);
+        }
+        let mut xt = Tensor::cat(&images, 1)?; // [D, B·T]
+        let last = *cfg.out_indices.iter().max().expect("validated non-empty");
+        let mut kept = Vec::with_capacity(cfg.out_indices.len());
+        for (i, block) in self.blocks.iter().enumerate().take(last + 1) {
+            xt = block.forward_t(&xt, b, t, self.shared.as_ref())?;
+            if cfg.out_indices.contains(&i) {
+                let maps = (0..b)
+                    .map(|bi| xt.narrow(1, bi * t + 1, n)?.reshape((d, g, g)))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                kept.push((i, Tensor::stack(&maps, 0)?)); // [B, D, g, g]
+            }
+        }
+        Ok(kept)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::verify::random::random_weights;
+    use crate::verify::SplitMix64;
+
+    /// The CPU path (feature-major, fused kernels) against the generic token-major path
+    /// that other devices take, on the same CPU: MAE and BEiT, both layouts, two images,
+    /// per-block tables, a shared table, and a non-standard index (the gathering softmax).
+    #[test]
+    fn cpu_path_matches_the_generic_path() {
+        let cfg = |arch| BackboneConfig {
+            arch,
+            img_size: 48,
+            patch_size: 16,
+            embed_dim: 32,
+            depth: 3,
+            num_heads: 4,
+            mlp_hidden: 64,
+            out_indices: vec![2, 0],
+            ln_eps: 1e-6,
+        };
+        let mut rng = SplitMix64::new(5);
+        let v: Vec<f32> = (0..2 * 3 * 48 * 48)
+            .map(|_| rng.next_signed_unit())
+            .collect();
+        let input = Tensor::from_vec(v, (2, 3, 48, 48), &Device::Cpu).unwrap();
+        let mut cases = Vec::new();
+        for arch in [Arch::Mae, Arch::Beit] {
+            for layout in [Layout::MMSeg, Layout::Original] {
+                let c = cfg(arch);
+                cases.push((
+                    c.clone(),
+                    layout,
+                    random_weights(&c, layout, 3, &Device::Cpu).unwrap(),
+                ));
+            }
+        }
+        let c = cfg(Arch::Beit);
+        let (rows, t) = (c.table_rows(), c.tokens());
+        // Original BEiT with one shared table instead of per-block ones.
+        let mut shared = random_weights(&c, Layout::Original, 4, &Device::Cpu).unwrap();
+        let table = shared
+            .remove("blocks.0.attn.relative_position_bias_table")
+            .unwrap();
+        let index = shared
+            .remove("blocks.0.attn.relative_position_index")
+            .unwrap();
+        for i in 1..c.depth {
+            shared.remove(&format!("blocks.{i}.attn.relative_position_bias_table"));
+            shared.remove(&format!("blocks.{i}.attn.relative_position_index"));
+        }
+        shared.insert(SHARED_TABLE.to_string(), table);
+        shared.insert(SHARED_INDEX.to_string(), index);
+        cases.push((c.clone(), Layout::Original, shared));
+        // Original BEiT whose stored index is valid but not the standard one.
+        let mut odd = random_weights(&c, Layout::Original, 6, &Device::Cpu).unwrap();
+        let reversed: Vec<i64> = (0..t * t).map(|k| (rows - 1 - (k % rows)) as i64).collect();
+        let reversed = Tensor::from_vec(reversed, (t, t), &Device::Cpu).unwrap();
+        for i in 0..c.depth {
+            odd.insert(
+                format!("blocks.{i}.attn.relative_position_index"),
+                reversed.clone(),
+            );
+        }
+        cases.push((c, Layout::Original, odd));
+
+        for (n, (cfg, layout, w)) in cases.iter().enumerate() {
+            let bb = Backbone::new(w, cfg, *layout, &Device::Cpu).unwrap();
+            let generic = bb.blocks(&input).unwrap();
+            let fused = bb.blocks_t(&input).unwrap();
+            assert_eq!(generic.len(), fused.len());
+            for ((i, a), (j, b)) in generic.iter().zip(&fused) {
+                assert_eq!((i, a.dims()), (j, b.dims()));
+                let scale = a
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let diff = (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "case {n} block {i}: max diff {diff}, scale {scale}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn index_matches_mmseg_layout_for_a_2x2_window() {
