@@ -2,12 +2,10 @@
 //! is interrupted by SIGTERM / SIGINT while it writes, leaves the previous file at DST
 //! untouched and no temporary file behind.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ckptmap::pth::write::{write_pth, TensorToWrite};
 
 const PREVIOUS: &[u8] = b"previous good file: must survive every failed conversion";
 
@@ -101,36 +99,7 @@ fn a_file_size_limit_leaves_the_previous_file_and_no_temporary() {
 /// An MAE ViT-B/16 pretrain checkpoint with `depth` blocks (official key set and shapes,
 /// zero weights): large enough that converting it takes a while.
 fn write_big_mae(dest: &Path, depth: usize) {
-    let dim = 768usize;
-    let mut specs: Vec<(String, Vec<usize>)> = vec![
-        ("cls_token".into(), vec![1, 1, dim]),
-        ("pos_embed".into(), vec![1, 197, dim]),
-        ("patch_embed.proj.weight".into(), vec![dim, 3, 16, 16]),
-        ("patch_embed.proj.bias".into(), vec![dim]),
-    ];
-    for i in 0..depth {
-        for (n, s) in [
-            ("norm1.weight", vec![dim]),
-            ("norm1.bias", vec![dim]),
-            ("attn.qkv.weight", vec![3 * dim, dim]),
-            ("attn.qkv.bias", vec![3 * dim]),
-            ("attn.proj.weight", vec![dim, dim]),
-            ("attn.proj.bias", vec![dim]),
-            ("norm2.weight", vec![dim]),
-            ("norm2.bias", vec![dim]),
-            ("mlp.fc1.weight", vec![4 * dim, dim]),
-            ("mlp.fc1.bias", vec![4 * dim]),
-            ("mlp.fc2.weight", vec![dim, 4 * dim]),
-            ("mlp.fc2.bias", vec![dim]),
-        ] {
-            specs.push((format!("blocks.{i}.{n}"), s));
-        }
-    }
-    specs.push(("norm.weight".into(), vec![dim]));
-    specs.push(("norm.bias".into(), vec![dim]));
-    let t: Vec<TensorToWrite> = specs.iter().map(|(n, s)| TensorToWrite { name: n, dtype: ckptmap::DType::F32, shape: s }).collect();
-    let file = std::io::BufWriter::new(std::fs::File::create(dest).unwrap());
-    write_pth(file, "big", &t, |i, w| w.write_all(&vec![0u8; t[i].nbytes() as usize])).unwrap();
+    ckptmap::synth::write_synthetic(dest, &ckptmap::synth::mae_pretrain_layout(768, depth, 16), false).unwrap();
 }
 
 fn kill(signal: &str, pid: u32) {
