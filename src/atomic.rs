@@ -1,6 +1,11 @@
 //! Atomic output files: write to a temporary file in the destination folder, fsync, rename.
 //! A failed or interrupted run leaves no partial file and never replaces a good one.
 //!
+//! On Linux the temporary file is anonymous (`O_TMPFILE`): it has no name until `commit`
+//! links it into the folder and renames it over the destination, so even a SIGKILL or a
+//! power cut mid-write leaves nothing behind. Where the file system cannot do that, a named
+//! `.<name>.<random>.tmp` is used instead.
+//!
 //! Every live temporary file is listed in a process-wide registry. A program that installs
 //! [`remove_temporaries_on_signal`] gets them deleted when it is interrupted (SIGINT,
 //! SIGTERM, SIGHUP): the handler removes them and exits with 128 + the signal number.
@@ -9,37 +14,48 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-/// Live temporary files: temporary path → destination.
-static LIVE: Mutex<Option<HashMap<PathBuf, PathBuf>>> = Mutex::new(None);
+/// A live temporary file: its name on disk (none while anonymous) and its destination.
+struct LiveEntry {
+    named: Option<PathBuf>,
+    dest: PathBuf,
+}
 
-fn live() -> MutexGuard<'static, Option<HashMap<PathBuf, PathBuf>>> {
+/// Live temporary files by id.
+static LIVE: Mutex<Option<HashMap<u64, LiveEntry>>> = Mutex::new(None);
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn live() -> MutexGuard<'static, Option<HashMap<u64, LiveEntry>>> {
     // A panic while the lock was held cannot leave the map half-updated: keep using it.
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The temporary files that exist right now (what an interrupt would remove).
+/// The named temporary files that exist right now (what an interrupt would remove;
+/// anonymous ones vanish with the process by themselves).
 pub fn live_temporaries() -> Vec<PathBuf> {
-    live().as_ref().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    live().as_ref().map(|m| m.values().filter_map(|e| e.named.clone()).collect()).unwrap_or_default()
 }
 
-/// Removes every registered temporary file; returns the destinations they were for.
-/// Holding the registry lock while removing means a concurrent `commit` either finished
-/// (its file is in place, complete) or has not started its rename (it never will: the
-/// caller exits).
+/// Removes every registered temporary file whose destination passes `which`; returns those
+/// destinations. Holding the registry lock while removing means a concurrent `commit`
+/// either finished (its file is in place, complete) or has not started its rename (it never
+/// will: the caller exits).
 fn remove_live_temporaries(
     which: impl Fn(&Path) -> bool,
-) -> (MutexGuard<'static, Option<HashMap<PathBuf, PathBuf>>>, Vec<PathBuf>) {
+) -> (MutexGuard<'static, Option<HashMap<u64, LiveEntry>>>, Vec<PathBuf>) {
     let mut guard = live();
     let mut dests = Vec::new();
     if let Some(map) = guard.as_mut() {
-        map.retain(|temp, dest| {
-            if !which(temp) {
+        map.retain(|_, entry| {
+            if !which(&entry.dest) {
                 return true;
             }
-            let _ = std::fs::remove_file(temp);
-            dests.push(dest.clone());
+            if let Some(named) = &entry.named {
+                let _ = std::fs::remove_file(named);
+            }
+            dests.push(entry.dest.clone());
             false
         });
     }
@@ -79,72 +95,203 @@ pub fn remove_temporaries_on_signal() -> io::Result<()> {
     Ok(())
 }
 
+/// Whether temporary files in `dir` can be anonymous (no name on disk until committed).
+pub fn anonymous_supported(dir: &Path) -> bool {
+    open_anonymous(dir).is_some()
+}
+
+/// An unnamed file in `dir` (Linux `O_TMPFILE`), when the file system supports it and
+/// `/proc` is there to give it a name later.
+#[cfg(target_os = "linux")]
+fn open_anonymous(dir: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !Path::new("/proc/self/fd").is_dir() {
+        return None;
+    }
+    std::fs::OpenOptions::new().read(true).write(true).mode(0o666).custom_flags(libc::O_TMPFILE).open(dir).ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_anonymous(_dir: &Path) -> Option<File> {
+    None
+}
+
+/// The temporary file behind an [`AtomicFile`].
+enum Temp {
+    Anonymous(File),
+    Named(tempfile::NamedTempFile),
+}
+
+impl Temp {
+    fn file(&self) -> &File {
+        match self {
+            Temp::Anonymous(f) => f,
+            Temp::Named(t) => t.as_file(),
+        }
+    }
+}
+
 /// A file being written; it appears at its destination only on `commit`.
 pub struct AtomicFile {
-    temp: Option<tempfile::NamedTempFile>,
+    temp: Option<Temp>,
+    id: u64,
+    dir: PathBuf,
     dest: PathBuf,
 }
 
 impl AtomicFile {
-    /// Creates `.<name>.<random>.tmp` next to `dest`.
+    /// Creates an anonymous temporary file in `dest`'s folder (a named `.<name>.<random>.tmp`
+    /// where the file system cannot).
     pub fn create(dest: &Path) -> io::Result<AtomicFile> {
+        AtomicFile::create_with(dest, true)
+    }
+
+    fn create_with(dest: &Path, try_anonymous: bool) -> io::Result<AtomicFile> {
         let dir = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         // Registered under the lock that an interrupt takes, so no temporary escapes it.
         let mut guard = live();
-        let temp = tempfile::Builder::new().prefix(&format!(".{name}.")).suffix(".tmp").tempfile_in(&dir)?;
-        guard.get_or_insert_with(HashMap::new).insert(temp.path().to_path_buf(), dest.to_path_buf());
-        Ok(AtomicFile { temp: Some(temp), dest: dest.to_path_buf() })
+        let (temp, named) = match try_anonymous.then(|| open_anonymous(&dir)).flatten() {
+            Some(f) => (Temp::Anonymous(f), None),
+            None => {
+                let t = temp_builder(&temp_prefix(dest)).tempfile_in(&dir)?;
+                let path = t.path().to_path_buf();
+                (Temp::Named(t), Some(path))
+            }
+        };
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        guard.get_or_insert_with(HashMap::new).insert(id, LiveEntry { named, dest: dest.to_path_buf() });
+        Ok(AtomicFile { temp: Some(temp), id, dir, dest: dest.to_path_buf() })
     }
 
     pub fn file(&mut self) -> &mut File {
-        self.temp.as_mut().expect("temporary file exists until commit").as_file_mut()
+        match self.temp.as_mut().expect("temporary file exists until commit") {
+            Temp::Anonymous(f) => f,
+            Temp::Named(t) => t.as_file_mut(),
+        }
     }
 
-    pub fn temp_path(&self) -> &Path {
-        self.temp.as_ref().expect("temporary file exists until commit").path()
+    /// Reserves disk space for `len` bytes up front (`fallocate`): a full disk fails here,
+    /// before anything is written, and the file system maps the file's blocks once instead
+    /// of page by page as it grows (a conversion spends much of its time there). A file
+    /// system that cannot reserve space is not an error.
+    pub fn reserve(&mut self, len: u64) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let Ok(len) = i64::try_from(len) else { return Ok(()) };
+            if len == 0 {
+                return Ok(());
+            }
+            // SAFETY: an open descriptor and plain integers.
+            if unsafe { libc::fallocate(self.file().as_raw_fd(), 0, 0, len) } != 0 {
+                let err = io::Error::last_os_error();
+                return match err.raw_os_error() {
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(()),
+                    _ => Err(err),
+                };
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = len;
+        Ok(())
     }
 
-    /// Flushes the data to disk and renames the file into place (then syncs the folder so
-    /// the rename itself survives a crash).
+    /// A path that opens the file being written, to read it back before it is committed
+    /// (`/proc/self/fd/N` while it is anonymous).
+    pub fn read_path(&self) -> PathBuf {
+        match self.temp.as_ref().expect("temporary file exists until commit") {
+            Temp::Anonymous(f) => {
+                use std::os::fd::AsRawFd;
+                PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
+            }
+            Temp::Named(t) => t.path().to_path_buf(),
+        }
+    }
+
+    /// Flushes the data to disk and moves the file into place (then syncs the folder so the
+    /// rename itself survives a crash).
     pub fn commit(mut self) -> io::Result<()> {
         let temp = self.temp.take().expect("temporary file exists until commit");
-        temp.as_file().sync_all()?;
-        let dest = self.dest.clone();
+        temp.file().sync_all()?;
         {
             let mut guard = live();
-            let path = temp.path().to_path_buf();
             // Still registered: no interrupt has removed it.
-            let registered = guard.as_mut().and_then(|m| m.remove(&path)).is_some();
+            let registered = guard.as_mut().and_then(|m| m.remove(&self.id)).is_some();
             if !registered {
                 return Err(io::Error::other("interrupted: the temporary file was removed"));
             }
-            if let Err(e) = temp.persist(&dest) {
-                // Put it back: it is still ours to remove (dropping `e.file` removes it).
-                drop(e.file);
-                return Err(e.error);
+            match temp {
+                Temp::Named(t) => {
+                    if let Err(e) = t.persist(&self.dest) {
+                        // Dropping `e.file` removes the temporary.
+                        drop(e.file);
+                        return Err(e.error);
+                    }
+                }
+                Temp::Anonymous(f) => {
+                    // Give the inode a (random, hidden) name, then rename that over `dest`;
+                    // if the rename fails the name is removed again.
+                    let prefix = temp_prefix(&self.dest);
+                    let linked = temp_builder(&prefix).make_in(&self.dir, |path| link_fd(&f, path))?;
+                    linked.persist(&self.dest).map_err(|e| e.error)?;
+                }
             }
         }
-        if let Some(dir) = dest.parent() {
-            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
         }
         Ok(())
     }
 }
 
+fn temp_prefix(dest: &Path) -> String {
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    format!(".{name}.")
+}
+
+/// Names `<prefix><random>.tmp`; files created with the usual permissions (0666 less the
+/// umask), not tempfile's 0600.
+fn temp_builder(prefix: &str) -> tempfile::Builder<'_, 'static> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut b = tempfile::Builder::new();
+    b.prefix(prefix).suffix(".tmp").permissions(std::fs::Permissions::from_mode(0o666));
+    b
+}
+
+/// Gives an anonymous file a name (`linkat` through `/proc/self/fd`, which needs no
+/// privilege, unlike `AT_EMPTY_PATH`).
+#[cfg(target_os = "linux")]
+fn link_fd(file: &File, path: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(io::Error::other)?;
+    let to = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let r = unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn link_fd(_file: &File, _path: &Path) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
 impl Drop for AtomicFile {
     fn drop(&mut self) {
         if let Some(temp) = self.temp.take() {
-            // Unregister and remove under the lock (NamedTempFile's drop removes the file).
+            // Unregister and remove under the lock (dropping a named temporary removes it;
+            // an anonymous one is freed when closed).
             let mut guard = live();
             if let Some(m) = guard.as_mut() {
-                m.remove(temp.path());
+                m.remove(&self.id);
             }
             drop(temp);
         }
@@ -156,32 +303,51 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn leftovers(dir: &Path) -> Vec<String> {
+    fn others(dir: &Path, dest: &Path) -> Vec<String> {
         std::fs::read_dir(dir)
             .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".tmp"))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p != dest)
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect()
+    }
+
+    /// Both kinds of temporary: anonymous (where supported) and named.
+    fn kinds(dir: &Path) -> Vec<bool> {
+        if anonymous_supported(dir) {
+            vec![true, false]
+        } else {
+            eprintln!("O_TMPFILE is not supported in {}: testing named temporaries only", dir.display());
+            vec![false]
+        }
     }
 
     #[test]
     fn registered_while_live_and_gone_after_commit_or_drop() {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("out.pth");
-        let mut a = AtomicFile::create(&dest).unwrap();
-        let temp = a.temp_path().to_path_buf();
-        assert!(live_temporaries().contains(&temp));
-        a.file().write_all(b"new").unwrap();
-        a.commit().unwrap();
-        assert!(!live_temporaries().contains(&temp));
-        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        for anonymous in kinds(dir.path()) {
+            let mut a = AtomicFile::create_with(&dest, anonymous).unwrap();
+            let id = a.id;
+            assert!(live().as_ref().unwrap().contains_key(&id));
+            // A named temporary is visible in the folder; an anonymous one is not.
+            assert_eq!(others(dir.path(), &dest).len(), if anonymous { 0 } else { 1 }, "anonymous: {anonymous}");
+            a.file().write_all(b"new").unwrap();
+            assert_eq!(std::fs::read(a.read_path()).unwrap(), b"new");
+            a.commit().unwrap();
+            assert!(!live().as_ref().unwrap().contains_key(&id));
+            assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+            let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dest).unwrap().permissions());
+            assert_ne!(mode & 0o044, 0, "the output is readable by others as umask allows, not 0600 ({mode:o})");
 
-        let b = AtomicFile::create(&dest).unwrap();
-        let temp = b.temp_path().to_path_buf();
-        drop(b);
-        assert!(!live_temporaries().contains(&temp));
-        assert!(leftovers(dir.path()).is_empty());
-        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+            let b = AtomicFile::create_with(&dest, anonymous).unwrap();
+            let id = b.id;
+            drop(b);
+            assert!(!live().as_ref().unwrap().contains_key(&id));
+            assert!(others(dir.path(), &dest).is_empty());
+            assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+            std::fs::remove_file(&dest).unwrap();
+        }
     }
 
     /// A writer that fails with "no space left" after `left` bytes, like a full disk.
@@ -210,15 +376,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("keep.pth");
         std::fs::write(&dest, b"previous good file").unwrap();
-        for fail_after in [0usize, 1, 100, 4096, 50_000] {
-            let mut a = AtomicFile::create(&dest).unwrap();
-            let file = a.file().try_clone().unwrap();
-            let mut w = FullAfter { inner: file, left: fail_after };
-            let r = w.write_all(&vec![7u8; 100_000]);
-            assert!(r.is_err(), "the writer must fail after {fail_after} bytes");
-            drop(a); // the caller's error path: the file is never committed
-            assert_eq!(std::fs::read(&dest).unwrap(), b"previous good file");
-            assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
+        for anonymous in kinds(dir.path()) {
+            for fail_after in [0usize, 1, 100, 4096, 50_000] {
+                let mut a = AtomicFile::create_with(&dest, anonymous).unwrap();
+                let file = a.file().try_clone().unwrap();
+                let mut w = FullAfter { inner: file, left: fail_after };
+                let r = w.write_all(&vec![7u8; 100_000]);
+                assert!(r.is_err(), "the writer must fail after {fail_after} bytes");
+                drop(a); // the caller's error path: the file is never committed
+                assert_eq!(std::fs::read(&dest).unwrap(), b"previous good file");
+                assert!(others(dir.path(), &dest).is_empty(), "{:?}", others(dir.path(), &dest));
+            }
         }
     }
 
@@ -227,15 +395,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("x.pth");
         std::fs::write(&dest, b"old").unwrap();
-        let mut a = AtomicFile::create(&dest).unwrap();
-        a.file().write_all(b"half").unwrap();
-        let temp = a.temp_path().to_path_buf();
-        let (guard, dests) = remove_live_temporaries(|t| t.starts_with(dir.path()));
-        drop(guard);
-        assert!(dests.contains(&dest));
-        assert!(!temp.exists());
-        // A commit after the cleanup fails instead of renaming anything.
-        assert!(a.commit().is_err());
-        assert_eq!(std::fs::read(&dest).unwrap(), b"old");
+        for anonymous in kinds(dir.path()) {
+            let mut a = AtomicFile::create_with(&dest, anonymous).unwrap();
+            a.file().write_all(b"half").unwrap();
+            let (guard, dests) = remove_live_temporaries(|d| d.starts_with(dir.path()));
+            drop(guard);
+            assert!(dests.contains(&dest));
+            assert!(others(dir.path(), &dest).is_empty(), "{:?}", others(dir.path(), &dest));
+            // A commit after the cleanup fails instead of renaming anything.
+            assert!(a.commit().is_err());
+            assert_eq!(std::fs::read(&dest).unwrap(), b"old");
+            assert!(others(dir.path(), &dest).is_empty());
+        }
     }
 }

@@ -73,7 +73,15 @@ struct Producer<'a> {
     /// Reused by `cast_f32_stream`.
     cast_buffers: RefCell<(Vec<f32>, Vec<u16>)>,
     /// Relative-position indices by window (every layer gets the same one).
-    index_cache: RefCell<std::collections::HashMap<usize, std::rc::Rc<Vec<u8>>>>,
+    index_cache: RefCell<std::collections::HashMap<usize, CachedIndex>>,
+}
+
+/// A relative-position index's bytes, their CRC-32, and where the first copy went in the
+/// output archive (later layers copy that inside the file).
+struct CachedIndex {
+    bytes: std::rc::Rc<Vec<u8>>,
+    crc: u32,
+    written_at: Option<u64>,
 }
 
 impl<'a> Producer<'a> {
@@ -122,6 +130,14 @@ impl<'a> Producer<'a> {
         Ok(())
     }
 
+    fn cached_index<'c>(&self, cache: &'c mut std::collections::HashMap<usize, CachedIndex>, window: usize) -> &'c mut CachedIndex {
+        cache.entry(window).or_insert_with(|| {
+            let idx = transforms::relative_position_index(window);
+            let bytes: Vec<u8> = idx.iter().flat_map(|v| v.to_le_bytes()).collect();
+            CachedIndex { crc: crc32fast::hash(&bytes), bytes: std::rc::Rc::new(bytes), written_at: None }
+        })
+    }
+
     /// Writes `t` into a zip entry: a plain rename of a contiguous tensor is copied file to
     /// file (inside the kernel, reusing the source's CRC when it covers exactly these bytes).
     fn write_entry<S: crate::pth::write::ZipSink>(
@@ -129,6 +145,22 @@ impl<'a> Producer<'a> {
         t: &PlannedTensor,
         w: &mut crate::pth::write::EntryWriter<S>,
     ) -> Result<(), ConvertError> {
+        if let Origin::RelPosIndex { window } = &t.origin {
+            let (bytes, crc, written_at) = {
+                let mut cache = self.index_cache.borrow_mut();
+                let c = self.cached_index(&mut cache, *window);
+                (c.bytes.clone(), c.crc, c.written_at)
+            };
+            if let Some(at) = written_at {
+                if w.repeat_earlier(at, bytes.len() as u64, crc).map_err(|e| Self::terr(t, e))? {
+                    return Ok(());
+                }
+            }
+            let at = w.position();
+            w.write_all(&bytes).map_err(|e| Self::terr(t, e))?;
+            self.index_cache.borrow_mut().get_mut(window).expect("cached above").written_at = Some(at);
+            return Ok(());
+        }
         if let Origin::Rename { source } | Origin::Expand { source } | Origin::Keep { source } = &t.origin {
             let s = self.source(source)?;
             if s.view.dtype == output_dtype(t, self.cast) {
@@ -172,15 +204,7 @@ impl<'a> Producer<'a> {
                 transforms::f32_to_bytes(&out_vals, to).map_err(|e| Self::terr(t, e))?
             }
             Origin::RelPosIndex { window } => {
-                let bytes = self
-                    .index_cache
-                    .borrow_mut()
-                    .entry(*window)
-                    .or_insert_with(|| {
-                        let idx = transforms::relative_position_index(*window);
-                        std::rc::Rc::new(idx.iter().flat_map(|v| v.to_le_bytes()).collect())
-                    })
-                    .clone();
+                let bytes = self.cached_index(&mut self.index_cache.borrow_mut(), *window).bytes.clone();
                 return out.write_all(&bytes).map_err(|e| Self::terr(t, e));
             }
             Origin::Fill { value } => {
@@ -220,6 +244,7 @@ pub fn write_plan(
     let total: u64 = plan.outputs.iter().zip(&dtypes).map(|(t, d)| (t.shape.iter().product::<usize>() * d.size()) as u64).sum();
     let mut atomic = AtomicFile::create(dest).map_err(|e| out_err(format!("cannot create a temporary file next to it: {e}")))?;
     progress.begin("converting", Some(total));
+    atomic.reserve(total).map_err(|e| out_err(format!("cannot reserve {total} bytes for it: {e}")))?;
 
     let result = match format {
         OutputFormat::Pth => {
@@ -278,7 +303,7 @@ pub fn write_plan(
 
     // Re-read what we wrote before it replaces anything: names, order and shapes must be
     // the plan's.
-    let reread = Checkpoint::open(atomic.temp_path()).map_err(|e| out_err(format!("written file does not read back: {}", e.source)))?;
+    let reread = Checkpoint::open(&atomic.read_path()).map_err(|e| out_err(format!("written file does not read back: {}", e.source)))?;
     let written = reread.tensors();
     // (safetensors orders tensors its own way, so compare as sets of name and shape.)
     let written: std::collections::HashMap<&str, &[usize]> =
@@ -288,7 +313,7 @@ pub fn write_plan(
     if !matches {
         return Err(out_err("written file does not hold the planned tensors".into()));
     }
-    let bytes = std::fs::metadata(atomic.temp_path()).map(|m| m.len()).unwrap_or(0);
+    let bytes = atomic.file().metadata().map(|m| m.len()).unwrap_or(0);
     atomic.commit().map_err(|e| out_err(format!("cannot move the finished file into place: {e}")))?;
     Ok(WriteSummary {
         output: dest.display().to_string(),

@@ -3,6 +3,7 @@
 //! untouched and no temporary file behind.
 
 use std::path::{Path, PathBuf};
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -107,11 +108,31 @@ fn kill(signal: &str, pid: u32) {
     assert!(sent.success(), "kill -{signal} {pid}");
 }
 
+/// The child's output files in `dir` that are not in place yet: anonymous temporaries
+/// (`O_TMPFILE`, which /proc shows as `dir/#inode (deleted)`) or named `.tmp` ones.
+fn unfinished_outputs(pid: u32, dir: &Path) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
+    fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.starts_with(dir))
+        .filter(|t| {
+            let t = t.to_string_lossy();
+            t.ends_with(" (deleted)") || t.ends_with(".tmp")
+        })
+        .count()
+}
+
+/// Bytes the process has passed to write calls so far (`wchar` in /proc/PID/io).
+fn bytes_written(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    io.lines().find_map(|l| l.strip_prefix("wchar:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
 /// Starts `convert SRC DST --dtype f16`, waits until its output is being written, freezes it
-/// (SIGSTOP), checks that it is indeed mid-write (a temporary next to DST, DST unchanged),
+/// (SIGSTOP), checks that it is indeed mid-write (its temporary output open, DST unchanged),
 /// sends `signal` and lets it run on (SIGCONT). `None` when the conversion had already
 /// finished by the time it was frozen (then the caller tries again).
 fn interrupt(src: &Path, dst: &Path, signal: &str) -> Option<std::process::Output> {
+    let dir = dst.parent().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_ckptmap"))
         .arg("convert")
         .arg(src)
@@ -122,24 +143,19 @@ fn interrupt(src: &Path, dst: &Path, signal: &str) -> Option<std::process::Outpu
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let pid = child.id();
     let start = Instant::now();
-    // Wait until the output is being written (a file next to DST has data).
-    loop {
-        let growing = std::fs::read_dir(dst.parent().unwrap()).unwrap().filter_map(|e| e.ok()).any(|e| {
-            e.path() != dst && e.metadata().is_ok_and(|m| m.len() > 1 << 20)
-        });
-        if growing {
-            break;
-        }
+    // Wait until the output is being written: a temporary is open and data has gone out.
+    while !(unfinished_outputs(pid, dir) > 0 && bytes_written(pid) > 1 << 20) {
         assert!(start.elapsed() < Duration::from_secs(120), "the conversion never started writing");
         std::thread::sleep(Duration::from_millis(1));
     }
-    kill("STOP", child.id());
-    let mid_write = !others(dst).is_empty() && std::fs::read(dst).unwrap() == PREVIOUS;
+    kill("STOP", pid);
+    let mid_write = unfinished_outputs(pid, dir) > 0 && std::fs::read(dst).unwrap() == PREVIOUS;
     if mid_write {
-        kill(signal, child.id());
+        kill(signal, pid);
     }
-    kill("CONT", child.id());
+    kill("CONT", pid);
     let out = child.wait_with_output().unwrap();
     if mid_write {
         Some(out)
@@ -166,6 +182,30 @@ fn sigterm_and_sigint_mid_write_leave_the_previous_file_and_no_temporary() {
             assert!(String::from_utf8_lossy(&out.stderr).contains(name), "{what}: the message names DST");
             std::fs::remove_file(&dst).unwrap();
         }
+    }
+}
+
+/// SIGKILL cannot be handled: nothing is cleaned up. The output is an anonymous file
+/// (O_TMPFILE) until it is complete, so the kernel frees it with the process.
+#[test]
+fn sigkill_mid_write_leaves_the_previous_file_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big_mae.pth");
+    write_big_mae(&src, 6);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    if !ckptmap::atomic::anonymous_supported(&out_dir) {
+        eprintln!("SKIPPED: {} cannot hold O_TMPFILE files; a SIGKILL there leaves a .tmp file", out_dir.display());
+        return;
+    }
+    for name in ["big.pth", "big.safetensors"] {
+        let dst = out_dir.join(name);
+        std::fs::write(&dst, PREVIOUS).unwrap();
+        let out = (0..5).find_map(|_| interrupt(&src, &dst, "KILL")).expect("never caught the conversion mid-write");
+        assert_eq!(out.status.signal(), Some(9), "SIGKILL during {name}");
+        assert!(std::fs::read(&dst).unwrap() == PREVIOUS, "SIGKILL during {name}: DST was replaced");
+        assert!(others(&dst).is_empty(), "SIGKILL during {name}: files left next to DST: {:?}", others(&dst));
+        std::fs::remove_file(&dst).unwrap();
     }
 }
 
