@@ -135,12 +135,42 @@ impl Checkpoint {
         let elem = view.dtype.size() as u64;
         let start = loc.file_offset + view.offset as u64 * elem;
         let len = view.nbytes() as u64;
-        let whole = view.offset == 0 && len == loc.byte_len;
-        Some((start, len, if whole { loc.crc32 } else { None }))
+        let crc = loc.crc32.filter(|c| view.offset == 0 && c.len == len).map(|c| c.crc);
+        Some((start, len, crc))
     }
 
     pub fn storage(&self, view: &TensorView) -> &StorageLocation {
         &self.storages[view.storage]
+    }
+
+    /// Checks the bytes under the given tensors against the CRC-32s the zip records for
+    /// their storages (each storage once); storages without one (legacy, safetensors) pass.
+    pub fn check_crcs<'t>(&self, tensors: impl IntoIterator<Item = &'t TensorEntry<'t>>) -> Result<(), CheckpointError> {
+        let err = |source: PthError| CheckpointError { path: self.path.clone(), source };
+        let mut buf = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for t in tensors {
+            if !seen.insert(t.view.storage) {
+                continue;
+            }
+            let loc = &self.storages[t.view.storage];
+            let Some(recorded) = loc.crc32 else { continue };
+            buf.resize(CHUNK.min(recorded.len as usize), 0);
+            let mut h = crc32fast::Hasher::new();
+            let mut done = 0u64;
+            while done < recorded.len {
+                let n = ((recorded.len - done) as usize).min(buf.len());
+                self.file.read_exact_at(&mut buf[..n], loc.file_offset + done).map_err(|e| err(e.into()))?;
+                h.update(&buf[..n]);
+                done += n as u64;
+            }
+            let actual = h.finalize();
+            if actual != recorded.crc {
+                let what = format!("tensor {} (storage {})", t.name, loc.storage.key);
+                return Err(err(PthError::CrcMismatch { what, recorded: recorded.crc, actual }));
+            }
+        }
+        Ok(())
     }
 
     /// The value at a dotted path of dict keys (`state_dict.backbone`); `""` is the root.
@@ -172,21 +202,35 @@ impl Checkpoint {
     }
 
     /// Streams a tensor's contiguous bytes into `out`: positioned reads in large chunks for
-    /// contiguous views, a gather for strided ones.
+    /// contiguous views, a gather for strided ones. A view that is a whole zip entry is
+    /// checked against the entry's CRC-32 (an error after the last byte: the caller must
+    /// not keep what it wrote).
     pub fn write_to(&self, view: &TensorView, out: &mut dyn Write) -> io::Result<()> {
         let loc = &self.storages[view.storage];
         let elem = view.dtype.size() as u64;
         let start = loc.file_offset + view.offset as u64 * elem;
         if view.is_contiguous() {
             let mut remaining = view.nbytes();
+            let recorded = loc.crc32.filter(|c| view.offset == 0 && c.len == remaining as u64);
+            let mut h = crc32fast::Hasher::new();
             let mut pos = start;
             let mut buf = vec![0u8; remaining.min(CHUNK)];
             while remaining > 0 {
                 let n = remaining.min(CHUNK);
                 self.file.read_exact_at(&mut buf[..n], pos)?;
+                if recorded.is_some() {
+                    h.update(&buf[..n]);
+                }
                 out.write_all(&buf[..n])?;
                 pos += n as u64;
                 remaining -= n;
+            }
+            if let Some(recorded) = recorded {
+                let actual = h.finalize();
+                if actual != recorded.crc {
+                    let e = PthError::CrcMismatch { what: format!("storage {}", loc.storage.key), recorded: recorded.crc, actual };
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+                }
             }
             return Ok(());
         }

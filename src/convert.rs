@@ -14,6 +14,7 @@ use crate::atomic::AtomicFile;
 use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::mapping::plan::{Origin, Plan, PlannedTensor};
 use crate::mapping::transforms;
+use crate::outfile::OutFile;
 use crate::progress::Progress;
 use crate::pth::write::{write_pth, TensorToWrite};
 use crate::DType;
@@ -28,6 +29,8 @@ pub enum ConvertError {
     Transform { target: String, msg: String },
     #[error("{0}: output format must be .pth or .safetensors (by extension)")]
     UnknownFormat(PathBuf),
+    #[error(transparent)]
+    Input(#[from] crate::checkpoint::CheckpointError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -146,11 +149,7 @@ impl<'a> Producer<'a> {
         w: &mut crate::pth::write::EntryWriter<S>,
     ) -> Result<(), ConvertError> {
         if let Origin::RelPosIndex { window } = &t.origin {
-            let (bytes, crc, written_at) = {
-                let mut cache = self.index_cache.borrow_mut();
-                let c = self.cached_index(&mut cache, *window);
-                (c.bytes.clone(), c.crc, c.written_at)
-            };
+            let (bytes, crc, written_at) = self.index_for(*window);
             if let Some(at) = written_at {
                 if w.repeat_earlier(at, bytes.len() as u64, crc).map_err(|e| Self::terr(t, e))? {
                     return Ok(());
@@ -158,7 +157,7 @@ impl<'a> Producer<'a> {
             }
             let at = w.position();
             w.write_all(&bytes).map_err(|e| Self::terr(t, e))?;
-            self.index_cache.borrow_mut().get_mut(window).expect("cached above").written_at = Some(at);
+            self.index_written_at(*window, at);
             return Ok(());
         }
         if let Origin::Rename { source } | Origin::Expand { source } | Origin::Keep { source } = &t.origin {
@@ -170,6 +169,46 @@ impl<'a> Producer<'a> {
             }
         }
         self.write(t, w)
+    }
+
+    /// Appends `t` to a plain output file (safetensors): like `write_entry`, renamed tensors
+    /// and repeated indices are copied inside the kernel.
+    fn write_file(&self, t: &PlannedTensor, out: &mut OutFile) -> Result<(), ConvertError> {
+        if let Origin::RelPosIndex { window } = &t.origin {
+            let (bytes, _, written_at) = self.index_for(*window);
+            let at = out.pos();
+            match written_at {
+                Some(earlier) => out.copy_within(earlier, bytes.len() as u64).map_err(|e| Self::terr(t, e))?,
+                None => {
+                    out.write_all(&bytes).map_err(|e| Self::terr(t, e))?;
+                    self.index_written_at(*window, at);
+                }
+            }
+            return Ok(());
+        }
+        if let Origin::Rename { source } | Origin::Expand { source } | Origin::Keep { source } = &t.origin {
+            let s = self.source(source)?;
+            if s.view.dtype == output_dtype(t, self.cast) {
+                if let Some((offset, len, _)) = self.ckpt.byte_range(s.view) {
+                    return out.copy_from(self.ckpt.file(), offset, len).map_err(|e| Self::terr(t, e));
+                }
+            }
+        }
+        self.write(t, out)
+    }
+
+    /// The relative-position index for `window`: its bytes, CRC-32, and where it was first
+    /// written in the output (if it was).
+    fn index_for(&self, window: usize) -> (std::rc::Rc<Vec<u8>>, u32, Option<u64>) {
+        let mut cache = self.index_cache.borrow_mut();
+        let c = self.cached_index(&mut cache, window);
+        (c.bytes.clone(), c.crc, c.written_at)
+    }
+
+    fn index_written_at(&self, window: usize, at: u64) {
+        if let Some(c) = self.index_cache.borrow_mut().get_mut(&window) {
+            c.written_at = Some(at);
+        }
     }
 
     /// Writes the bytes of `t` to `out`. A plain rename without a dtype change streams the
@@ -246,59 +285,25 @@ pub fn write_plan(
     progress.begin("converting", Some(total));
     atomic.reserve(total).map_err(|e| out_err(format!("cannot reserve {total} bytes for it: {e}")))?;
 
-    let result = match format {
-        OutputFormat::Pth => {
-            let stem = dest.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            let to_write: Vec<TensorToWrite> = plan
-                .outputs
-                .iter()
-                .zip(&dtypes)
-                .map(|(t, &dtype)| TensorToWrite { name: &t.target, dtype, shape: &t.shape })
-                .collect();
-            let file: &std::fs::File = atomic.file();
-            let mut failure: Option<ConvertError> = None;
-            let res = write_pth(file, &stem, &to_write, |i, w| {
-                let t = &plan.outputs[i];
-                let r = producer.write_entry(t, w);
-                progress.advance((t.shape.iter().product::<usize>() * dtypes[i].size()) as u64);
-                r.map_err(|e| {
-                    let msg = e.to_string();
-                    failure = Some(e);
-                    io::Error::other(msg)
-                })
-            });
-            match (res, failure) {
-                (_, Some(e)) => Err(e),
-                (Err(e), None) => Err(out_err(e.to_string())),
-                (Ok(_), None) => Ok(()),
-            }
-        }
-        OutputFormat::Safetensors => {
-            let error = RefCell::new(None);
-            let tensors: Vec<(String, crate::safetensors_io::LazyTensor)> = plan
-                .outputs
-                .iter()
-                .zip(&dtypes)
-                .map(|(t, &dtype)| {
-                    let producer = &producer;
-                    let lazy = crate::safetensors_io::LazyTensor {
-                        dtype,
-                        shape: t.shape.clone(),
-                        produce: Box::new(move || {
-                            let mut buf = Vec::new();
-                            producer.write(t, &mut buf).map_err(|e| e.to_string())?;
-                            progress.advance(buf.len() as u64);
-                            Ok(buf)
-                        }),
-                        error: &error,
-                    };
-                    (t.target.clone(), lazy)
-                })
-                .collect();
-            crate::safetensors_io::write_safetensors(atomic.file(), tensors, &error).map_err(out_err)
-        }
-    };
+    // While the output is written, a second thread checks the input bytes it uses against
+    // the zip's CRC-32s (renamed tensors are copied inside the kernel and never pass through
+    // this process, so this is where corruption is caught). The output is committed only
+    // if they match.
+    let mut used = Vec::new();
+    for src in plan.outputs.iter().filter_map(|t| t.origin.source()) {
+        used.push(producer.source(src)?);
+    }
+    let (result, crc_check) = std::thread::scope(|scope| {
+        let checker = scope.spawn(|| ckpt.check_crcs(used.iter().copied()));
+        let result = write_outputs(&producer, plan, &dtypes, format, dest, &mut atomic, progress);
+        (result, checker.join())
+    });
     progress.end();
+    match crc_check {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(ConvertError::Input(e)),
+        Err(_) => return Err(out_err("the input check failed unexpectedly".into())),
+    }
     result?;
 
     // Re-read what we wrote before it replaces anything: names, order and shapes must be
@@ -322,6 +327,65 @@ pub fn write_plan(
         bytes,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Writes every planned tensor into the (temporary) output file in `format`.
+fn write_outputs(
+    producer: &Producer,
+    plan: &Plan,
+    dtypes: &[DType],
+    format: OutputFormat,
+    dest: &Path,
+    atomic: &mut AtomicFile,
+    progress: &dyn Progress,
+) -> Result<(), ConvertError> {
+    let out_err = |msg: String| ConvertError::Output { path: dest.to_path_buf(), msg };
+    let nbytes = |i: usize| (plan.outputs[i].shape.iter().product::<usize>() * dtypes[i].size()) as u64;
+    let file: &std::fs::File = atomic.file();
+    match format {
+        OutputFormat::Pth => {
+            let stem = dest.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let to_write: Vec<TensorToWrite> = plan
+                .outputs
+                .iter()
+                .zip(dtypes)
+                .map(|(t, &dtype)| TensorToWrite { name: &t.target, dtype, shape: &t.shape })
+                .collect();
+            let mut failure: Option<ConvertError> = None;
+            let res = write_pth(file, &stem, &to_write, |i, w| {
+                let r = producer.write_entry(&plan.outputs[i], w);
+                progress.advance(nbytes(i));
+                r.map_err(|e| {
+                    let msg = e.to_string();
+                    failure = Some(e);
+                    io::Error::other(msg)
+                })
+            });
+            match (res, failure) {
+                (_, Some(e)) => Err(e),
+                (Err(e), None) => Err(out_err(e.to_string())),
+                (Ok(_), None) => Ok(()),
+            }
+        }
+        OutputFormat::Safetensors => {
+            let specs: Vec<(&str, DType, &[usize])> =
+                plan.outputs.iter().zip(dtypes).map(|(t, &d)| (t.target.as_str(), d, t.shape.as_slice())).collect();
+            let layout = crate::safetensors_io::safetensors_layout(&specs).map_err(out_err)?;
+            let mut out = OutFile::new(file, 0);
+            out.write_all(&layout.head).map_err(|e| out_err(e.to_string()))?;
+            for &i in &layout.order {
+                let start = out.pos();
+                producer.write_file(&plan.outputs[i], &mut out)?;
+                if out.pos() - start != nbytes(i) {
+                    let msg = format!("tensor {}: produced {} bytes, expected {}", plan.outputs[i].target, out.pos() - start, nbytes(i));
+                    return Err(out_err(msg));
+                }
+                progress.advance(nbytes(i));
+            }
+            // The file may have been reserved longer than it turned out.
+            file.set_len(out.pos()).map_err(|e| out_err(e.to_string()))
+        }
+    }
 }
 
 /// sha256 of a file, hex.

@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod fetch;
 pub mod inspect;
 pub mod mapping;
+pub mod outfile;
 pub mod progress;
 pub mod pth;
 pub mod safetensors_io;

@@ -1,11 +1,8 @@
 //! `.safetensors` files: reading the header into the same shape a `.pth` takes (a dict of
-//! tensor views over storages in the file), and writing with the `safetensors` crate.
+//! tensor views over storages in the file), and the layout of files we write.
 
-use std::borrow::Cow;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 
 use crate::pth::container::{ContainerKind, PthFile, StorageLocation};
@@ -75,53 +72,32 @@ pub fn read_safetensors(file: &File) -> Result<(PthFile, HashMap<String, String>
     Ok((PthFile { kind: ContainerKind::Safetensors, value: Value::Dict(items), storages }, metadata))
 }
 
-/// A tensor to write whose bytes are produced when the writer reaches it.
-pub struct LazyTensor<'a> {
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-    pub produce: Box<dyn Fn() -> Result<Vec<u8>, String> + 'a>,
-    pub error: &'a RefCell<Option<String>>,
+/// Where everything goes in a safetensors file, laid out byte for byte as
+/// `safetensors::serialize` lays out the same tensors with `{"format": "pt"}` metadata
+/// (data in descending dtype order, then by name; the header padded to 8 bytes).
+pub struct SafetensorsLayout {
+    /// The first bytes of the file: the header's length (u64) and the header.
+    pub head: Vec<u8>,
+    /// Indices into the caller's tensors, in the order their bytes follow the head.
+    pub order: Vec<usize>,
 }
 
-impl safetensors::View for LazyTensor<'_> {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype.safetensors_code()
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        match (self.produce)() {
-            Ok(bytes) => Cow::Owned(bytes),
-            Err(e) => {
-                // View::data cannot fail: remember the error, hand back zeros of the right
-                // length, and let `write_safetensors` fail (the output is never committed).
-                self.error.borrow_mut().get_or_insert(e);
-                Cow::Owned(vec![0; self.data_len()])
-            }
-        }
-    }
-    fn data_len(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.size()
-    }
-}
-
-/// Writes `tensors` to `out` with `{"format": "pt"}` metadata, byte for byte as
-/// `safetensors::serialize_to_file` would (same order: descending dtype, then name; header
-/// padded to 8 bytes), but into the caller's file: the crate's own function writes a
-/// temporary file of its own next to the destination, which an interrupt would leave behind.
-pub fn write_safetensors(out: &mut dyn Write, tensors: Vec<(String, LazyTensor)>, error: &RefCell<Option<String>>) -> Result<(), String> {
-    let mut tensors = tensors;
-    tensors.sort_by(|(ln, l), (rn, r)| {
-        use safetensors::View;
-        r.dtype().cmp(&l.dtype()).then(ln.cmp(rn))
+/// Lays out `tensors` (name, dtype, shape). We write the bytes ourselves, into the caller's
+/// file: the crate's `serialize_to_file` makes a temporary file of its own next to the
+/// destination, which an interrupt would leave behind, and it cannot copy file to file.
+pub fn safetensors_layout(tensors: &[(&str, DType, &[usize])]) -> Result<SafetensorsLayout, String> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&l, &r| {
+        let (ln, ld, _) = tensors[l];
+        let (rn, rd, _) = tensors[r];
+        rd.safetensors_code().cmp(&ld.safetensors_code()).then(ln.cmp(rn))
     });
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
-    for (name, t) in &tensors {
-        use safetensors::View;
-        let n = t.data_len();
-        infos.push((name.clone(), safetensors::tensor::TensorInfo { dtype: t.dtype(), shape: t.shape.clone(), data_offsets: (offset, offset + n) }));
+    for &i in &order {
+        let (name, dtype, shape) = tensors[i];
+        let n = shape.iter().product::<usize>() * dtype.size();
+        infos.push((name.to_string(), safetensors::tensor::TensorInfo { dtype: dtype.safetensors_code(), shape: shape.to_vec(), data_offsets: (offset, offset + n) }));
         offset += n;
     }
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -131,17 +107,7 @@ pub fn write_safetensors(out: &mut dyn Write, tensors: Vec<(String, LazyTensor)>
     if header.len() as u64 > MAX_HEADER {
         return Err(format!("safetensors header of {} bytes is too large", header.len()));
     }
-    let mut w = BufWriter::with_capacity(1 << 20, out);
-    let io = |e: std::io::Error| e.to_string();
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&header).map_err(io)?;
-    for (_, t) in &tensors {
-        use safetensors::View;
-        w.write_all(&t.data()).map_err(io)?;
-        if let Some(e) = error.borrow_mut().take() {
-            return Err(e);
-        }
-    }
-    w.flush().map_err(io)?;
-    Ok(())
+    let mut head = (header.len() as u64).to_le_bytes().to_vec();
+    head.extend_from_slice(&header);
+    Ok(SafetensorsLayout { head, order })
 }

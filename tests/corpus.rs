@@ -476,3 +476,64 @@ fn a_malformed_list_line_is_one_clear_error() {
         assert!(written.is_empty(), "{what}: wrote {written:?}");
     }
 }
+
+/// One flipped byte inside a storage of a well-formed zip: the zip's CRC-32 catches it,
+/// whichever way the conversion uses the bytes (copied inside the kernel, cast, resized,
+/// written as safetensors), and `verify` catches it too. Nothing is written.
+#[test]
+fn a_corrupted_storage_byte_fails_its_crc_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = fixture("mae_tiny.pth");
+    let ckpt = ckptmap::checkpoint::Checkpoint::open(&good).unwrap();
+    let corrupt = |tensor: &str| -> PathBuf {
+        let t = ckpt.tensors().into_iter().find(|t| t.name == tensor).unwrap();
+        let loc = ckpt.storage(t.view);
+        let mut bytes = std::fs::read(&good).unwrap();
+        bytes[(loc.file_offset + loc.byte_len / 2) as usize] ^= 0x10;
+        write(dir.path(), &format!("{}.pth", tensor.replace('.', "_")), &bytes)
+    };
+    let fc1 = corrupt("model.blocks.0.mlp.fc1.weight");
+    let pos = corrupt("model.pos_embed");
+    let runs: Vec<(&str, &PathBuf, &str, Vec<&str>)> = vec![
+        ("renamed tensor, copied inside the kernel", &fc1, "OUT.pth", vec![]),
+        ("renamed tensor, cast to f16", &fc1, "OUT.pth", vec!["--dtype", "f16"]),
+        ("renamed tensor, to safetensors", &fc1, "OUT.safetensors", vec![]),
+        ("resized tensor", &pos, "OUT.pth", vec!["--img-size", "64", "--num-heads", "2"]),
+    ];
+    let mut failures = Vec::new();
+    for (i, (what, src, out_name, extra)) in runs.iter().enumerate() {
+        let out_dir = dir.path().join(format!("crc{i}"));
+        std::fs::create_dir(&out_dir).unwrap();
+        let r = Command::new(env!("CARGO_BIN_EXE_ckptmap"))
+            .arg("convert")
+            .arg(src)
+            .arg(out_dir.join(out_name))
+            .args(extra)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        let tensor = if *src == &fc1 { "tensor blocks.0.mlp.fc1.weight" } else { "tensor pos_embed" };
+        let left: Vec<_> = std::fs::read_dir(&out_dir).unwrap().collect();
+        if r.status.code() != Some(2)
+            || err.trim().lines().count() != 1
+            || !err.contains(&src.display().to_string())
+            || !err.contains(tensor)
+            || !err.contains("is corrupt")
+            || !err.contains("CRC-32")
+            || !left.is_empty()
+        {
+            failures.push(format!("{what}: exit {:?}, {} files left, stderr: {}", r.status.code(), left.len(), err.trim()));
+        }
+    }
+    // verify reads the original through the same checked reads.
+    let converted = dir.path().join("good.pth");
+    let r = Command::new(env!("CARGO_BIN_EXE_ckptmap")).arg("convert").arg(&good).arg(&converted).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = Command::new(env!("CARGO_BIN_EXE_ckptmap")).arg("verify").arg(&converted).arg("--against").arg(&fc1).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    if r.status.code() != Some(2) || !err.contains("is corrupt") || !err.contains(&fc1.display().to_string()) {
+        failures.push(format!("verify --against a corrupt original: exit {:?}, stderr: {}", r.status.code(), err.trim()));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -210,34 +210,34 @@ fn sigkill_mid_write_leaves_the_previous_file_and_nothing_else() {
 }
 
 #[test]
-fn safetensors_output_matches_the_crate_byte_for_byte() {
+fn safetensors_layout_matches_the_crate_byte_for_byte() {
     // We write safetensors into our own temporary file (the crate's serialize_to_file makes
     // a second temporary of its own, which an interrupt would leave behind); the bytes must
     // still be the crate's.
-    use ckptmap::safetensors_io::{write_safetensors, LazyTensor};
-    use std::cell::RefCell;
-    let error = RefCell::new(None);
-    let specs: Vec<(&str, ckptmap::DType, Vec<usize>)> = vec![
-        ("b.weight", ckptmap::DType::F32, vec![3, 2]),
-        ("a.index", ckptmap::DType::I64, vec![4]),
-        ("c.half", ckptmap::DType::F16, vec![5]),
-        ("a.weight", ckptmap::DType::F32, vec![1]),
-        ("flag", ckptmap::DType::Bool, vec![2]),
+    use ckptmap::DType;
+    let specs: Vec<(&str, DType, Vec<usize>)> = vec![
+        ("b.weight", DType::F32, vec![3, 2]),
+        ("a.index", DType::I64, vec![4]),
+        ("c.half", DType::F16, vec![5]),
+        ("a.weight", DType::F32, vec![1]),
+        ("flag", DType::Bool, vec![2]),
+        ("bf", DType::BF16, vec![3]),
     ];
-    let lazies = || -> Vec<(String, LazyTensor)> {
-        specs
-            .iter()
-            .map(|(n, d, s)| {
-                let len = s.iter().product::<usize>() * d.size();
-                let fill = n.len() as u8;
-                let lazy = LazyTensor { dtype: *d, shape: s.clone(), produce: Box::new(move || Ok(vec![fill; len])), error: &error };
-                (n.to_string(), lazy)
-            })
-            .collect()
-    };
-    let mut ours = Vec::new();
-    write_safetensors(&mut ours, lazies(), &error).unwrap();
+    let bytes = |i: usize| vec![i as u8 + 1; specs[i].2.iter().product::<usize>() * specs[i].1.size()];
+    let refs: Vec<(&str, DType, &[usize])> = specs.iter().map(|(n, d, s)| (*n, *d, s.as_slice())).collect();
+    let layout = ckptmap::safetensors_io::safetensors_layout(&refs).unwrap();
+    let mut ours = layout.head.clone();
+    for &i in &layout.order {
+        ours.extend(bytes(i));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = (0..specs.len())
+        .map(|i| {
+            let (n, d, s) = &specs[i];
+            let data: &'static [u8] = Box::leak(bytes(i).into_boxed_slice());
+            (n.to_string(), safetensors::tensor::TensorView::new(d.safetensors_code(), s.clone(), data).unwrap())
+        })
+        .collect();
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let theirs = safetensors::serialize(lazies(), Some(meta)).unwrap();
+    let theirs = safetensors::serialize(views, Some(meta)).unwrap();
     assert!(ours == theirs, "ours {} bytes, theirs {} bytes", ours.len(), theirs.len());
 }

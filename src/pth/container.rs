@@ -43,8 +43,16 @@ pub struct StorageLocation {
     pub storage: StorageRef,
     pub file_offset: u64,
     pub byte_len: u64,
-    /// CRC-32 of the bytes when the container records it (zip).
-    pub crc32: Option<u32>,
+    /// The CRC-32 the container records (zip), over the whole entry from `file_offset`.
+    pub crc32: Option<RecordedCrc>,
+}
+
+/// A zip entry's CRC-32 and the number of bytes it covers (the entry may hold more than
+/// the storage needs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordedCrc {
+    pub crc: u32,
+    pub len: u64,
 }
 
 /// A parsed `.pth`: its value tree and where each storage lies.
@@ -150,7 +158,7 @@ fn read_zip(file: &mut File) -> Result<PthFile, PthError> {
                 entry.compressed_size()
             )));
         }
-        let crc32 = Some(entry.crc32());
+        let crc32 = Some(RecordedCrc { crc: entry.crc32(), len: entry.size() });
         storages.push(StorageLocation { storage: s, file_offset, byte_len: expected, crc32 });
     }
     check_within(&storages, file_len)?;

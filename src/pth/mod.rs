@@ -9,7 +9,7 @@ pub mod value;
 pub mod write;
 pub mod zip_write;
 
-pub use container::{read_container, ContainerKind, PthFile, StorageLocation};
+pub use container::{read_container, ContainerKind, PthFile, RecordedCrc, StorageLocation};
 pub use value::{TensorView, Value};
 
 impl PthError {
@@ -48,6 +48,9 @@ pub enum PthError {
     MissingStorage { key: String },
     #[error("storage {key} holds {actual} bytes but its header says {expected}")]
     StorageSize { key: String, expected: u64, actual: u64 },
+    /// `what`: `storage KEY`, or `tensor NAME (storage KEY)`.
+    #[error("{what} is corrupt: its bytes have CRC-32 {actual:08x} but the zip records {recorded:08x}")]
+    CrcMismatch { what: String, recorded: u32, actual: u32 },
     #[error("tensor {name} needs {needed} elements of storage {key}, which has only {available}")]
     ViewOutOfBounds { name: String, key: String, needed: u64, available: u64 },
     #[error("invalid tensor view: {0}")]

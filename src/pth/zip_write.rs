@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+use crate::outfile::copy_file_range_all;
 
 const ALIGN: u64 = 64;
 const PAD_FIELD: u16 = 0x4246; // "FB", the id torch's writer uses for its padding field
@@ -165,22 +165,11 @@ impl<S: ZipSink> ZipOut<S> {
         Ok(())
     }
 
-    /// Asks the kernel to start writing finished bytes to disk now (without waiting), every
-    /// `WRITEBACK_STEP` bytes, so that the final fsync finds most of them already written:
-    /// copying and disk writes overlap instead of following one another.
+    /// Starts writeback of what is finished (see `crate::outfile`).
     fn start_writeback(&mut self, all: bool) {
-        const WRITEBACK_STEP: u64 = 32 << 20;
-        let Some(file) = self.sink.file() else { return };
-        let from = self.written_back;
-        if self.pos - from < WRITEBACK_STEP && !all {
-            return;
+        if let Some(file) = self.sink.file() {
+            self.written_back = crate::outfile::start_writeback(file, self.written_back, self.pos, all);
         }
-        // SAFETY: an open descriptor and plain integers. A failure only means no head start.
-        #[cfg(target_os = "linux")]
-        unsafe {
-            libc::sync_file_range(file.as_raw_fd(), from as i64, (self.pos - from) as i64, libc::SYNC_FILE_RANGE_WRITE);
-        }
-        self.written_back = self.pos;
     }
 
     /// Writes the central directory (and ZIP64 end records when needed).
@@ -324,48 +313,4 @@ impl<S: ZipSink> Write for EntryWriter<'_, S> {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
-}
-
-/// `copy_file_range` until done, falling back to positioned read/write where the kernel or
-/// file system refuses (EXDEV, ENOSYS, EINVAL on some file systems).
-fn copy_file_range_all(src: &File, mut src_off: u64, dst: &File, mut dst_off: u64, mut len: u64) -> io::Result<()> {
-    while len > 0 {
-        let mut so = src_off as i64;
-        let mut d = dst_off as i64;
-        let chunk = len.min(1 << 30) as usize;
-        // SAFETY: both descriptors are open files owned by the caller; the offsets are
-        // plain integers the kernel reads and updates.
-        let n = unsafe { libc_copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, chunk, 0) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            return match err.raw_os_error() {
-                Some(18) | Some(38) | Some(22) | Some(95) | Some(1) => copy_by_reads(src, src_off, dst, dst_off, len),
-                _ => Err(err),
-            };
-        }
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "source ended before the copy did"));
-        }
-        src_off += n as u64;
-        dst_off += n as u64;
-        len -= n as u64;
-    }
-    Ok(())
-}
-
-fn copy_by_reads(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; (len as usize).min(8 << 20)];
-    let mut done = 0u64;
-    while done < len {
-        let n = ((len - done) as usize).min(buf.len());
-        src.read_exact_at(&mut buf[..n], src_off + done)?;
-        dst.write_all_at(&buf[..n], dst_off + done)?;
-        done += n as u64;
-    }
-    Ok(())
-}
-
-extern "C" {
-    #[link_name = "copy_file_range"]
-    fn libc_copy_file_range(fd_in: i32, off_in: *mut i64, fd_out: i32, off_out: *mut i64, len: usize, flags: u32) -> isize;
 }
