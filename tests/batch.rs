@@ -463,3 +463,109 @@ fn a_second_batch_into_the_same_folder_is_refused() {
     let run = ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--num-heads", "2"]);
     assert_eq!(run.status.code(), Some(0), "{}", text(&run));
 }
+
+// ---------------------------------------------------------------------------------------
+// Killed mid-run (issue 7).
+
+/// The report on disk, if there is one yet (it is replaced atomically, so it always parses).
+fn report_now(out: &Path) -> Option<Value> {
+    let bytes = fs::read(out.join("report.json")).ok()?;
+    Some(serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("report.json does not parse ({e}): a torn write")))
+}
+
+fn count_status(report: &Value, status: &str) -> usize {
+    report["items"].as_array().unwrap().iter().filter(|i| i["status"] == status).count()
+}
+
+/// Files the process has open under `dir` that are not in place yet (anonymous temporaries).
+fn writing_under(pid: u32, dir: &Path) -> bool {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.filter_map(|e| fs::read_link(e.ok()?.path()).ok()).any(|t| t.starts_with(dir) && t.to_string_lossy().ends_with(" (deleted)"))
+}
+
+/// What a report may claim after any kill: every item it records as done has its output in
+/// place, complete, with the recorded sha256 and size; the run is not called complete.
+fn assert_claims_hold(out: &Path, when: &str) {
+    let Some(report) = report_now(out) else { return };
+    assert_eq!(report["complete"], false, "{when}: a killed run's report says complete");
+    for it in report["items"].as_array().unwrap() {
+        let status = it["status"].as_str().unwrap();
+        let name = it["output"].as_str().unwrap();
+        match status {
+            "converted" | "skipped" => {
+                let bytes = fs::read(out.join(name)).unwrap_or_else(|e| panic!("{when}: {name} is {status} but cannot be read: {e}"));
+                assert_eq!(it["output_sha256"].as_str(), Some(sha256_hex(&bytes).as_str()), "{when}: {name} is {status} with another sha256");
+                assert_eq!(it["output_bytes"].as_u64(), Some(bytes.len() as u64), "{when}: {name} size");
+                Checkpoint::open(&out.join(name)).unwrap_or_else(|e| panic!("{when}: {name} does not read: {e}"));
+            }
+            "pending" => assert!(it["output_sha256"].is_null(), "{when}: pending {name} claims a hash"),
+            other => panic!("{when}: {name} is {other}"),
+        }
+    }
+}
+
+#[test]
+fn a_killed_batch_claims_only_finished_outputs_and_the_next_run_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("mae_b2.pth");
+    ckptmap::synth::write_synthetic(&src, &ckptmap::synth::mae_pretrain_layout(768, 2, 16), false).unwrap();
+    let names: Vec<String> = (0..6).map(|i| format!("out{i}.pth")).collect();
+    let list = tmp.path().join("list.txt");
+    fs::write(&list, names.iter().map(|n| format!("{} name={n}\n", src.display())).collect::<String>()).unwrap();
+    let out = tmp.path().join("out");
+    let args = ["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--quiet"];
+
+    // Each run is SIGKILLed at a later point: right after its first report, after two items,
+    // and while an output is half written.
+    type When = Box<dyn Fn(u32) -> bool>;
+    let out2 = out.clone();
+    let out3 = out.clone();
+    let out4 = out.join(".ckptmap-staging");
+    let points: Vec<(&str, When)> = vec![
+        ("after the first report", Box::new(move |_| report_now(&out2).is_some_and(|r| count_status(&r, "pending") == 6))),
+        ("after two items", Box::new(move |_| report_now(&out3).is_some_and(|r| count_status(&r, "converted") >= 2))),
+        ("mid-write", Box::new(move |pid| writing_under(pid, &out4))),
+    ];
+    for (when, ready) in &points {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(args).env("RUST_BACKTRACE", "1").spawn().unwrap();
+        let start = std::time::Instant::now();
+        let mut caught = false;
+        while child.try_wait().unwrap().is_none() {
+            if ready(child.id()) {
+                child.kill().unwrap(); // SIGKILL
+                caught = true;
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "{when}: never reached");
+        }
+        child.wait().unwrap();
+        assert!(caught, "{when}: the run finished before it could be killed");
+        assert_claims_hold(&out, when);
+    }
+    let done_before: Vec<String> = report_now(&out)
+        .unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["status"] == "converted" || i["status"] == "skipped")
+        .map(|i| i["output"].as_str().unwrap().to_string())
+        .collect();
+    assert!(done_before.len() >= 2, "the killed runs finished {done_before:?}");
+
+    // The next run finishes the job, skipping what the killed runs completed.
+    let run = ckptmap(&args);
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run));
+    let r = report(&out);
+    assert_eq!(r["complete"], true);
+    for name in &names {
+        let it = item(&r, name);
+        let expected = if done_before.contains(name) { "skipped" } else { "converted" };
+        assert_eq!(it["status"], expected, "{name}");
+        let bytes = fs::read(out.join(name)).unwrap();
+        assert_eq!(it["output_sha256"].as_str(), Some(sha256_hex(&bytes).as_str()), "{name}");
+    }
+    let mut expected: Vec<String> = names.clone();
+    expected.extend([".ckptmap-batch.lock".into(), "report.json".into()]);
+    expected.sort();
+    assert_eq!(names_in(&out), expected, "no staging folder or temporaries left");
+}
