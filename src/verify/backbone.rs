@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor, TensorId};
 
 use super::config::{Layout, SHARED_INDEX, SHARED_TABLE};
 use super::layers::{
-    check_shape, fused, softmax_last, softmax_scaled_biased_, transposed, BiasTable, LayerNorm,
+    attention_t, check_shape, fused, softmax_last, transposed, BiasTable, LayerNorm,
     Linear, PatchEmbed, Weights,
 };
 use super::{Arch, BackboneConfig, Features, Result, VerifyError, WeightMap, LOAD_READY_HINT};
@@ -147,32 +147,12 @@ impl Attention {
 
     /// The same on the CPU, feature-major: `xt [C, B·T]` → `[C, B·T]`.
     ///
-    /// One image and one head at a time, so a head's `[T, T]` logits stay in cache (at 512 px
-    /// all heads' logits would be 50 MB per block). q, k and v are `[hd, T]` row blocks of
-    /// the feature-major qkv projection, read in place through views; the scale, the
-    /// relative-bias gather and the softmax are one fused pass over the logits.
-    fn heads_t(&self, xt: &Tensor, b: usize, t: usize, shared: Option<&RelBias>) -> Result<Tensor> {
-        let c = xt.dim(0)?;
-        let h = self.num_heads;
-        let hd = c / h;
+    /// One head of one image at a time per thread, so a head's `[T, T]` logits stay in cache
+    /// (at 512 px all heads' logits would be 50 MB per block); see [`attention_t`].
+    fn heads_t(&self, xt: &Tensor, b: usize, shared: Option<&RelBias>) -> Result<Tensor> {
         let qkv = self.qkv.forward_t(xt, false)?; // [3C, B·T]
         let rel = self.rel.as_ref().or(shared);
-        let scale = self.scale as f32;
-        let mut images = Vec::with_capacity(b);
-        for bi in 0..b {
-            let image = qkv.narrow(1, bi * t, t)?; // [3C, T]
-            let mut heads = Vec::with_capacity(h);
-            for head in 0..h {
-                let q = image.narrow(0, head * hd, hd)?; // [hd, T]
-                let k = image.narrow(0, c + head * hd, hd)?;
-                let v = image.narrow(0, 2 * c + head * hd, hd)?;
-                let logits = q.t()?.matmul(&k)?; // [T, T] (query, key), fresh
-                softmax_scaled_biased_(&logits, scale, rel.map(|r| (&r.cpu, head)))?;
-                heads.push(logits.matmul(&v.t()?)?); // attn · v: [T, hd]
-            }
-            images.push(transposed(&Tensor::cat(&heads, 1)?)?); // [T, C] → [C, T]
-        }
-        Ok(Tensor::cat(&images, 1)?)
+        attention_t(&qkv, b, self.num_heads, self.scale as f32, rel.map(|r| &r.cpu))
     }
 }
 
@@ -206,15 +186,9 @@ impl Block {
         Ok((x + y)?)
     }
 
-    /// Feature-major (the CPU path): `xt [C, B·T]` → `[C, B·T]`, `b` images of `t` tokens.
-    fn forward_t(
-        &self,
-        xt: &Tensor,
-        b: usize,
-        t: usize,
-        shared: Option<&RelBias>,
-    ) -> Result<Tensor> {
-        let a = self.attn.heads_t(&self.ln1.forward_t(xt)?, b, t, shared)?;
+    /// Feature-major (the CPU path): `xt [C, B·T]` → `[C, B·T]`, `b` images.
+    fn forward_t(&self, xt: &Tensor, b: usize, shared: Option<&RelBias>) -> Result<Tensor> {
+        let a = self.attn.heads_t(&self.ln1.forward_t(xt)?, b, shared)?;
         let xt = self
             .attn
             .proj
@@ -486,7 +460,7 @@ impl Backbone {
         let last = *cfg.out_indices.iter().max().expect("validated non-empty");
         let mut kept = Vec::with_capacity(cfg.out_indices.len());
         for (i, block) in self.blocks.iter().enumerate().take(last + 1) {
-            xt = block.forward_t(&xt, b, t, self.shared.as_ref())?;
+            xt = block.forward_t(&xt, b, self.shared.as_ref())?;
             if cfg.out_indices.contains(&i) {
                 let maps = (0..b)
                     .map(|bi| xt.narrow(1, bi * t + 1, n)?.reshape((d, g, g)))

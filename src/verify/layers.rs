@@ -19,6 +19,7 @@ use candle_core::{
     CpuStorage, CustomOp1, DType, Device, InplaceOp1, InplaceOp2, Layout, Shape, Tensor, D,
 };
 
+use super::matmul::matmul;
 use super::{Result, VerifyError, WeightMap};
 
 /// Looks up weights under one prefix, moving them to the compute device as f32 and checking
@@ -175,7 +176,7 @@ impl Linear {
     /// Feature-major: `xt [in, N]` → `W · xt + b`, `[out, N]`; then the exact GELU if `gelu`.
     /// On the CPU the bias and the GELU are applied in place on the fresh product.
     pub fn forward_t(&self, xt: &Tensor, gelu: bool) -> Result<Tensor> {
-        let y = self.weight.matmul(xt)?;
+        let y = matmul(&self.weight, xt)?;
         if fused(&y) {
             y.inplace_op1(&RowBiasOp {
                 bias: &self.bias_v,
@@ -195,7 +196,7 @@ impl Linear {
         residual: &Tensor,
         gamma: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let y = self.weight.matmul(xt)?;
+        let y = matmul(&self.weight, xt)?;
         if fused(&y) && fused(residual) && y.dims() == residual.dims() {
             let gamma_v = gamma.map(|g| g.to_vec1::<f32>()).transpose()?;
             let op = RowResidualOp {
@@ -370,32 +371,112 @@ enum RowBias<'a> {
 /// `softmax_j(s[i, j] · scale + table[index[i, j], head])`, the row maximum subtracted first:
 /// scaling q, adding the gathered bias and [`softmax_last`] in one pass while the row is in
 /// cache.
+#[cfg(test)]
 pub(crate) fn softmax_scaled_biased_(
     s: &Tensor,
     scale: f32,
     bias: Option<(&BiasTable, usize)>,
 ) -> Result<()> {
-    let bias = match bias {
-        Some((table, head)) => {
-            let column = table
-                .columns
-                .get(head)
-                .ok_or_else(|| VerifyError::Config(format!("no head {head} in the bias table")))?;
-            match table.window {
-                Some(window) => RowBias::Window {
-                    column,
-                    reversed: &table.reversed[head],
-                    window,
-                },
-                None => RowBias::Gather {
-                    column,
-                    index: &table.index,
-                },
+    Ok(s.inplace_op1(&SoftmaxOp { scale, bias: row_bias(bias)? })?)
+}
+
+fn row_bias(bias: Option<(&BiasTable, usize)>) -> Result<RowBias<'_>> {
+    let Some((table, head)) = bias else { return Ok(RowBias::None) };
+    let column = table
+        .columns
+        .get(head)
+        .ok_or_else(|| VerifyError::Config(format!("no head {head} in the bias table")))?;
+    Ok(match table.window {
+        Some(window) => RowBias::Window {
+            column,
+            reversed: &table.reversed[head],
+            window,
+        },
+        None => RowBias::Gather {
+            column,
+            index: &table.index,
+        },
+    })
+}
+
+/// Multi-head attention up to the output projection, feature-major, on the CPU:
+/// `qkv [3C, B·T]` (the fused projection, contiguous f32) → `[C, B·T]`.
+///
+/// Heads (of all images) are split over threads, each running its heads start to finish on
+/// one core: `logits [T, T] = qᵀ · k`, the fused scale + bias + softmax in place, then
+/// `v · attnᵀ`, which is the head's `[hd, T]` rows of the feature-major output, written in
+/// place (no concatenation, no transpose). One start and one join per block instead of
+/// three synchronised parallel steps per head.
+pub(crate) fn attention_t(
+    qkv: &Tensor,
+    images: usize,
+    heads: usize,
+    scale: f32,
+    bias: Option<&BiasTable>,
+) -> Result<Tensor> {
+    let (three_c, cols) = qkv.dims2()?;
+    let c = three_c / 3;
+    let t = cols / images.max(1);
+    if three_c != 3 * c || c % heads != 0 || t * images != cols {
+        return Err(VerifyError::Config(format!("attention: qkv {three_c}x{cols} for {images} images, {heads} heads")));
+    }
+    let hd = c / heads;
+    let qkv = qkv.contiguous()?;
+    let (storage, layout) = qkv.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(VerifyError::Config("attention_t: expects a CPU tensor".into()));
+    };
+    let (data, _, _) = matrix_ref(cpu, layout, "ckptmap-attention")?;
+    // Every head's bias reader, checked before any thread starts.
+    let biases: Vec<RowBias> = (0..heads).map(|h| row_bias(bias.map(|b| (b, h)))).collect::<Result<_>>()?;
+    if let Some(RowBias::Window { window, .. }) = biases.first() {
+        if t != window * window + 1 {
+            return Err(VerifyError::Config(format!("attention: {t} tokens for a {window}x{window} window")));
+        }
+    }
+    if let Some(RowBias::Gather { index, .. }) = biases.first() {
+        if index.len() != t * t {
+            return Err(VerifyError::Config(format!("attention: bias index has {} entries for {t} tokens", index.len())));
+        }
+    }
+    let mut out = vec![0f32; c * cols];
+    let dst = super::matmul::SendPtr(out.as_mut_ptr());
+    let ld = cols as isize;
+    let jobs = images * heads;
+    let run = |range: std::ops::Range<usize>| {
+        let mut logits = vec![0f32; t * t];
+        for job in range {
+            let (image, head) = (job / heads, job % heads);
+            let col0 = image * t;
+            let q = data[(head * hd) * cols + col0..].as_ptr();
+            let k = data[(c + head * hd) * cols + col0..].as_ptr();
+            let v = data[(2 * c + head * hd) * cols + col0..].as_ptr();
+            // SAFETY: q, k, v are hd×t blocks of rows of `data` (row stride `cols`), inside
+            // it by the shape checks above; `logits` is this thread's own t×t buffer; each
+            // job writes only its head's hd rows × t columns of `out`.
+            unsafe {
+                super::matmul::gemm_into(t, t, hd, logits.as_mut_ptr(), t as isize, 1, q, 1, ld, k, ld, 1);
+                softmax_rows(RowsPtr(logits.as_mut_ptr()), 0..t, t, scale, biases[head]);
+                let o = dst.get().add((head * hd) * cols + col0);
+                super::matmul::gemm_into(hd, t, t, o, ld, 1, v, ld, 1, logits.as_ptr(), 1, t as isize);
             }
         }
-        None => RowBias::None,
     };
-    Ok(s.inplace_op1(&SoftmaxOp { scale, bias })?)
+    let threads = candle_core::utils::get_num_threads().clamp(1, jobs.max(1));
+    if threads < 2 {
+        run(0..jobs);
+    } else {
+        let chunk = jobs.div_ceil(threads);
+        let run = &run;
+        std::thread::scope(|s| {
+            for start in (chunk..jobs).step_by(chunk) {
+                s.spawn(move || run(start..(start + chunk).min(jobs)));
+            }
+            run(0..chunk.min(jobs));
+        });
+    }
+    drop(storage);
+    Ok(Tensor::from_vec(out, (c, cols), qkv.device())?)
 }
 
 /// The transpose of a 2-D tensor, materialised: `[R, C]` → `[C, R]` contiguous (on the CPU a
@@ -899,11 +980,13 @@ multiversion! {
     }
 }
 
+#[cfg(test)]
 struct SoftmaxOp<'a> {
     scale: f32,
     bias: RowBias<'a>,
 }
 
+#[cfg(test)]
 impl InplaceOp1 for SoftmaxOp<'_> {
     fn name(&self) -> &'static str {
         "ckptmap-softmax"

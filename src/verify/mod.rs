@@ -23,6 +23,7 @@ mod backbone;
 mod compare;
 mod config;
 mod layers;
+mod matmul;
 mod random;
 mod reference;
 
