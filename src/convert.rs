@@ -160,13 +160,8 @@ impl<'a> Producer<'a> {
             self.index_written_at(*window, at);
             return Ok(());
         }
-        if let Origin::Rename { source } | Origin::Expand { source } | Origin::Keep { source } = &t.origin {
-            let s = self.source(source)?;
-            if s.view.dtype == output_dtype(t, self.cast) {
-                if let Some((offset, len, crc)) = self.ckpt.byte_range(s.view) {
-                    return w.copy_range(self.ckpt.file(), offset, len, crc).map_err(|e| Self::terr(t, e));
-                }
-            }
+        if let Some((offset, len, crc)) = self.copy_source(t)? {
+            return w.copy_range(self.ckpt.file(), offset, len, crc).map_err(|e| Self::terr(t, e));
         }
         self.write(t, w)
     }
@@ -186,15 +181,22 @@ impl<'a> Producer<'a> {
             }
             return Ok(());
         }
+        if let Some((offset, len, _)) = self.copy_source(t)? {
+            return out.copy_from(self.ckpt.file(), offset, len).map_err(|e| Self::terr(t, e));
+        }
+        self.write(t, out)
+    }
+
+    /// Where `t`'s bytes lie in the input (offset, length, CRC-32 if known) when it is a
+    /// plain copy of a contiguous source in the same dtype.
+    fn copy_source(&self, t: &PlannedTensor) -> Result<Option<(u64, u64, Option<u32>)>, ConvertError> {
         if let Origin::Rename { source } | Origin::Expand { source } | Origin::Keep { source } = &t.origin {
             let s = self.source(source)?;
             if s.view.dtype == output_dtype(t, self.cast) {
-                if let Some((offset, len, _)) = self.ckpt.byte_range(s.view) {
-                    return out.copy_from(self.ckpt.file(), offset, len).map_err(|e| Self::terr(t, e));
-                }
+                return Ok(self.ckpt.byte_range(s.view));
             }
         }
-        self.write(t, out)
+        Ok(None)
     }
 
     /// The relative-position index for `window`: its bytes, CRC-32, and where it was first

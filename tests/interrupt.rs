@@ -165,13 +165,19 @@ fn interrupt(src: &Path, dst: &Path, signal: &str) -> Option<std::process::Outpu
     }
 }
 
-#[test]
-fn sigterm_and_sigint_mid_write_leave_the_previous_file_and_no_temporary() {
+/// A temporary folder with a 6-block ViT-B MAE checkpoint and an empty `out` folder.
+fn big_source_and_out_dir() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("big_mae.pth");
     write_big_mae(&src, 6);
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
+    (dir, src, out_dir)
+}
+
+#[test]
+fn sigterm_and_sigint_mid_write_leave_the_previous_file_and_no_temporary() {
+    let (_dir, src, out_dir) = big_source_and_out_dir();
     for (signal, code) in [("TERM", 143), ("INT", 130)] {
         for name in ["big.pth", "big.safetensors"] {
             let dst = out_dir.join(name);
@@ -189,11 +195,7 @@ fn sigterm_and_sigint_mid_write_leave_the_previous_file_and_no_temporary() {
 /// (O_TMPFILE) until it is complete, so the kernel frees it with the process.
 #[test]
 fn sigkill_mid_write_leaves_the_previous_file_and_nothing_else() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("big_mae.pth");
-    write_big_mae(&src, 6);
-    let out_dir = dir.path().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
+    let (_dir, src, out_dir) = big_source_and_out_dir();
     if !ckptmap::atomic::anonymous_supported(&out_dir) {
         eprintln!("SKIPPED: {} cannot hold O_TMPFILE files; a SIGKILL there leaves a .tmp file", out_dir.display());
         return;
