@@ -31,6 +31,12 @@ pub enum ConvertError {
     UnknownFormat(PathBuf),
     #[error(transparent)]
     Input(#[from] crate::checkpoint::CheckpointError),
+    /// The check run before commit (`write_plan_checked`) could not run.
+    #[error("{0}")]
+    Check(String),
+    /// The check run before commit said the output is wrong; nothing was written.
+    #[error("{0}: not written: the converted weights fail the forward-pass check")]
+    Rejected(PathBuf),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -271,6 +277,22 @@ pub fn write_plan(
     cast: Option<DType>,
     progress: &dyn Progress,
 ) -> Result<WriteSummary, ConvertError> {
+    write_plan_checked(ckpt, sources, plan, dest, cast, progress, |_| Ok(true))
+}
+
+/// [`write_plan`], with `check(path)` run on the finished, re-read output (`path` opens it)
+/// before it is moved into place: `Ok(false)` or an error leaves `dest` as it was
+/// ([`ConvertError::Rejected`] / the error). `convert --verify` runs the forward pass here,
+/// so a conversion that computes something else never replaces anything.
+pub fn write_plan_checked(
+    ckpt: &Checkpoint,
+    sources: &[TensorEntry],
+    plan: &Plan,
+    dest: &Path,
+    cast: Option<DType>,
+    progress: &dyn Progress,
+    check: impl FnOnce(&Path) -> Result<bool, ConvertError>,
+) -> Result<WriteSummary, ConvertError> {
     let start = Instant::now();
     let format = OutputFormat::from_path(dest)?;
     let out_err = |msg: String| ConvertError::Output { path: dest.to_path_buf(), msg };
@@ -319,6 +341,9 @@ pub fn write_plan(
         && plan.outputs.iter().all(|p| written.get(p.target.as_str()) == Some(&p.shape.as_slice()));
     if !matches {
         return Err(out_err("written file does not hold the planned tensors".into()));
+    }
+    if !check(&atomic.read_path())? {
+        return Err(ConvertError::Rejected(dest.to_path_buf()));
     }
     let bytes = atomic.file().metadata().map(|m| m.len()).unwrap_or(0);
     atomic.commit().map_err(|e| out_err(format!("cannot move the finished file into place: {e}")))?;

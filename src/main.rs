@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use ckptmap::checkpoint::Checkpoint;
-use ckptmap::convert::{self, choose_table, prepare, write_plan};
+use ckptmap::convert::{self, choose_table, prepare, write_plan, write_plan_checked};
 use ckptmap::inspect;
 use ckptmap::mapping::plan::{Fate, Plan, PlanOptions};
 use ckptmap::progress::Progress;
@@ -286,6 +286,57 @@ fn print_outcome(o: &ckptmap::verify::VerifyOutcome) {
     }
 }
 
+/// `convert --verify`: the forward-pass check of a just-written output (`out_path`) against
+/// its original. A load-ready output at another size cannot run next to the original at its
+/// native size: then the same table applied without resizing is checked (the resizes
+/// themselves are tested against PyTorch/SciPy numbers in the test suite).
+fn check_converted(
+    ckpt: &Checkpoint,
+    table: &ckptmap::mapping::table::MappingTable,
+    plan: &ckptmap::mapping::plan::Plan,
+    plan_opts: &PlanOptions,
+    out_path: &std::path::Path,
+    json: bool,
+) -> Result<ckptmap::verify::VerifyOutcome> {
+    let opts = ckptmap::verify::VerifyOptions {
+        img_size: None,
+        num_heads: plan_opts.num_heads,
+        out_indices: None,
+        tolerance: ckptmap::verify::Tolerance::default(),
+        init_values: plan_opts.init_values.unwrap_or(1.0),
+    };
+    let resized = plan.outputs.iter().any(|t| {
+        matches!(
+            t.origin,
+            ckptmap::mapping::plan::Origin::ResizeAbsPosEmbed { .. } | ckptmap::mapping::plan::Origin::ResizeRelPosTable { .. }
+        )
+    });
+    let scratch = tempfile::tempdir()?;
+    let checked = if resized {
+        let clean_opts = PlanOptions { img_size: None, ..opts_for_check(plan_opts) };
+        let (_, srcs, clean_plan) = prepare(ckpt, table, &clean_opts)?;
+        let clean = scratch.path().join("clean.pth");
+        write_plan(ckpt, &srcs, &clean_plan, &clean, None, &ckptmap::progress::NoProgress)?;
+        if !json {
+            println!("note: the output is resized to img_size {}; checking the same mapping without resizing", plan.img_size.unwrap_or_default());
+        }
+        clean
+    } else {
+        out_path.to_path_buf()
+    };
+    let out = Checkpoint::open(&checked)?;
+    Ok(ckptmap::verify::verify_against_original(&out, ckpt, &opts, &candle_core::Device::Cpu)?)
+}
+
+fn show_outcome(o: &ckptmap::verify::VerifyOutcome, json: bool) -> Result<()> {
+    if json {
+        eprintln!("{}", serde_json::to_string(o)?);
+    } else {
+        print_outcome(o);
+    }
+    Ok(())
+}
+
 fn opts_for_check(o: &PlanOptions) -> PlanOptions {
     PlanOptions { img_size: o.img_size, num_heads: o.num_heads, keep_unused: false, init_values: o.init_values }
 }
@@ -373,7 +424,29 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
             // Large files get a progress bar on a terminal (unless --json).
             let total: u64 = sources.iter().map(|t| t.view.nbytes() as u64).sum();
             let bar = Bar::new(!json && !download.quiet && total > 64 << 20);
-            let summary = write_plan(&ckpt, &sources, &plan, &dst, dtype, &bar)?;
+            // With --verify the forward-pass check runs on the finished output before it is
+            // moved into place: a conversion that fails it never replaces anything.
+            let mut outcome = None;
+            let written = write_plan_checked(&ckpt, &sources, &plan, &dst, dtype, &bar, |out_path| {
+                if !verify {
+                    return Ok(true);
+                }
+                let checked = check_converted(&ckpt, table, &plan, &plan_opts, out_path, json)
+                    .map_err(|e| convert::ConvertError::Check(format!("{e:#}")))?;
+                let passed = checked.passed;
+                outcome = Some(checked);
+                Ok(passed)
+            });
+            let summary = match written {
+                Err(convert::ConvertError::Rejected(path)) => {
+                    if let Some(o) = &outcome {
+                        show_outcome(o, json)?;
+                    }
+                    eprintln!("error: {}: not written: the converted weights fail the forward-pass check", path.display());
+                    return Ok(ExitCode::from(1));
+                }
+                other => other?,
+            };
             if json {
                 let (in_hash, out_hash) = std::thread::scope(|s| {
                     let a = s.spawn(|| convert::sha256_file(&src));
@@ -410,46 +483,8 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
                     println!("note: {note}");
                 }
             }
-            if verify {
-                let opts = ckptmap::verify::VerifyOptions {
-                    img_size: None,
-                    num_heads,
-                    out_indices: None,
-                    tolerance: ckptmap::verify::Tolerance::default(),
-                    init_values: init_values.unwrap_or(1.0),
-                };
-                // A load-ready output at another size cannot run next to the original at its
-                // native size: check the same table applied without resizing (the resizes
-                // themselves are tested against PyTorch/SciPy numbers in the test suite).
-                let resized = plan.outputs.iter().any(|t| {
-                    matches!(
-                        t.origin,
-                        ckptmap::mapping::plan::Origin::ResizeAbsPosEmbed { .. } | ckptmap::mapping::plan::Origin::ResizeRelPosTable { .. }
-                    )
-                });
-                let scratch = tempfile::tempdir()?;
-                let checked = if resized {
-                    let clean_opts = PlanOptions { img_size: None, ..opts_for_check(&plan_opts) };
-                    let (_, srcs, clean_plan) = prepare(&ckpt, table, &clean_opts)?;
-                    let clean = scratch.path().join("clean.pth");
-                    write_plan(&ckpt, &srcs, &clean_plan, &clean, None, &ckptmap::progress::NoProgress)?;
-                    if !json {
-                        println!("note: the output is resized to img_size {}; checking the same mapping without resizing", img_size.unwrap_or_default());
-                    }
-                    clean
-                } else {
-                    dst.clone()
-                };
-                let out = Checkpoint::open(&checked)?;
-                let outcome = ckptmap::verify::verify_against_original(&out, &ckpt, &opts, &candle_core::Device::Cpu)?;
-                if json {
-                    eprintln!("{}", serde_json::to_string(&outcome)?);
-                } else {
-                    print_outcome(&outcome);
-                }
-                if !outcome.passed {
-                    return Ok(ExitCode::from(1));
-                }
+            if let Some(o) = &outcome {
+                show_outcome(o, json)?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -329,3 +329,54 @@ fn convert_and_inspect_accept_urls() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("404"));
     server.join().unwrap();
 }
+
+/// `convert --verify` checks the finished output before it is moved into place: a table
+/// that computes something else (norm1 and norm2 swapped: same shapes) exits 1 and leaves
+/// DST as it was; the correct table replaces it.
+#[test]
+fn convert_verify_failure_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = ckptmap::mapping::table::builtin_table_text("mae").unwrap();
+    let rule = "match = 'blocks\\.(\\d+)\\.norm([12])\\.(weight|bias)'\nrename = \"layers.${1}.ln${2}.${3}\"";
+    assert!(table.contains(rule), "the built-in mae table changed; update this test's rule text");
+    let swapped = table.replace(
+        rule,
+        "match = 'blocks\\.(\\d+)\\.norm1\\.(weight|bias)'\nrename = \"layers.${1}.ln2.${2}\"\n\n[[rule]]\nid = \"swapped-norm2\"\nmatch = 'blocks\\.(\\d+)\\.norm2\\.(weight|bias)'\nrename = \"layers.${1}.ln1.${2}\"",
+    );
+    let swapped_path = dir.path().join("swapped.toml");
+    std::fs::write(&swapped_path, swapped).unwrap();
+    let dst = dir.path().join("out.pth");
+    std::fs::write(&dst, b"previous").unwrap();
+    let mae = fixture("mae_tiny.pth");
+    let r = ckptmap(&["convert", mae.to_str().unwrap(), dst.to_str().unwrap(), "--num-heads", "2", "--verify", "--mapping", swapped_path.to_str().unwrap()]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+    assert_eq!(r.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("FAIL"), "{stdout}");
+    assert!(stderr.contains("not written") && stderr.contains("out.pth"), "{stderr}");
+    assert_eq!(std::fs::read(&dst).unwrap(), b"previous", "DST was replaced by a conversion that failed its check");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 2, "files next to DST: {left:?}");
+
+    let text = ok(&["convert", mae.to_str().unwrap(), dst.to_str().unwrap(), "--num-heads", "2", "--verify"]);
+    assert!(text.contains("PASS"), "{text}");
+    assert_ne!(std::fs::read(&dst).unwrap(), b"previous");
+}
+
+/// The first of README's two commands (the main job on a shipped checkpoint) works as
+/// written, from a checkout's root.
+#[test]
+fn the_readme_main_command_works() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("cargo run --release -- "))
+        .expect("README has a `cargo run --release -- ...` command");
+    let command = line.split(" #").next().unwrap();
+    let args: Vec<&str> = command.trim_start_matches("cargo run --release -- ").split_whitespace().collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"), dir.path().join("fixtures")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(&args).current_dir(dir.path()).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "README command {args:?}: {text}");
+    assert!(text.contains("PASS"), "{text}");
+}
