@@ -357,8 +357,16 @@ fn convert_verify_failure_writes_nothing() {
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left.len(), 2, "files next to DST: {left:?}");
 
+    // Cast to f16: checked against the original rounded the same way, so a wrong mapping
+    // still fails and the right one passes.
+    let r = ckptmap(&["convert", mae.to_str().unwrap(), dst.to_str().unwrap(), "--num-heads", "2", "--verify", "--dtype", "f16", "--mapping", swapped_path.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(1), "{}", String::from_utf8_lossy(&r.stdout));
+    assert_eq!(std::fs::read(&dst).unwrap(), b"previous");
+    let text = ok(&["convert", mae.to_str().unwrap(), dst.to_str().unwrap(), "--num-heads", "2", "--verify", "--dtype", "f16"]);
+    assert!(text.contains("PASS") && text.contains("rounded to f16"), "{text}");
+
     let text = ok(&["convert", mae.to_str().unwrap(), dst.to_str().unwrap(), "--num-heads", "2", "--verify"]);
-    assert!(text.contains("PASS"), "{text}");
+    assert!(text.contains("PASS") && !text.contains("rounded"), "{text}");
     assert_ne!(std::fs::read(&dst).unwrap(), b"previous");
 }
 

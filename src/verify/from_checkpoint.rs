@@ -179,7 +179,14 @@ pub fn verify_against_original(
     opts: &VerifyOptions,
     device: &Device,
 ) -> super::Result<VerifyOutcome> {
-    let wo = weights_from_checkpoint(original, device)?;
+    let mut wo = weights_from_checkpoint(original, device)?;
+    // A conversion cast to a narrower float type is checked against the original rounded the
+    // same way, so the check is about the mapping (which must be exact), not the rounding
+    // (tested against torch's `.half()` in the test suite).
+    let narrowed = narrower_float_dtype(converted, original);
+    if let Some(d) = narrowed {
+        round_floats(&mut wo, d)?;
+    }
     let ocfg = BackboneConfig::infer_original(&wo, None, opts.num_heads, opts.out_indices.clone())?;
     if let Some(n) = opts.img_size {
         if n != ocfg.img_size {
@@ -201,11 +208,38 @@ pub fn verify_against_original(
     let filled = add_load_time_defaults(&mut w, &cfg, opts.init_values)?.len();
     let ours = mmseg_forward(&w, &cfg, &input)?;
     let reports = compare(&ours, &expected, &opts.tolerance)?;
+    let rounded = narrowed.map(|d| format!(" (weights rounded to {})", d.name())).unwrap_or_default();
     Ok(outcome(
-        format!("original {}", original.path().display()),
+        format!("original {}{rounded}", original.path().display()),
         &cfg,
         filled,
         reports,
         opts.tolerance,
     ))
+}
+
+/// The float type of `converted`'s tensors when it is narrower than every float tensor of
+/// `original` (f16 or bf16 from f32, say).
+fn narrower_float_dtype(converted: &Checkpoint, original: &Checkpoint) -> Option<DType> {
+    let floats = |c: &Checkpoint| -> Vec<DType> { c.tensors().iter().map(|t| t.view.dtype).filter(|d| d.is_float()).collect() };
+    let conv = floats(converted);
+    let first = *conv.first()?;
+    let narrow = matches!(first, DType::F16 | DType::BF16) && conv.iter().all(|&d| d == first);
+    let wider = floats(original).iter().all(|d| d.size() > first.size());
+    (narrow && wider).then_some(first)
+}
+
+/// Rounds every float tensor of `w` to `dtype` and back to f32 (round to nearest even).
+fn round_floats(w: &mut WeightMap, dtype: DType) -> super::Result<()> {
+    let to = match dtype {
+        DType::F16 => CDType::F16,
+        DType::BF16 => CDType::BF16,
+        _ => return Ok(()),
+    };
+    for t in w.values_mut() {
+        if t.dtype() == CDType::F32 {
+            *t = t.to_dtype(to)?.to_dtype(CDType::F32)?;
+        }
+    }
+    Ok(())
 }
