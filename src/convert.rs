@@ -31,12 +31,6 @@ pub enum ConvertError {
     UnknownFormat(PathBuf),
     #[error(transparent)]
     Input(#[from] crate::checkpoint::CheckpointError),
-    /// The check run before commit (`write_plan_checked`) could not run.
-    #[error("{0}")]
-    Check(String),
-    /// The check run before commit said the output is wrong; nothing was written.
-    #[error("{0}: not written: the converted weights fail the forward-pass check")]
-    Rejected(PathBuf),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -277,22 +271,42 @@ pub fn write_plan(
     cast: Option<DType>,
     progress: &dyn Progress,
 ) -> Result<WriteSummary, ConvertError> {
-    write_plan_checked(ckpt, sources, plan, dest, cast, progress, |_| Ok(true))
+    write_plan_uncommitted(ckpt, sources, plan, dest, cast, progress)?.commit()
 }
 
-/// [`write_plan`], with `check(path)` run on the finished, re-read output (`path` opens it)
-/// before it is moved into place: `Ok(false)` or an error leaves `dest` as it was
-/// ([`ConvertError::Rejected`] / the error). `convert --verify` runs the forward pass here,
-/// so a conversion that computes something else never replaces anything.
-pub fn write_plan_checked(
+/// A finished, re-read output that is not at its destination yet (on Linux it has no name
+/// at all): [`Written::commit`] moves it into place; dropping it leaves nothing behind.
+/// `convert --verify` runs the forward pass on it in between, so a conversion that computes
+/// something else never replaces anything.
+pub struct Written {
+    file: AtomicFile,
+    summary: WriteSummary,
+}
+
+impl Written {
+    /// A path that opens the written file.
+    pub fn read_path(&self) -> PathBuf {
+        self.file.read_path()
+    }
+
+    pub fn commit(self) -> Result<WriteSummary, ConvertError> {
+        let dest = PathBuf::from(&self.summary.output);
+        self.file
+            .commit()
+            .map_err(|e| ConvertError::Output { path: dest, msg: format!("cannot move the finished file into place: {e}") })?;
+        Ok(self.summary)
+    }
+}
+
+/// [`write_plan`] up to, not including, moving the file into place.
+pub fn write_plan_uncommitted(
     ckpt: &Checkpoint,
     sources: &[TensorEntry],
     plan: &Plan,
     dest: &Path,
     cast: Option<DType>,
     progress: &dyn Progress,
-    check: impl FnOnce(&Path) -> Result<bool, ConvertError>,
-) -> Result<WriteSummary, ConvertError> {
+) -> Result<Written, ConvertError> {
     let start = Instant::now();
     let format = OutputFormat::from_path(dest)?;
     let out_err = |msg: String| ConvertError::Output { path: dest.to_path_buf(), msg };
@@ -342,18 +356,15 @@ pub fn write_plan_checked(
     if !matches {
         return Err(out_err("written file does not hold the planned tensors".into()));
     }
-    if !check(&atomic.read_path())? {
-        return Err(ConvertError::Rejected(dest.to_path_buf()));
-    }
     let bytes = atomic.file().metadata().map(|m| m.len()).unwrap_or(0);
-    atomic.commit().map_err(|e| out_err(format!("cannot move the finished file into place: {e}")))?;
-    Ok(WriteSummary {
+    let summary = WriteSummary {
         output: dest.display().to_string(),
         format,
         tensors: plan.outputs.len(),
         bytes,
         seconds: start.elapsed().as_secs_f64(),
-    })
+    };
+    Ok(Written { file: atomic, summary })
 }
 
 /// Writes every planned tensor into the (temporary) output file in `format`.

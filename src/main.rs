@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use ckptmap::checkpoint::Checkpoint;
-use ckptmap::convert::{self, choose_table, prepare, write_plan, write_plan_checked};
+use ckptmap::convert::{self, choose_table, prepare, write_plan_uncommitted};
 use ckptmap::inspect;
 use ckptmap::mapping::plan::{Fate, Plan, PlanOptions};
 use ckptmap::progress::Progress;
@@ -296,6 +296,7 @@ fn check_converted(
     plan: &ckptmap::mapping::plan::Plan,
     plan_opts: &PlanOptions,
     out_path: &std::path::Path,
+    dst: &std::path::Path,
     json: bool,
 ) -> Result<ckptmap::verify::VerifyOutcome> {
     let opts = ckptmap::verify::VerifyOptions {
@@ -311,19 +312,21 @@ fn check_converted(
             ckptmap::mapping::plan::Origin::ResizeAbsPosEmbed { .. } | ckptmap::mapping::plan::Origin::ResizeRelPosTable { .. }
         )
     });
-    let scratch = tempfile::tempdir()?;
-    let checked = if resized {
-        let clean_opts = PlanOptions { img_size: None, ..opts_for_check(plan_opts) };
-        let (_, srcs, clean_plan) = prepare(ckpt, table, &clean_opts)?;
-        let clean = scratch.path().join("clean.pth");
-        write_plan(ckpt, &srcs, &clean_plan, &clean, None, &ckptmap::progress::NoProgress)?;
-        if !json {
-            println!("note: the output is resized to img_size {}; checking the same mapping without resizing", plan.img_size.unwrap_or_default());
+    // The clean conversion is never moved into place (next to DST, nameless): nothing of it
+    // is left whatever happens.
+    let clean = match resized {
+        true => {
+            let clean_opts = PlanOptions { img_size: None, ..opts_for_check(plan_opts) };
+            let (_, srcs, clean_plan) = prepare(ckpt, table, &clean_opts)?;
+            let clean_dest = dst.with_extension("unresized.pth");
+            if !json {
+                println!("note: the output is resized to img_size {}; checking the same mapping without resizing", plan.img_size.unwrap_or_default());
+            }
+            Some(write_plan_uncommitted(ckpt, &srcs, &clean_plan, &clean_dest, None, &ckptmap::progress::NoProgress)?)
         }
-        clean
-    } else {
-        out_path.to_path_buf()
+        false => None,
     };
+    let checked = clean.as_ref().map(|c| c.read_path()).unwrap_or_else(|| out_path.to_path_buf());
     let out = Checkpoint::open(&checked)?;
     Ok(ckptmap::verify::verify_against_original(&out, ckpt, &opts, &candle_core::Device::Cpu)?)
 }
@@ -426,27 +429,17 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
             let bar = Bar::new(!json && !download.quiet && total > 64 << 20);
             // With --verify the forward-pass check runs on the finished output before it is
             // moved into place: a conversion that fails it never replaces anything.
-            let mut outcome = None;
-            let written = write_plan_checked(&ckpt, &sources, &plan, &dst, dtype, &bar, |out_path| {
-                if !verify {
-                    return Ok(true);
-                }
-                let checked = check_converted(&ckpt, table, &plan, &plan_opts, out_path, json)
-                    .map_err(|e| convert::ConvertError::Check(format!("{e:#}")))?;
-                let passed = checked.passed;
-                outcome = Some(checked);
-                Ok(passed)
-            });
-            let summary = match written {
-                Err(convert::ConvertError::Rejected(path)) => {
-                    if let Some(o) = &outcome {
-                        show_outcome(o, json)?;
-                    }
-                    eprintln!("error: {}: not written: the converted weights fail the forward-pass check", path.display());
-                    return Ok(ExitCode::from(1));
-                }
-                other => other?,
+            let written = write_plan_uncommitted(&ckpt, &sources, &plan, &dst, dtype, &bar)?;
+            let outcome = match verify {
+                true => Some(check_converted(&ckpt, table, &plan, &plan_opts, &written.read_path(), &dst, json)?),
+                false => None,
             };
+            if let Some(o) = outcome.as_ref().filter(|o| !o.passed) {
+                show_outcome(o, json)?;
+                eprintln!("error: {}: not written: the converted weights fail the forward-pass check", dst.display());
+                return Ok(ExitCode::from(1));
+            }
+            let summary = written.commit()?;
             if json {
                 let (in_hash, out_hash) = std::thread::scope(|s| {
                     let a = s.spawn(|| convert::sha256_file(&src));
