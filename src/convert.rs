@@ -14,7 +14,7 @@ use crate::atomic::AtomicFile;
 use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::mapping::plan::{Origin, Plan, PlannedTensor};
 use crate::mapping::transforms;
-use crate::outfile::OutFile;
+use crate::outfile::{OutFile, TensorSink};
 use crate::progress::Progress;
 use crate::pth::write::{write_pth, TensorToWrite};
 use crate::DType;
@@ -133,21 +133,11 @@ impl<'a> Producer<'a> {
         Ok(())
     }
 
-    fn cached_index<'c>(&self, cache: &'c mut std::collections::HashMap<usize, CachedIndex>, window: usize) -> &'c mut CachedIndex {
-        cache.entry(window).or_insert_with(|| {
-            let idx = transforms::relative_position_index(window);
-            let bytes: Vec<u8> = idx.iter().flat_map(|v| v.to_le_bytes()).collect();
-            CachedIndex { crc: crc32fast::hash(&bytes), bytes: std::rc::Rc::new(bytes), written_at: None }
-        })
-    }
-
-    /// Writes `t` into a zip entry: a plain rename of a contiguous tensor is copied file to
-    /// file (inside the kernel, reusing the source's CRC when it covers exactly these bytes).
-    fn write_entry<S: crate::pth::write::ZipSink>(
-        &self,
-        t: &PlannedTensor,
-        w: &mut crate::pth::write::EntryWriter<S>,
-    ) -> Result<(), ConvertError> {
+    /// Appends `t` to a zip entry or a plain file: a plain rename of a contiguous tensor is
+    /// copied file to file (inside the kernel, reusing the source's CRC when it covers
+    /// exactly these bytes), and a relative-position index already written is copied from
+    /// its first place in the output.
+    fn write_to_sink(&self, t: &PlannedTensor, w: &mut impl TensorSink) -> Result<(), ConvertError> {
         if let Origin::RelPosIndex { window } = &t.origin {
             let (bytes, crc, written_at) = self.index_for(*window);
             if let Some(at) = written_at {
@@ -157,34 +147,15 @@ impl<'a> Producer<'a> {
             }
             let at = w.position();
             w.write_all(&bytes).map_err(|e| Self::terr(t, e))?;
-            self.index_written_at(*window, at);
-            return Ok(());
-        }
-        if let Some((offset, len, crc)) = self.copy_source(t)? {
-            return w.copy_range(self.ckpt.file(), offset, len, crc).map_err(|e| Self::terr(t, e));
-        }
-        self.write(t, w)
-    }
-
-    /// Appends `t` to a plain output file (safetensors): like `write_entry`, renamed tensors
-    /// and repeated indices are copied inside the kernel.
-    fn write_file(&self, t: &PlannedTensor, out: &mut OutFile) -> Result<(), ConvertError> {
-        if let Origin::RelPosIndex { window } = &t.origin {
-            let (bytes, _, written_at) = self.index_for(*window);
-            let at = out.pos();
-            match written_at {
-                Some(earlier) => out.copy_within(earlier, bytes.len() as u64).map_err(|e| Self::terr(t, e))?,
-                None => {
-                    out.write_all(&bytes).map_err(|e| Self::terr(t, e))?;
-                    self.index_written_at(*window, at);
-                }
+            if let Some(c) = self.index_cache.borrow_mut().get_mut(window) {
+                c.written_at = Some(at);
             }
             return Ok(());
         }
-        if let Some((offset, len, _)) = self.copy_source(t)? {
-            return out.copy_from(self.ckpt.file(), offset, len).map_err(|e| Self::terr(t, e));
+        if let Some((offset, len, crc)) = self.copy_source(t)? {
+            return w.copy_from(self.ckpt.file(), offset, len, crc).map_err(|e| Self::terr(t, e));
         }
-        self.write(t, out)
+        self.write(t, w)
     }
 
     /// Where `t`'s bytes lie in the input (offset, length, CRC-32 if known) when it is a
@@ -199,18 +170,16 @@ impl<'a> Producer<'a> {
         Ok(None)
     }
 
-    /// The relative-position index for `window`: its bytes, CRC-32, and where it was first
-    /// written in the output (if it was).
+    /// The relative-position index for `window` (computed once): its bytes, CRC-32, and
+    /// where it was first written in the output (if it was).
     fn index_for(&self, window: usize) -> (std::rc::Rc<Vec<u8>>, u32, Option<u64>) {
         let mut cache = self.index_cache.borrow_mut();
-        let c = self.cached_index(&mut cache, window);
+        let c = cache.entry(window).or_insert_with(|| {
+            let idx = transforms::relative_position_index(window);
+            let bytes: Vec<u8> = idx.iter().flat_map(|v| v.to_le_bytes()).collect();
+            CachedIndex { crc: crc32fast::hash(&bytes), bytes: std::rc::Rc::new(bytes), written_at: None }
+        });
         (c.bytes.clone(), c.crc, c.written_at)
-    }
-
-    fn index_written_at(&self, window: usize, at: u64) {
-        if let Some(c) = self.index_cache.borrow_mut().get_mut(&window) {
-            c.written_at = Some(at);
-        }
     }
 
     /// Writes the bytes of `t` to `out`. A plain rename without a dtype change streams the
@@ -245,7 +214,7 @@ impl<'a> Producer<'a> {
                 transforms::f32_to_bytes(&out_vals, to).map_err(|e| Self::terr(t, e))?
             }
             Origin::RelPosIndex { window } => {
-                let bytes = self.cached_index(&mut self.index_cache.borrow_mut(), *window).bytes.clone();
+                let (bytes, _, _) = self.index_for(*window);
                 return out.write_all(&bytes).map_err(|e| Self::terr(t, e));
             }
             Origin::Fill { value } => {
@@ -391,7 +360,7 @@ fn write_outputs(
                 .collect();
             let mut failure: Option<ConvertError> = None;
             let res = write_pth(file, &stem, &to_write, |i, w| {
-                let r = producer.write_entry(&plan.outputs[i], w);
+                let r = producer.write_to_sink(&plan.outputs[i], w);
                 progress.advance(nbytes(i));
                 r.map_err(|e| {
                     let msg = e.to_string();
@@ -412,16 +381,16 @@ fn write_outputs(
             let mut out = OutFile::new(file, 0);
             out.write_all(&layout.head).map_err(|e| out_err(e.to_string()))?;
             for &i in &layout.order {
-                let start = out.pos();
-                producer.write_file(&plan.outputs[i], &mut out)?;
-                if out.pos() - start != nbytes(i) {
-                    let msg = format!("tensor {}: produced {} bytes, expected {}", plan.outputs[i].target, out.pos() - start, nbytes(i));
+                let start = out.position();
+                producer.write_to_sink(&plan.outputs[i], &mut out)?;
+                if out.position() - start != nbytes(i) {
+                    let msg = format!("tensor {}: produced {} bytes, expected {}", plan.outputs[i].target, out.position() - start, nbytes(i));
                     return Err(out_err(msg));
                 }
                 progress.advance(nbytes(i));
             }
             // The file may have been reserved longer than it turned out.
-            file.set_len(out.pos()).map_err(|e| out_err(e.to_string()))
+            file.set_len(out.position()).map_err(|e| out_err(e.to_string()))
         }
     }
 }

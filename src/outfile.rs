@@ -17,32 +17,44 @@ pub struct OutFile<'f> {
     written_back: u64,
 }
 
+/// Where a conversion appends a tensor's bytes (a zip entry, a plain file): besides plain
+/// writes, copies that stay inside the kernel.
+pub trait TensorSink: Write {
+    /// Where the next byte goes in the output file.
+    fn position(&self) -> u64;
+    /// Appends `len` bytes at `offset` of `src`; `crc` is their CRC-32 when known.
+    fn copy_from(&mut self, src: &File, offset: u64, len: u64, crc: Option<u32>) -> io::Result<()>;
+    /// Appends again `len` bytes (CRC-32 `crc`) this output already holds at `offset`:
+    /// a copy inside the file, or a shared extent where the file system can. `false`,
+    /// writing nothing, when the output cannot (it is not a file).
+    fn repeat_earlier(&mut self, offset: u64, len: u64, crc: u32) -> io::Result<bool>;
+}
+
 impl<'f> OutFile<'f> {
     pub fn new(file: &'f File, pos: u64) -> OutFile<'f> {
         OutFile { file, pos, written_back: pos }
     }
+}
 
-    pub fn pos(&self) -> u64 {
+impl TensorSink for OutFile<'_> {
+    fn position(&self) -> u64 {
         self.pos
     }
 
-    /// Appends `len` bytes at `offset` of `src`, inside the kernel where it can.
-    pub fn copy_from(&mut self, src: &File, offset: u64, len: u64) -> io::Result<()> {
+    fn copy_from(&mut self, src: &File, offset: u64, len: u64, _crc: Option<u32>) -> io::Result<()> {
         copy_file_range_all(src, offset, self.file, self.pos, len)?;
         self.pos += len;
-        self.written_back = start_writeback(self.file, self.written_back, self.pos, false);
+        self.written_back = start_writeback(self.file, self.written_back, self.pos);
         Ok(())
     }
-}
 
-impl OutFile<'_> {
-    /// Appends `len` bytes that this file already holds at `offset` (before `pos`).
-    pub fn copy_within(&mut self, offset: u64, len: u64) -> io::Result<()> {
+    fn repeat_earlier(&mut self, offset: u64, len: u64, _crc: u32) -> io::Result<bool> {
         if offset + len > self.pos {
-            return Err(io::Error::other("copy_within: the range is not written yet"));
+            return Err(io::Error::other("repeat_earlier: the range is not written yet"));
         }
         let file = self.file;
-        self.copy_from(file, offset, len)
+        self.copy_from(file, offset, len, None)?;
+        Ok(true)
     }
 }
 
@@ -54,7 +66,7 @@ impl Write for OutFile<'_> {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         self.file.write_all_at(buf, self.pos)?;
         self.pos += buf.len() as u64;
-        self.written_back = start_writeback(self.file, self.written_back, self.pos, false);
+        self.written_back = start_writeback(self.file, self.written_back, self.pos);
         Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -63,10 +75,10 @@ impl Write for OutFile<'_> {
 }
 
 /// Asks the kernel to start writing `from..to` of `file` to disk, without waiting, once at
-/// least `WRITEBACK_STEP` bytes are pending (or `all`). Returns the new written-back mark.
+/// least `WRITEBACK_STEP` bytes are pending. Returns the new written-back mark.
 /// Failing only costs the head start, so errors are ignored: the final fsync reports them.
-pub(crate) fn start_writeback(file: &File, from: u64, to: u64, all: bool) -> u64 {
-    if to <= from || (to - from < WRITEBACK_STEP && !all) {
+pub(crate) fn start_writeback(file: &File, from: u64, to: u64) -> u64 {
+    if to <= from || to - from < WRITEBACK_STEP {
         return from;
     }
     #[cfg(target_os = "linux")]

@@ -25,7 +25,7 @@ impl TensorToWrite<'_> {
 
 /// Writes the archive to `out`. `folder` is the record prefix torch uses (the file stem).
 /// `fill(i, w)` must write exactly the i-th tensor's bytes, little-endian, row-major, by
-/// `w.write_all` or (file to file) `w.copy_range`.
+/// `w.write_all` or (file to file) `TensorSink::copy_from`.
 pub fn write_pth<S: ZipSink>(
     out: S,
     folder: &str,

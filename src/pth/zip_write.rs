@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
-use crate::outfile::copy_file_range_all;
+use crate::outfile::{copy_file_range_all, TensorSink};
 
 const ALIGN: u64 = 64;
 const PAD_FIELD: u16 = 0x4246; // "FB", the id torch's writer uses for its padding field
@@ -161,14 +161,14 @@ impl<S: ZipSink> ZipOut<S> {
         }
         self.sink.put_at(header_offset + 14, &le32(crc))?;
         self.entries.push(Entry { name: name.to_string(), header_offset, size, crc });
-        self.start_writeback(false);
+        self.start_writeback();
         Ok(())
     }
 
     /// Starts writeback of what is finished (see `crate::outfile`).
-    fn start_writeback(&mut self, all: bool) {
+    fn start_writeback(&mut self) {
         if let Some(file) = self.sink.file() {
-            self.written_back = crate::outfile::start_writeback(file, self.written_back, self.pos, all);
+            self.written_back = crate::outfile::start_writeback(file, self.written_back, self.pos);
         }
     }
 
@@ -250,16 +250,12 @@ impl<S: ZipSink> ZipOut<S> {
     }
 }
 
-impl<S: ZipSink> EntryWriter<'_, S> {
-    /// Where the entry's next byte goes in the output.
-    pub fn position(&self) -> u64 {
+impl<S: ZipSink> TensorSink for EntryWriter<'_, S> {
+    fn position(&self) -> u64 {
         self.zip.pos
     }
 
-    /// Writes again `len` bytes that this archive already holds at `offset` (CRC-32 `crc`):
-    /// a copy inside the file, by the kernel, or a shared extent where the file system can.
-    /// Returns false, writing nothing, when the sink is not a file.
-    pub fn repeat_earlier(&mut self, offset: u64, len: u64, crc: u32) -> io::Result<bool> {
+    fn repeat_earlier(&mut self, offset: u64, len: u64, crc: u32) -> io::Result<bool> {
         let Some(file) = self.zip.sink.file() else { return Ok(false) };
         if offset + len > self.zip.pos {
             return Err(io::Error::other("repeat_earlier: the range is not written yet"));
@@ -271,10 +267,9 @@ impl<S: ZipSink> EntryWriter<'_, S> {
         Ok(true)
     }
 
-    /// Copies `len` bytes at `offset` of `src` into the entry, inside the kernel where it
-    /// can. `crc` is the CRC-32 of exactly those bytes if known (then nothing is read here);
-    /// otherwise the bytes are read once to compute it, and written from that read.
-    pub fn copy_range(&mut self, src: &File, offset: u64, len: u64, crc: Option<u32>) -> io::Result<()> {
+    /// Inside the kernel when `crc` is known (nothing is read here); otherwise the bytes are
+    /// read once to compute it, and written from that read.
+    fn copy_from(&mut self, src: &File, offset: u64, len: u64, crc: Option<u32>) -> io::Result<()> {
         match (crc, self.zip.sink.file()) {
             (Some(c), Some(dst)) => {
                 let dst_start = self.zip.pos;
