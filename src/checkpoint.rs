@@ -37,6 +37,7 @@ pub struct Checkpoint {
     root: Value,
     storages: Vec<StorageLocation>,
     metadata: HashMap<String, String>,
+    crcs_absent: bool,
 }
 
 /// A tensor with its dotted path in the value tree.
@@ -68,6 +69,7 @@ impl Checkpoint {
             root: parsed.value,
             storages: parsed.storages,
             metadata,
+            crcs_absent: parsed.crcs_absent,
         };
         ckpt.check_views().map_err(err)?;
         Ok(ckpt)
@@ -82,12 +84,16 @@ impl Checkpoint {
                 PthError::BadView(format!("tensor {}: size {:?} overflows", t.name, t.view.shape))
             })?;
             let needed = t.view.extent().ok_or_else(|| PthError::BadView(format!("tensor {}: size/stride overflow", t.name)))?;
-            if needed > storage.numel {
+            // In bytes: a `_rebuild_tensor_v3` tensor counts its elements in its own dtype
+            // over an untyped (byte) storage.
+            let elem = t.view.dtype.size() as u64;
+            let available = storage.numel as u64 * storage.dtype.size() as u64;
+            if (needed as u64).saturating_mul(elem) > available {
                 return Err(PthError::ViewOutOfBounds {
                     name: t.name,
                     key: storage.key.clone(),
                     needed: needed as u64,
-                    available: storage.numel as u64,
+                    available: available / elem,
                 });
             }
             // A view with overlapping strides (stride 0: torch's expand) has more elements
@@ -115,6 +121,17 @@ impl Checkpoint {
         &self.root
     }
 
+    /// What integrity record the file carries: `recorded` (zip CRC-32s, checked whenever
+    /// bytes are read), `absent` (a zip saved with CRC computation off: every CRC is 0, so
+    /// nothing can be checked), `none` (legacy and safetensors files have none).
+    pub fn crc32_status(&self) -> &'static str {
+        match self.kind {
+            ContainerKind::Zip if self.crcs_absent => "absent",
+            ContainerKind::Zip => "recorded",
+            _ => "none",
+        }
+    }
+
     /// Safetensors `__metadata__` (empty for `.pth`).
     pub fn metadata(&self) -> &HashMap<String, String> {
         &self.metadata
@@ -128,7 +145,7 @@ impl Checkpoint {
     /// Where a contiguous view's bytes lie in the file, and their CRC-32 when the container
     /// recorded one for exactly those bytes (a view that is its whole storage).
     pub fn byte_range(&self, view: &TensorView) -> Option<(u64, u64, Option<u32>)> {
-        if !view.is_contiguous() {
+        if !view.is_contiguous() || !view.is_raw() {
             return None;
         }
         let loc = &self.storages[view.storage];
@@ -189,6 +206,11 @@ impl Checkpoint {
     /// The tensors below `path`, named relative to it.
     pub fn tensors_under(&self, path: &str) -> Option<Vec<TensorEntry<'_>>> {
         let v = self.subtree(path)?;
+        // A container is a dict (or list); a tensor that happens to be named `model` in a
+        // flat state dict is not one.
+        if matches!(v, Value::Tensor(_)) && !path.is_empty() {
+            return None;
+        }
         let mut out = Vec::new();
         collect_tensors(v, String::new(), &mut out);
         Some(out)
@@ -206,6 +228,15 @@ impl Checkpoint {
     /// checked against the entry's CRC-32 (an error after the last byte: the caller must
     /// not keep what it wrote).
     pub fn write_to(&self, view: &TensorView, out: &mut dyn Write) -> io::Result<()> {
+        if !view.is_raw() {
+            // A view with torch's negative or conjugate bit: gather the stored values, then
+            // apply the bit, as torch does when it reads the tensor.
+            let mut bytes = Vec::with_capacity(view.nbytes());
+            let raw = TensorView { neg: false, conj: false, ..view.clone() };
+            self.write_to(&raw, &mut bytes)?;
+            apply_sign_bits(&mut bytes, view);
+            return out.write_all(&bytes);
+        }
         let loc = &self.storages[view.storage];
         let elem = view.dtype.size() as u64;
         let start = loc.file_offset + view.offset as u64 * elem;
@@ -242,6 +273,47 @@ impl Checkpoint {
         let e = elem as usize;
         for_each_index(&view.shape, &view.strides, |i| gathered.extend_from_slice(&span[i * e..(i + 1) * e]));
         out.write_all(&gathered)
+    }
+}
+
+/// Negates the values of a view read with its negative bit (every component) or conjugate
+/// bit (imaginary parts of complex values), in place, as torch's `resolve_neg`/`resolve_conj`.
+fn apply_sign_bits(bytes: &mut [u8], view: &TensorView) {
+    use crate::DType as D;
+    let complex = view.dtype == D::C64;
+    // (component size, which components of an element to negate)
+    let (size, real, imag) = match view.dtype {
+        D::C64 => (4, view.neg, view.neg != view.conj),
+        d => (d.size(), view.neg, false),
+    };
+    let step = if complex { 2 * size } else { size };
+    for el in bytes.chunks_exact_mut(step) {
+        let (re, im) = el.split_at_mut(size);
+        if real {
+            negate(re, view.dtype);
+        }
+        if complex && imag {
+            negate(im, view.dtype);
+        }
+    }
+}
+
+/// Negates one little-endian value in place: floats flip their sign bit (as torch's neg
+/// does, NaN included), integers wrap.
+fn negate(v: &mut [u8], dtype: crate::DType) {
+    use crate::DType as D;
+    match dtype {
+        D::I64 => v.copy_from_slice(&i64::from_le_bytes(v[..].try_into().unwrap()).wrapping_neg().to_le_bytes()),
+        D::I32 => v.copy_from_slice(&i32::from_le_bytes(v[..].try_into().unwrap()).wrapping_neg().to_le_bytes()),
+        D::I16 => v.copy_from_slice(&i16::from_le_bytes(v[..].try_into().unwrap()).wrapping_neg().to_le_bytes()),
+        D::I8 => v[0] = (v[0] as i8).wrapping_neg() as u8,
+        D::U64 => v.copy_from_slice(&u64::from_le_bytes(v[..].try_into().unwrap()).wrapping_neg().to_le_bytes()),
+        D::U32 => v.copy_from_slice(&u32::from_le_bytes(v[..].try_into().unwrap()).wrapping_neg().to_le_bytes()),
+        D::U16 => v.copy_from_slice(&u16::from_le_bytes(v[..].try_into().unwrap()).wrapping_neg().to_le_bytes()),
+        D::U8 => v[0] = v[0].wrapping_neg(),
+        D::Bool => {}
+        // Every float format here keeps its sign in the top bit.
+        _ => *v.last_mut().unwrap() ^= 0x80,
     }
 }
 

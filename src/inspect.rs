@@ -33,6 +33,9 @@ pub struct RootInfo {
 pub struct InspectReport {
     pub file: String,
     pub container: &'static str,
+    /// `recorded`, `absent` (zip saved with CRC computation off: nothing was checked) or
+    /// `none` (the format has no checksums).
+    pub crc32: &'static str,
     /// The dict most likely to be the state dict (first of `STATE_DICT_ROOTS` holding tensors).
     pub state_dict: Option<String>,
     /// Top-level entries that hold tensors.
@@ -95,6 +98,7 @@ pub fn inspect(ckpt: &Checkpoint) -> InspectReport {
     InspectReport {
         file: ckpt.path().display().to_string(),
         container: ckpt.kind().name(),
+        crc32: ckpt.crc32_status(),
         state_dict: find_state_dict(ckpt).map(str::to_string),
         roots,
         other,

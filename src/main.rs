@@ -450,6 +450,7 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
                     "input": source,
                     "input_file": src.display().to_string(),
                     "input_sha256": in_hash?,
+                    "input_crc32": ckpt.crc32_status(),
                     "container": root,
                     "mapping": table.origin(),
                     "output": summary,
@@ -577,6 +578,11 @@ fn human_bytes(n: usize) -> String {
 fn print_inspect(r: &inspect::InspectReport) {
     println!("file:       {}", r.file);
     println!("container:  {}", r.container);
+    match r.crc32 {
+        "recorded" => println!("crc32:      recorded in the zip (checked when tensor bytes are read)"),
+        "absent" => println!("crc32:      absent (saved with CRC computation off): nothing can be checked"),
+        _ => {}
+    }
     match &r.state_dict {
         Some(p) if p.is_empty() => println!("state dict: top level"),
         Some(p) => println!("state dict: {p}"),
@@ -591,9 +597,10 @@ fn print_inspect(r: &inspect::InspectReport) {
     }
     println!();
     let width = r.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
-    println!("{:<width$}  {:<5}  {:<20}  {:>12}  {:>10}", "name", "dtype", "shape", "numel", "bytes");
+    let dw = r.tensors.iter().map(|t| t.dtype.len()).max().unwrap_or(5).max(5);
+    println!("{:<width$}  {:<dw$}  {:<20}  {:>12}  {:>10}", "name", "dtype", "shape", "numel", "bytes");
     for t in &r.tensors {
-        println!("{:<width$}  {:<5}  {:<20}  {:>12}  {:>10}", t.name, t.dtype, format!("{:?}", t.shape), t.numel, human_bytes(t.bytes));
+        println!("{:<width$}  {:<dw$}  {:<20}  {:>12}  {:>10}", t.name, t.dtype, format!("{:?}", t.shape), t.numel, human_bytes(t.bytes));
     }
     println!();
     println!("total: {} tensors, {} params, {}", r.tensors.len(), r.total_params, human_bytes(r.total_bytes));

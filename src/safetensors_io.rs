@@ -65,11 +65,13 @@ pub fn read_safetensors(file: &File) -> Result<(PthFile, HashMap<String, String>
             shape: info.shape.clone(),
             offset: 0,
             storage,
+            neg: false,
+            conj: false,
         };
         items.push((Value::Str(name), Value::Tensor(view)));
     }
     let metadata = meta.metadata().clone().unwrap_or_default();
-    Ok((PthFile { kind: ContainerKind::Safetensors, value: Value::Dict(items), storages }, metadata))
+    Ok((PthFile { kind: ContainerKind::Safetensors, value: Value::Dict(items), storages, crcs_absent: false }, metadata))
 }
 
 /// Where everything goes in a safetensors file, laid out byte for byte as

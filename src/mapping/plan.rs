@@ -240,6 +240,8 @@ impl Plan {
 pub enum PlanError {
     #[error("invalid option: {0}")]
     BadOption(String),
+    #[error("two tensors of the checkpoint are both named '{0}' once their dict keys are joined with dots (a key that holds dots, such as 'a.b', next to nested dicts a → b): rename one of them in torch before converting")]
+    DuplicateName(String),
     #[error("source keys '{first}' and '{second}' are both '{stripped}' after stripping the table's prefixes")]
     StripCollision {
         first: String,
@@ -356,6 +358,9 @@ pub fn plan(
             n_stripped += 1;
         }
         if let Some(&j) = seen.get(key) {
+            if sources[j].name == s.name {
+                return Err(PlanError::DuplicateName(s.name.clone()));
+            }
             return Err(PlanError::StripCollision {
                 first: sources[j].name.clone(),
                 second: s.name.clone(),

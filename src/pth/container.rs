@@ -3,10 +3,11 @@
 //! pickle and the zip directory; storage bytes stay on disk.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 
 use super::unpickle::{unpickle, StorageRef};
+use super::zip_read::{self, ZipEntry};
 use super::{PthError, Value};
 
 /// Largest pickle we accept (a state dict's pickle is a few hundred KB).
@@ -61,6 +62,8 @@ pub struct PthFile {
     pub kind: ContainerKind,
     pub value: Value,
     pub storages: Vec<StorageLocation>,
+    /// A zip saved with CRC computation off (every CRC recorded as 0): nothing was checked.
+    pub crcs_absent: bool,
 }
 
 /// Reads the container of an open `.pth` file.
@@ -75,16 +78,17 @@ pub fn read_container(file: &mut File) -> Result<PthFile, PthError> {
     if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
         return read_zip(file);
     }
-    if head.starts_with(&LEGACY_MAGIC) {
-        return read_legacy(file, len);
-    }
-    // A pickled 10-byte integer where the magic number goes: a legacy stream, damaged.
-    if head.len() >= LEGACY_MAGIC.len() && head[..4] == LEGACY_MAGIC[..4] {
-        return Err(PthError::Legacy(format!(
-            "wrong magic number 0x{} (torch's is 0x{})",
-            hex_le(&head[4..14]),
-            hex_le(&LEGACY_MAGIC[4..14])
-        )));
+    match legacy_magic(head) {
+        Some(Ok(end)) => return read_legacy(file, len, end),
+        // A pickled 10-byte integer where the magic number goes: a legacy stream, damaged.
+        Some(Err(found)) => {
+            return Err(PthError::Legacy(format!(
+                "wrong magic number 0x{} (torch's is 0x{})",
+                hex_le(found),
+                hex_le(&LEGACY_MAGIC[4..14])
+            )))
+        }
+        None => {}
     }
     if head.len() >= 262 && &head[257..262] == b"ustar" {
         return Err(PthError::TarFormat);
@@ -94,75 +98,83 @@ pub fn read_container(file: &mut File) -> Result<PthFile, PthError> {
 
 fn read_zip(file: &mut File) -> Result<PthFile, PthError> {
     let file_len = file.metadata()?.len();
-    file.seek(SeekFrom::Start(0))?;
-    let mut archive = zip::ZipArchive::new(&*file).map_err(|e| PthError::Zip(e.to_string()))?;
-    if archive.len() > MAX_ZIP_ENTRIES {
-        return Err(PthError::Zip(format!("{} entries, more than the {} allowed", archive.len(), MAX_ZIP_ENTRIES)));
-    }
+    let entries = zip_read::read_directory(file, file_len, MAX_ZIP_ENTRIES)?;
     // torch puts every record under one folder; the shortest `*/data.pkl` is the pickle
     // (a nested archive could contain others).
-    let names: Vec<String> = archive.file_names_raw().map(|n| String::from_utf8_lossy(n).into_owned()).collect();
-    let pkl = names
+    let pkl = entries
         .iter()
-        .filter(|n| n.as_str() == "data.pkl" || n.ends_with("/data.pkl"))
-        .min_by_key(|n| n.len())
-        .ok_or(PthError::NoDataPkl)?
-        .clone();
-    let prefix = &pkl[..pkl.len() - "data.pkl".len()];
-    if names.iter().any(|n| n.starts_with(prefix) && n.ends_with("constants.pkl")) {
+        .filter(|e| e.name == "data.pkl" || e.name.ends_with("/data.pkl"))
+        .min_by_key(|e| e.name.len())
+        .ok_or(PthError::NoDataPkl)?;
+    let prefix = pkl.name[..pkl.name.len() - "data.pkl".len()].to_string();
+    if entries.iter().any(|e| e.name.starts_with(&prefix) && e.name.ends_with("constants.pkl")) {
         return Err(PthError::Zip("this is a TorchScript archive (constants.pkl), not a torch.save checkpoint".into()));
     }
+    let by_name: HashMap<&str, &ZipEntry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
+    // torch >= 2.6 can save with CRC computation off: every CRC is then recorded as 0, and
+    // nothing can be checked (an empty entry's CRC is 0 too, so those say nothing).
+    let crcs_absent = entries.iter().filter(|e| e.size > 0).all(|e| e.crc32 == 0) && entries.iter().any(|e| e.size > 0);
 
-    let pickle_bytes = {
-        let idx = archive.index_for_name(&pkl).ok_or(PthError::NoDataPkl)?;
-        let mut entry = archive.by_index(idx).map_err(|e| PthError::Zip(format!("{pkl}: {e}")))?;
-        if entry.size() > MAX_PICKLE_BYTES {
-            return Err(PthError::Zip(format!("{pkl} is {} bytes, larger than the {} allowed", entry.size(), MAX_PICKLE_BYTES)));
+    if let Some(order) = by_name.get(format!("{prefix}byteorder").as_str()) {
+        let bytes = read_stored(file, file_len, order, 16)?;
+        if bytes.trim_ascii() == b"big" {
+            return Err(PthError::Zip("saved on a big-endian machine (byteorder says big): not supported".into()));
         }
-        // (The declared size may lie: reserve no more than the file can hold.)
-        let mut buf = Vec::with_capacity(entry.size().min(file_len) as usize);
-        entry
-            .by_ref()
-            .take(MAX_PICKLE_BYTES)
-            .read_to_end(&mut buf)
-            .map_err(|e| PthError::Zip(format!("{pkl}: {e}")))?;
-        buf
-    };
+    }
+
+    if pkl.method != 0 {
+        return Err(PthError::Zip(format!("{}: compressed with {}, not supported (torch.save stores entries uncompressed)", pkl.name, pkl.method_name())));
+    }
+    if pkl.size > MAX_PICKLE_BYTES {
+        return Err(PthError::Zip(format!("{} is {} bytes, larger than the {} allowed", pkl.name, pkl.size, MAX_PICKLE_BYTES)));
+    }
+    let pickle_bytes = read_stored(file, file_len, pkl, MAX_PICKLE_BYTES)?;
+    if !crcs_absent {
+        let actual = crc32fast::hash(&pickle_bytes);
+        if actual != pkl.crc32 {
+            return Err(PthError::CrcMismatch { what: pkl.name.clone(), recorded: pkl.crc32, actual });
+        }
+    }
     let unpickled = unpickle(&pickle_bytes)?;
 
     let mut storages = Vec::with_capacity(unpickled.storages.len());
     for s in unpickled.storages {
         let name = format!("{prefix}data/{}", s.key);
-        let idx = archive.index_for_name(&name).ok_or_else(|| PthError::MissingStorage { key: s.key.clone() })?;
-        let entry = archive.by_index_raw(idx).map_err(|e| PthError::Zip(format!("{name}: {e}")))?;
-        if entry.compression() != zip::CompressionMethod::Stored {
-            #[allow(deprecated)]
-            let method = match entry.compression().to_u16() {
-                8 => "deflate".to_string(),
-                9 => "deflate64".to_string(),
-                12 => "bzip2".to_string(),
-                14 => "lzma".to_string(),
-                93 => "zstd".to_string(),
-                n => format!("compression method {n}"),
-            };
-            return Err(PthError::Compressed(name, method));
+        let entry = by_name.get(name.as_str()).ok_or_else(|| PthError::MissingStorage { key: s.key.clone() })?;
+        if entry.method != 0 {
+            return Err(PthError::Compressed(name, entry.method_name()));
         }
         let expected = (s.numel as u64).checked_mul(s.dtype.size() as u64).unwrap_or(u64::MAX);
-        if entry.size() < expected || entry.compressed_size() != entry.size() {
-            return Err(PthError::StorageSize { key: s.key.clone(), expected, actual: entry.size() });
+        if entry.size < expected || entry.compressed_size != entry.size {
+            return Err(PthError::StorageSize { key: s.key.clone(), expected, actual: entry.size });
         }
-        let file_offset = entry.data_start().ok_or_else(|| PthError::Zip(format!("{name}: no data offset")))?;
-        if file_offset.checked_add(entry.compressed_size()).is_none_or(|end| end > file_len) {
+        let file_offset = entry.data_start(file, file_len)?;
+        if file_offset.checked_add(entry.compressed_size).is_none_or(|end| end > file_len) {
             return Err(PthError::Zip(format!(
                 "{name}: the directory says {} bytes at offset {file_offset}, past the end of the {file_len}-byte file",
-                entry.compressed_size()
+                entry.compressed_size
             )));
         }
-        let crc32 = Some(RecordedCrc { crc: entry.crc32(), len: entry.size() });
+        let crc32 = (!crcs_absent).then_some(RecordedCrc { crc: entry.crc32, len: entry.size });
         storages.push(StorageLocation { storage: s, file_offset, byte_len: expected, crc32 });
     }
     check_within(&storages, file_len)?;
-    Ok(PthFile { kind: ContainerKind::Zip, value: unpickled.value, storages })
+    Ok(PthFile { kind: ContainerKind::Zip, value: unpickled.value, storages, crcs_absent })
+}
+
+/// The bytes of a stored entry (at most `limit` of them).
+fn read_stored(file: &File, file_len: u64, entry: &ZipEntry, limit: u64) -> Result<Vec<u8>, PthError> {
+    let start = entry.data_start(file, file_len)?;
+    let len = entry.size.min(limit);
+    if entry.compressed_size != entry.size || start.checked_add(len).is_none_or(|end| end > file_len) {
+        return Err(PthError::Zip(format!(
+            "{}: the directory says {} bytes at offset {start}, past the end of the {file_len}-byte file",
+            entry.name, entry.size
+        )));
+    }
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, start)?;
+    Ok(buf)
 }
 
 /// Reads a pickle starting at `offset`, growing the window until the pickle fits.
@@ -185,8 +197,30 @@ fn unpickle_at(file: &File, offset: u64, file_len: u64) -> Result<(super::unpick
     }
 }
 
-fn read_legacy(file: &mut File, file_len: u64) -> Result<PthFile, PthError> {
-    let mut pos = LEGACY_MAGIC.len() as u64;
+/// Where the pickled magic number that opens a legacy stream ends. torch pickles it with the
+/// protocol it saves with: `PROTO n`, a `FRAME` from protocol 4 on, `LONG1` of 10 bytes, `STOP`.
+/// `Some(Err(bytes))`: a 10-byte integer that is not the magic number.
+fn legacy_magic(head: &[u8]) -> Option<Result<u64, &[u8]>> {
+    let proto = *head.get(1)?;
+    if head[0] != 0x80 || !(2..=5).contains(&proto) {
+        return None;
+    }
+    let mut at = 2;
+    if proto >= 4 && head.get(at) == Some(&0x95) {
+        at += 9;
+    }
+    let int = head.get(at..at + 13)?;
+    if int[..2] != [0x8a, 0x0a] {
+        return None;
+    }
+    if int[2..12] != LEGACY_MAGIC[4..14] || int[12] != b'.' {
+        return Some(Err(&head[at + 2..at + 12]));
+    }
+    Some(Ok((at + 13) as u64))
+}
+
+fn read_legacy(file: &mut File, file_len: u64, magic_end: u64) -> Result<PthFile, PthError> {
+    let mut pos = magic_end;
     let (protocol, next) = unpickle_at(file, pos, file_len)?;
     pos = next;
     if protocol.value != Value::Int(1001) {
@@ -242,7 +276,7 @@ fn read_legacy(file: &mut File, file_len: u64) -> Result<PthFile, PthError> {
         storages.push(StorageLocation { storage: s, file_offset, byte_len, crc32: None });
     }
     check_within(&storages, file_len)?;
-    Ok(PthFile { kind: ContainerKind::Legacy, value: main.value, storages })
+    Ok(PthFile { kind: ContainerKind::Legacy, value: main.value, storages, crcs_absent: false })
 }
 
 /// A little-endian integer's bytes as big-endian hex.

@@ -7,6 +7,7 @@ pub mod pickle_write;
 pub mod unpickle;
 pub mod value;
 pub mod write;
+pub mod zip_read;
 pub mod zip_write;
 
 pub use container::{read_container, ContainerKind, PthFile, RecordedCrc, StorageLocation};
@@ -57,8 +58,6 @@ pub enum PthError {
     BadView(String),
     #[error("tensor {name}: {msg}")]
     InvalidTensor { name: String, msg: String },
-    #[error("unsupported tensor storage type {0}")]
-    UnsupportedDtype(String),
     #[error("pickle ends before its STOP opcode (file truncated?)")]
     PickleTruncated,
     #[error("pickle refers to memo entry {0}, which was never stored")]

@@ -140,16 +140,24 @@ impl Emitter {
         self.put();
     }
 
+    /// `_rebuild_tensor_v2` over a typed storage, or, for the dtypes with no legacy storage
+    /// class (float8s, uint16-64), `_rebuild_tensor_v3` over an untyped one with the dtype
+    /// last, as torch writes them.
     fn tensor(&mut self, t: &PickledTensor, storage_key: &str) {
-        self.global("torch._utils", "_rebuild_tensor_v2");
+        let class = t.dtype.storage_class();
+        let numel = t.shape.iter().product::<usize>();
+        self.global("torch._utils", if class.is_some() { "_rebuild_tensor_v2" } else { "_rebuild_tensor_v3" });
         self.out.push(b'(');
-        // Persistent id ('storage', <Type>Storage, key, 'cpu', numel).
+        // Persistent id ('storage', <Type>Storage, key, 'cpu', numel); untyped: in bytes.
         self.out.push(b'(');
         self.literal("storage");
-        self.global("torch", t.dtype.storage_class());
+        match class {
+            Some(class) => self.global("torch", class),
+            None => self.global("torch.storage", "UntypedStorage"),
+        }
         self.str(storage_key);
         self.literal("cpu");
-        self.int(t.shape.iter().product::<usize>() as i64);
+        self.int(if class.is_some() { numel } else { numel * t.dtype.size() } as i64);
         self.out.push(b't');
         self.put();
         self.out.push(b'Q');
@@ -158,6 +166,9 @@ impl Emitter {
         self.int_tuple(&crate::pth::value::TensorView::contiguous_strides(t.shape));
         self.out.push(0x89); // requires_grad=False
         self.empty_ordered_dict(); // backward_hooks
+        if class.is_none() {
+            self.global("torch", t.dtype.torch_name());
+        }
         self.out.push(b't');
         self.put();
         self.out.push(b'R');

@@ -68,6 +68,9 @@ enum Node {
     /// A tensor whose rebuild arguments are invalid: an error once the tree is built, when
     /// the tensor's place (its dotted key) is known.
     BadTensor(String),
+    /// A storage of a type ckptmap cannot carry: what it is, for the tensors built on it.
+    BadStorage(String),
+    BigInt(String),
     Opaque(String),
 }
 
@@ -106,7 +109,7 @@ pub fn unpickle(data: &[u8]) -> Result<Unpickled, PthError> {
         weight_limit: MAX_EXPANSION_BYTES.saturating_add(data.len().saturating_mul(2)),
     };
     let root = vm.run()?;
-    let mut budget = TreeBudget { nodes: MAX_TREE_NODES, bytes: vm.weight_limit };
+    let mut budget = TreeBudget { nodes: MAX_TREE_NODES, bytes: vm.weight_limit, open: vec![false; vm.arena.len()] };
     let value = vm.to_value(root, 0, &mut budget)?;
     Ok(Unpickled { value, storages: vm.storages, consumed: vm.pos })
 }
@@ -119,6 +122,8 @@ fn bad(msg: impl Into<String>) -> PthError {
 struct TreeBudget {
     nodes: usize,
     bytes: usize,
+    /// The containers being built on the path from the root: meeting one again is a cycle.
+    open: Vec<bool>,
 }
 
 /// Approximate memory a node takes, with what it owns.
@@ -126,7 +131,7 @@ fn node_weight(node: &Node) -> usize {
     let id = std::mem::size_of::<Id>();
     std::mem::size_of::<Node>()
         + match node {
-            Node::Str(s) | Node::Opaque(s) | Node::BadTensor(s) => s.len(),
+            Node::Str(s) | Node::Opaque(s) | Node::BadTensor(s) | Node::BadStorage(s) | Node::BigInt(s) => s.len(),
             Node::Bytes(b) => b.len(),
             Node::List(v) | Node::Tuple(v) => v.len() * id,
             Node::Dict(v) => v.len() * 2 * id,
@@ -299,7 +304,8 @@ impl<'a> Vm<'a> {
                     let s = s.trim_end_matches('L');
                     let node = match s.parse::<i64>() {
                         Ok(v) => Node::Int(v),
-                        Err(_) => Node::Opaque("builtins.int (too large)".into()),
+                        Err(_) if is_decimal(s) => Node::BigInt(s.trim_start_matches('+').to_string()),
+                        Err(_) => return Err(bad(format!("bad LONG {s:?}"))),
                     };
                     self.push(node);
                 }
@@ -539,7 +545,10 @@ impl<'a> Vm<'a> {
     }
 
     fn utf8(&self) -> impl Fn(&[u8]) -> Result<String, PthError> {
-        |b| String::from_utf8(b.to_vec()).map_err(|_| bad("string is not valid UTF-8"))
+        |b| match String::from_utf8(b.to_vec()) {
+            Ok(s) => Ok(s),
+            Err(_) => utf8_surrogatepass(b).ok_or_else(|| bad("string is not valid UTF-8")),
+        }
     }
 
     fn extend_list(&mut self, list: Id, items: Vec<Id>) {
@@ -612,9 +621,14 @@ impl<'a> Vm<'a> {
         let name = name.to_string();
         let items = self.tuple_items(args).map(|a| a.to_vec()).unwrap_or_default();
         match name.as_str() {
-            "torch._utils._rebuild_tensor_v2" | "torch._utils._rebuild_tensor" => {
-                Ok(self.rebuild_tensor(&items).unwrap_or_else(|e| Node::BadTensor(e.to_string())))
+            "torch._utils._rebuild_tensor_v2" | "torch._utils._rebuild_tensor" | "torch._utils._rebuild_tensor_v3" => {
+                let v3 = name.ends_with("_v3");
+                Ok(self.rebuild_tensor(&items, v3).unwrap_or_else(|e| match e {
+                    PthError::InvalidTensor { msg, .. } => Node::BadTensor(msg),
+                    e => Node::BadTensor(e.to_string()),
+                }))
             }
+            n if n.starts_with("torch._utils._rebuild_") => Ok(Node::BadTensor(self.unsupported_rebuild(n, &items))),
             "collections.OrderedDict" | "builtins.dict" => {
                 let mut pairs = Vec::new();
                 if let Some(&seq) = items.first() {
@@ -627,6 +641,11 @@ impl<'a> Vm<'a> {
                 Ok(Node::Dict(pairs))
             }
             "collections.defaultdict" => Ok(Node::Dict(Vec::new())),
+            // How torch pickles a sparse tensor's layout: _get_layout('torch.sparse_coo').
+            "torch.serialization._get_layout" => match items.first().map(|&s| &self.arena[s]) {
+                Some(Node::Str(layout)) => Ok(Node::Opaque(layout.clone())),
+                _ => Ok(Node::Opaque(name)),
+            },
             "builtins.set" | "builtins.frozenset" | "builtins.list" => {
                 let list = items.first().and_then(|&s| self.tuple_items(s)).map(|l| l.to_vec()).unwrap_or_default();
                 Ok(Node::List(list))
@@ -658,14 +677,47 @@ impl<'a> Vm<'a> {
         items.iter().map(|&i| self.int_arg(i, what)).collect()
     }
 
-    fn rebuild_tensor(&mut self, args: &[Id]) -> Result<Node, PthError> {
-        if args.len() < 4 {
-            return Err(bad(format!("_rebuild_tensor_v2 needs at least 4 arguments, got {}", args.len())));
+    /// What a tensor that torch rebuilds with `func` is, and why ckptmap refuses it.
+    fn unsupported_rebuild(&self, func: &str, args: &[Id]) -> String {
+        let short = func.trim_start_matches("torch._utils.");
+        let layout = args.first().map(|&a| self.global_name(a)).unwrap_or_default();
+        match short {
+            "_rebuild_sparse_tensor" | "_rebuild_sparse_csr_tensor" => format!(
+                "is a sparse tensor (layout {layout}): ckptmap carries dense tensors only (MMSeg backbones hold none); save it with .to_dense()"
+            ),
+            "_rebuild_meta_tensor_no_storage" => {
+                "is a meta tensor: it has no values to carry; materialize it (e.g. load real weights) before saving".into()
+            }
+            "_rebuild_qtensor" => {
+                "is a quantized tensor: ckptmap does not carry quantized tensors (MMSeg backbones hold none); save t.dequantize() instead".into()
+            }
+            "_rebuild_nested_tensor" => "is a nested tensor: ckptmap carries dense tensors only".into(),
+            _ => format!("is rebuilt by torch with {short}, which ckptmap does not read: save a plain dense CPU tensor instead"),
         }
-        let (storage, extra) = match self.arena[args[0]] {
-            Node::Storage(s, extra) => (s, extra),
+    }
+
+    /// `_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])`,
+    /// and `_rebuild_tensor_v3(..., hooks, dtype[, metadata])` for the dtypes torch stores
+    /// in an untyped storage (float8s, uint16-64): offset and strides in elements of `dtype`.
+    fn rebuild_tensor(&mut self, args: &[Id], v3: bool) -> Result<Node, PthError> {
+        let func = if v3 { "_rebuild_tensor_v3" } else { "_rebuild_tensor_v2" };
+        if args.len() < if v3 { 7 } else { 4 } {
+            return Err(bad(format!("{func} needs at least {} arguments, got {}", if v3 { 7 } else { 4 }, args.len())));
+        }
+        let (storage, extra) = match &self.arena[args[0]] {
+            Node::Storage(s, extra) => (*s, *extra),
+            Node::BadStorage(what) => return Err(PthError::InvalidTensor { name: String::new(), msg: what.clone() }),
             _ => return Err(bad("tensor rebuilt from something that is not a storage")),
         };
+        let dtype = if v3 {
+            let name = self.global_name(args[6]);
+            let torch_name = name.strip_prefix("torch.").unwrap_or(&name);
+            DType::from_torch_name(torch_name).ok_or_else(|| PthError::InvalidTensor { name: String::new(), msg: unsupported_dtype(torch_name) })?
+        } else {
+            self.storages[storage].dtype
+        };
+        let metadata = args.get(if v3 { 7 } else { 6 }).copied();
+        let (neg, conj) = self.sign_bits(metadata)?;
         let offset = self.int_arg(args[1], "storage offset")?;
         for (id, what) in [(args[2], "size"), (args[3], "stride")] {
             let n = self.tuple_items(id).map_or(0, <[Id]>::len);
@@ -679,8 +731,39 @@ impl<'a> Vm<'a> {
             return Err(PthError::BadView(format!("size has {} dims but stride has {}", shape.len(), strides.len())));
         }
         let offset = offset.checked_add(extra).ok_or_else(|| PthError::BadView("storage offset overflows".into()))?;
-        let dtype = self.storages[storage].dtype;
-        Ok(Node::Tensor(TensorView { dtype, shape, strides, offset, storage }))
+        Ok(Node::Tensor(TensorView { dtype, shape, strides, offset, storage, neg, conj }))
+    }
+
+    /// The negative and conjugate bits from a tensor's metadata dict (`{'neg': True}`);
+    /// any other flag set there is refused rather than ignored.
+    fn sign_bits(&self, metadata: Option<Id>) -> Result<(bool, bool), PthError> {
+        let Some(id) = metadata else { return Ok((false, false)) };
+        let pairs = match &self.arena[id] {
+            Node::Dict(pairs) => pairs,
+            Node::None => return Ok((false, false)),
+            _ => return Err(bad("tensor metadata is not a dict")),
+        };
+        let (mut neg, mut conj) = (false, false);
+        for &(k, v) in pairs {
+            let set = match &self.arena[v] {
+                Node::Bool(b) => *b,
+                Node::Int(i) => *i != 0,
+                _ => true,
+            };
+            match &self.arena[k] {
+                Node::Str(k) if k == "neg" => neg = set,
+                Node::Str(k) if k == "conj" => conj = set,
+                Node::Str(_) if !set => {}
+                Node::Str(k) => {
+                    return Err(PthError::InvalidTensor {
+                        name: String::new(),
+                        msg: format!("carries the tensor flag {k:?}, which ckptmap does not know how to apply"),
+                    })
+                }
+                _ => return Err(bad("tensor metadata has a key that is not a string")),
+            }
+        }
+        Ok((neg, conj))
     }
 
     fn persistent_load(&mut self, pid: Id) -> Result<Node, PthError> {
@@ -694,8 +777,10 @@ impl<'a> Vm<'a> {
         let dtype = if class_name == "UntypedStorage" {
             DType::U8
         } else {
-            DType::from_storage_class(class_name)
-                .ok_or_else(|| PthError::UnsupportedDtype(class.clone()))?
+            match DType::from_storage_class(class_name) {
+                Some(d) => d,
+                None => return Ok(Node::BadStorage(unsupported_storage(&class))),
+            }
         };
         let key = match &self.arena[items[2]] {
             Node::Str(s) => s.clone(),
@@ -729,6 +814,21 @@ impl<'a> Vm<'a> {
     }
 
     fn to_value(&self, id: Id, depth: usize, budget: &mut TreeBudget) -> Result<Value, PthError> {
+        let container = matches!(self.arena[id], Node::List(_) | Node::Tuple(_) | Node::Dict(_));
+        if container {
+            if budget.open[id] {
+                return Ok(Value::Cycle);
+            }
+            budget.open[id] = true;
+        }
+        let value = self.to_value_inner(id, depth, budget);
+        if container {
+            budget.open[id] = false;
+        }
+        value
+    }
+
+    fn to_value_inner(&self, id: Id, depth: usize, budget: &mut TreeBudget) -> Result<Value, PthError> {
         if depth > MAX_DEPTH {
             return Err(PthError::TooDeep(MAX_DEPTH));
         }
@@ -777,6 +877,8 @@ impl<'a> Vm<'a> {
             Node::Storage(..) => Value::Opaque("torch.storage".into()),
             Node::Tensor(t) => Value::Tensor(t.clone()),
             Node::BadTensor(msg) => return Err(PthError::InvalidTensor { name: String::new(), msg: msg.clone() }),
+            Node::BadStorage(what) => Value::Opaque(format!("torch storage ({what})")),
+            Node::BigInt(d) => Value::BigInt(d.clone()),
             Node::Opaque(n) => Value::Opaque(n.clone()),
         })
     }
@@ -802,7 +904,7 @@ fn long_from_le(bytes: &[u8]) -> Node {
         // Fits only if the extra bytes are pure sign extension.
         let sign = if bytes[bytes.len() - 1] & 0x80 != 0 { 0xff } else { 0 };
         if bytes[8..].iter().any(|&b| b != sign) || (bytes[7] & 0x80 != 0) != (sign == 0xff) {
-            return Node::Opaque("builtins.int (too large)".into());
+            return Node::BigInt(decimal_from_le(bytes));
         }
         return long_from_le(&bytes[..8]);
     }
@@ -810,4 +912,101 @@ fn long_from_le(bytes: &[u8]) -> Node {
     let mut buf = if negative { [0xffu8; 8] } else { [0u8; 8] };
     buf[..bytes.len()].copy_from_slice(bytes);
     Node::Int(i64::from_le_bytes(buf))
+}
+
+fn is_decimal(s: &str) -> bool {
+    let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The decimal digits of a little-endian two's-complement integer of any length.
+fn decimal_from_le(bytes: &[u8]) -> String {
+    let negative = bytes.last().is_some_and(|&b| b & 0x80 != 0);
+    let mut mag: Vec<u8> = bytes.to_vec();
+    if negative {
+        // Two's complement: invert and add one.
+        let mut carry = true;
+        for b in &mut mag {
+            let (v, c) = (!*b).overflowing_add(carry as u8);
+            *b = v;
+            carry = c;
+        }
+    }
+    // Base 256 (little-endian) to base 10^9 by repeated division.
+    let mut limbs: Vec<u32> = mag.iter().rev().map(|&b| b as u32).collect(); // big-endian
+    let mut chunks = Vec::new();
+    while limbs.iter().any(|&l| l != 0) {
+        let mut rem = 0u64;
+        for l in &mut limbs {
+            let cur = (rem << 8) | *l as u64;
+            *l = (cur / 1_000_000_000) as u32;
+            rem = cur % 1_000_000_000;
+        }
+        chunks.push(rem as u32);
+    }
+    let mut out = String::from(if negative { "-" } else { "" });
+    match chunks.split_last() {
+        None => out.push('0'),
+        Some((top, rest)) => {
+            out.push_str(&top.to_string());
+            for c in rest.iter().rev() {
+                out.push_str(&format!("{c:09}"));
+            }
+        }
+    }
+    out
+}
+
+/// Decodes text CPython pickled with `surrogatepass` (a str holding lone surrogates, such
+/// as an `os.fsdecode`d path): each surrogate is kept as its escape `\udcff`, the rest as
+/// text. `None` when the bytes are not UTF-8 even so.
+fn utf8_surrogatepass(b: &[u8]) -> Option<String> {
+    let mut out = String::with_capacity(b.len());
+    let mut rest = b;
+    while !rest.is_empty() {
+        match std::str::from_utf8(rest) {
+            Ok(s) => {
+                out.push_str(s);
+                break;
+            }
+            Err(e) => {
+                let (good, bad) = rest.split_at(e.valid_up_to());
+                out.push_str(std::str::from_utf8(good).ok()?);
+                // A surrogate U+D800..U+DFFF encoded as UTF-8: ED A0..BF 80..BF.
+                match bad {
+                    [0xED, b1 @ 0xA0..=0xBF, b2 @ 0x80..=0xBF, ..] => {
+                        let unit = 0xD000 | ((*b1 as u32 & 0x3F) << 6) | (*b2 as u32 & 0x3F);
+                        out.push_str(&format!("\\u{unit:04x}"));
+                        rest = &bad[3..];
+                    }
+                    _ => return None,
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Why a tensor of a torch dtype that has no counterpart here is refused.
+fn unsupported_dtype(torch_name: &str) -> String {
+    let what = match torch_name {
+        "complex32" | "complex128" | "bcomplex32" => "MMSeg backbones hold no complex tensors; drop it, or save its .real/.imag as separate tensors",
+        n if n.starts_with("bits") => "it is raw bits with no numeric meaning; drop it or .view() it as uint8",
+        n if n.starts_with("float4") => "safetensors and MMSeg have no packed float4; dequantize it before saving",
+        _ => "save it as float32, float16 or bfloat16 instead",
+    };
+    format!("has dtype torch.{torch_name}, which ckptmap cannot carry: {what}")
+}
+
+/// Why a storage class with no dtype here is refused (its tensors get this message).
+fn unsupported_storage(class: &str) -> String {
+    let short = class.rsplit('.').next().unwrap_or(class);
+    match short {
+        "ComplexDoubleStorage" => unsupported_dtype("complex128"),
+        "ComplexHalfStorage" => unsupported_dtype("complex32"),
+        s if s.starts_with("QInt") || s.starts_with("QUInt") => format!(
+            "is a quantized tensor ({class}): ckptmap does not carry quantized tensors (MMSeg backbones hold none); save t.dequantize() instead"
+        ),
+        _ => format!("has storage type {class}, which ckptmap cannot carry: save it as float32, float16 or bfloat16 instead"),
+    }
 }

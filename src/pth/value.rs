@@ -18,9 +18,14 @@ pub enum Value {
     /// Dicts and OrderedDicts, in pickle (insertion) order.
     Dict(Vec<(Value, Value)>),
     Tensor(TensorView),
+    /// An integer beyond 64 bits, as its decimal digits (`-1267650600228229401496703205376`).
+    BigInt(String),
     /// Anything else (argparse.Namespace, numpy scalars, mmengine objects …), by the
     /// qualified name of the global that would have built it. Never called.
     Opaque(String),
+    /// A reference back to a container that encloses it (`d['self'] = d`): the cycle is cut
+    /// here, so the tree stays finite.
+    Cycle,
 }
 
 /// A tensor as torch's `_rebuild_tensor_v2` describes it: a strided view into a storage.
@@ -33,6 +38,11 @@ pub struct TensorView {
     pub offset: usize,
     /// Index into the checkpoint's storage list.
     pub storage: usize,
+    /// torch's negative bit (`_neg_view`, `z.conj().imag`): the values are the storage's
+    /// negated. Applied whenever the tensor is read; such a view is never copied raw.
+    pub neg: bool,
+    /// torch's conjugate bit (complex only): the imaginary parts are the storage's negated.
+    pub conj: bool,
 }
 
 impl TensorView {
@@ -53,6 +63,12 @@ impl TensorView {
             acc = acc.saturating_mul(shape[i]);
         }
         strides
+    }
+
+    /// True when the tensor's values are its storage's bytes as they lie (no sign bit to
+    /// apply), so they may be copied raw.
+    pub fn is_raw(&self) -> bool {
+        !self.neg && !(self.conj && self.dtype == DType::C64)
     }
 
     /// True when the elements lie row-major and gap-free from `offset` on (dimensions of
@@ -133,7 +149,9 @@ impl Value {
                 }
             }
             Value::Tensor(t) => format!("tensor {} {:?}", t.dtype, t.shape),
+            Value::BigInt(digits) => digits.clone(),
             Value::Opaque(name) => format!("opaque {name}"),
+            Value::Cycle => "a reference back to an enclosing container (a cycle)".into(),
         }
     }
 }
