@@ -256,3 +256,45 @@ fn f8_value(b: u8, mant: u32, bias: i32, specials: F8Specials) -> f64 {
         sign * (1.0 + m / scale) * 2f64.powi(e - bias)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn float8_values_match_torch() {
+        // Bit patterns and the values torch gives them (`torch.tensor([b], dtype=torch.uint8)
+        // .view(torch.float8_*)`): max finite, smallest subnormal, one, specials.
+        let cases: &[(DType, u8, f64)] = &[
+            (DType::F8E4M3Fn, 0x7e, 448.0),
+            (DType::F8E4M3Fn, 0x01, 2f64.powi(-9)),
+            (DType::F8E4M3Fn, 0x38, 1.0),
+            (DType::F8E4M3Fn, 0xb8, -1.0),
+            (DType::F8E5M2, 0x7b, 57344.0),
+            (DType::F8E5M2, 0x7c, f64::INFINITY),
+            (DType::F8E5M2, 0x3c, 1.0),
+            (DType::F8E4M3Fnuz, 0x40, 1.0),
+            (DType::F8E4M3Fnuz, 0x7f, 240.0),
+            (DType::F8E5M2Fnuz, 0x40, 1.0),
+            (DType::F8E5M2Fnuz, 0x7f, 57344.0),
+            (DType::F8E8M0Fnu, 127, 1.0),
+            (DType::F8E8M0Fnu, 0, 2f64.powi(-127)),
+        ];
+        for &(d, b, want) in cases {
+            assert_eq!(decode_f64(&[b], d), vec![want], "{d} 0x{b:02x}");
+        }
+        for (d, b) in [(DType::F8E4M3Fn, 0x7f), (DType::F8E5M2, 0x7d), (DType::F8E4M3Fnuz, 0x80), (DType::F8E5M2Fnuz, 0x80), (DType::F8E8M0Fnu, 0xff)] {
+            assert!(decode_f64(&[b], d)[0].is_nan(), "{d} 0x{b:02x} is NaN");
+        }
+    }
+
+    #[test]
+    fn every_dtype_has_one_name_of_each_kind() {
+        for d in DType::ALL {
+            assert_eq!(DType::from_name(d.name()), Some(d));
+            assert_eq!(DType::from_torch_name(d.torch_name()), Some(d));
+            assert_eq!(DType::from_safetensors_code(d.safetensors_code()), Some(d));
+            assert_eq!(d.safetensors_code().bitsize(), d.size() * 8, "{d}");
+        }
+    }
+}

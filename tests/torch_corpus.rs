@@ -183,3 +183,68 @@ fn every_file_of_tensors_ckptmap_cannot_carry_is_refused_by_name() {
         }
     }
 }
+
+#[test]
+fn zip_archives_of_every_stem_length_and_the_official_names_are_read() {
+    // torch names the archive's inner folder after the file stem, and a 21-byte stem
+    // (`mae_pretrain_vit_base`) once put a local header where a reader ignoring torch's
+    // ZIP64 end records looked for the central directory.
+    let mut lengths = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(corpus().join("stems")).unwrap() {
+        let path = entry.unwrap().path();
+        let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
+        let ckpt = Checkpoint::open(&path).unwrap_or_else(|e| panic!("stem of {} bytes: {e}", stem.len()));
+        assert_eq!(ckpt.tensors().len(), 1, "{stem}");
+        lengths.insert(stem.len());
+    }
+    assert!((1..=64).all(|n| lengths.contains(&n)), "stem lengths present: {lengths:?}");
+    for name in ["mae_pretrain_vit_base", "mae_pretrain_vit_large", "mae_pretrain_vit_huge", "beit_base_patch16_224_pt22k"] {
+        assert!(corpus().join("stems").join(format!("{name}.pth")).is_file(), "{name}.pth is in the corpus");
+    }
+}
+
+/// A table with the default containers (`state_dict`, `model`, `module`, top level) that
+/// keeps every tensor.
+const KEEP_ALL_DEFAULT_CONTAINERS: &str = r#"
+name = "keep-all-default"
+description = "every tensor under its own name, default containers"
+[[rule]]
+match = '(?s).*'
+keep = true
+"#;
+
+#[test]
+fn a_tensor_named_like_a_container_is_not_unwrapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("keep.toml");
+    std::fs::write(&table, KEEP_ALL_DEFAULT_CONTAINERS).unwrap();
+    for name in ["model", "module", "state_dict"] {
+        let file = corpus().join(format!("flat_tensor_named_{name}.pth"));
+        // Through .pth, then again through our own flat .safetensors of the same tensors.
+        let st = dir.path().join(format!("flat_{name}.safetensors"));
+        for (input, out) in [(file.clone(), st.clone()), (st.clone(), dir.path().join("again.pth"))] {
+            let out = ckptmap(&["convert", input.to_str().unwrap(), out.to_str().unwrap(), "--mapping", table.to_str().unwrap()]);
+            assert!(out.status.success(), "{}: {}", input.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        let back = Checkpoint::open(&dir.path().join("again.pth")).unwrap();
+        let mut names: Vec<String> = back.tensors().into_iter().map(|t| t.name).collect();
+        names.sort();
+        let mut want: Vec<String> = Checkpoint::open(&file).unwrap().tensors().into_iter().map(|t| t.name).collect();
+        want.sort();
+        assert!(want.contains(&name.to_string()) && want.len() >= 2, "{name}: fixture holds the tensor {name} and others");
+        assert_eq!(names, want, "{name}: every tensor kept under its own name");
+    }
+}
+
+#[test]
+fn a_name_collision_says_what_collided() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("keep.toml");
+    std::fs::write(&table, KEEP_ALL).unwrap();
+    let src = corpus().join("key_collision.pth");
+    let out = ckptmap(&["convert", src.to_str().unwrap(), dir.path().join("o.pth").to_str().unwrap(), "--mapping", table.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("both named 'a.b'") && stderr.contains("dots"), "{stderr}");
+    assert!(!stderr.contains("stripping"), "no prefix was stripped: {stderr}");
+}

@@ -1010,3 +1010,40 @@ fn unsupported_storage(class: &str) -> String {
         _ => format!("has storage type {class}, which ckptmap cannot carry: save it as float32, float16 or bfloat16 instead"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn big_integers_keep_their_digits() {
+        let le = |v: i128| {
+            let b = v.to_le_bytes();
+            b.to_vec()
+        };
+        for v in [0i128, 1, -1, 1 << 64, -(1 << 70), i64::MAX as i128 + 1, i64::MIN as i128 - 1, i128::MAX, i128::MIN, 10i128.pow(30)] {
+            assert_eq!(decimal_from_le(&le(v)), v.to_string(), "{v}");
+        }
+        // LONG1 of 9 bytes, 2**64 exactly: beyond i64, so its digits.
+        let mut p = vec![0x80, 2, 0x8a, 9];
+        p.extend_from_slice(&le(1 << 64)[..9]);
+        p.push(b'.');
+        assert_eq!(unpickle(&p).unwrap().value, Value::BigInt("18446744073709551616".into()));
+    }
+
+    #[test]
+    fn lone_surrogates_are_kept_as_escapes() {
+        // 'a\udcffz' pickled by CPython (utf-8, surrogatepass).
+        assert_eq!(utf8_surrogatepass(b"a\xed\xb3\xbfz").as_deref(), Some("a\\udcffz"));
+        assert_eq!(utf8_surrogatepass(b"\xff"), None, "other invalid UTF-8 is still refused");
+    }
+
+    #[test]
+    fn a_self_containing_dict_is_cut_at_the_cycle() {
+        // d = {}; d['self'] = d; d['x'] = 1
+        let p = b"\x80\x02}q\x00(X\x04\x00\x00\x00selfq\x01h\x00X\x01\x00\x00\x00xq\x02K\x01u.";
+        let v = unpickle(p).unwrap().value;
+        assert_eq!(v.get("self"), Some(&Value::Cycle));
+        assert_eq!(v.get("x"), Some(&Value::Int(1)));
+    }
+}
