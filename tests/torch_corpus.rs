@@ -248,3 +248,27 @@ fn a_name_collision_says_what_collided() {
     assert!(stderr.contains("both named 'a.b'") && stderr.contains("dots"), "{stderr}");
     assert!(!stderr.contains("stripping"), "no prefix was stripped: {stderr}");
 }
+
+#[test]
+fn damaged_zip_directories_are_errors_not_panics() {
+    // Every byte of the end records and central directory of a few corpus archives, set
+    // to values that matter to a directory reader (0, 0xff, off by one), one at a time.
+    // Each read must return (a checkpoint or an error); none may panic.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("damaged.pth");
+    let mut cases = 0;
+    for file in ["stems/mae_pretrain_vit_base.pth", "zip_crc_off.pth", "dtype_all.pth"] {
+        let good = std::fs::read(corpus().join(file)).unwrap();
+        let cd = good.windows(4).position(|w| w == b"PK\x01\x02").unwrap();
+        for at in cd..good.len() {
+            for v in [0u8, 0xff, good[at].wrapping_add(1)] {
+                let mut bad = good.clone();
+                bad[at] = v;
+                std::fs::write(&path, &bad).unwrap();
+                let _ = Checkpoint::open(&path);
+                cases += 1;
+            }
+        }
+    }
+    assert!(cases > 1000, "{cases} damaged archives");
+}

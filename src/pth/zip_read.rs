@@ -134,6 +134,10 @@ fn find_directory(file: &File, file_len: u64) -> Result<Directory, PthError> {
 /// what a lying end record can make us allocate.
 pub fn read_directory(file: &File, file_len: u64, max_entries: usize) -> Result<Vec<ZipEntry>, PthError> {
     let dir = find_directory(file, file_len)?;
+    // Each entry takes at least 46 bytes of the directory.
+    if dir.entries > dir.size / 46 {
+        return Err(unreadable(format!("the end record claims {} entries, more than its {}-byte directory can hold", dir.entries, dir.size)));
+    }
     if dir.entries > max_entries as u64 {
         return Err(unreadable(format!("{} entries, more than the {max_entries} allowed", dir.entries)));
     }
