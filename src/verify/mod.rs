@@ -22,6 +22,7 @@
 mod backbone;
 mod compare;
 mod config;
+mod kernels;
 mod layers;
 mod matmul;
 mod random;
