@@ -223,11 +223,19 @@ fn verify_against_original_passes_and_fails() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.pth");
     let text = ok(&["convert", fixture("beit_tiny_ft.pth").to_str().unwrap(), out.to_str().unwrap(), "--verify"]);
-    assert!(text.contains("PASS"), "{text}");
+    assert!(text.contains("PASS") && !text.contains("not checked"), "{text}");
     // A load-ready output at another size is checked through the unresized mapping.
     let resized = dir.path().join("r.pth");
     let text = ok(&["convert", fixture("beit_tiny_ft.pth").to_str().unwrap(), resized.to_str().unwrap(), "--img-size", "224", "--verify"]);
     assert!(text.contains("without resizing") && text.contains("PASS"), "{text}");
+    // It says the resize itself was not checked, in text and in the JSON outcome.
+    assert!(text.contains("img_size 224 (pos_embed / relative position tables) was not checked by the forward pass"), "{text}");
+    let r = ckptmap(&["convert", fixture("beit_tiny_ft.pth").to_str().unwrap(), resized.to_str().unwrap(), "--img-size", "224", "--verify", "--json"]);
+    assert!(r.status.success());
+    let line = String::from_utf8_lossy(&r.stderr).lines().find(|l| l.contains("\"passed\"")).map(str::to_string).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["subject"], "clean conversion", "{v}");
+    assert!(v["not_checked"].as_str().is_some_and(|n| n.contains("not checked by the forward pass")), "{v}");
     let broken = dir.path().join("b.pth");
     rewrite(&out, &broken, |n, b, _| if n == "layers.2.gamma_1" { b.iter_mut().for_each(|x| *x = 0) });
     let r = ckptmap(&["verify", broken.to_str().unwrap(), "--against", fixture("beit_tiny_ft.pth").to_str().unwrap()]);

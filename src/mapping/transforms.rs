@@ -130,18 +130,26 @@ fn torch_cubic_weights(t: f32) -> [f32; 4] {
     keys_cubic_weights(t, -0.75)
 }
 
-/// Keys cubic convolution weights for parameter `a`, in torch's evaluation order
-/// (`get_cubic_upsample_coefficients`), so that f32 rounding follows torch's.
+/// Keys cubic convolution weights for parameter `a`, rounded as torch's compiled f32 kernel
+/// rounds them (`get_cubic_upsample_coefficients`: taps at `t+1, t, 1-t, (1-t)+1`), with
+/// the multiply-adds its build fuses. Near |x| = 2 the polynomial cancels to a small weight,
+/// so each rounding there moves it by many ulps: plain f32 Horner missed torch's weights by
+/// up to 1.2e-6 (outputs by 3e-6) at scales that are not a power of two (14→40, 2→9, 16→14);
+/// these match torch 2.15's weights bit for bit on every fixture size.
 fn keys_cubic_weights(t: f32, a: f32) -> [f32; 4] {
-    let near = |x: f32| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0; // |x| <= 1
-    let far = |x: f32| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a; // 1 < |x| < 2
-    [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
+    // |x| <= 1: ((a+2)x - (a+3))·x·x + 1, the first step fused.
+    let near = |x: f32| ((a + 2.0).mul_add(x, -(a + 3.0)) * x) * x + 1.0;
+    // 1 < |x| < 2: ((ax - 5a)x + 8a)x - 4a, the first two steps fused.
+    let far = |x: f32| a.mul_add(x, -5.0 * a).mul_add(x, 8.0 * a) * x - 4.0 * a;
+    let x2 = 1.0 - t;
+    [far(t + 1.0), near(t), near(x2), far(x2 + 1.0)]
 }
 
 /// For each output index along one axis: the 4 input indices (clamped to the edge, as torch
 /// replicates edges) and their weights. Source coordinates follow torch's
 /// `area_pixel_compute_source_index` with `align_corners=False`: `(dst + 0.5) * in/out - 0.5`,
-/// not clamped for cubic, with the scale `in/out` computed in f32 as torch does.
+/// not clamped for cubic, with the scale `in/out` computed in f32 and the multiply-add fused
+/// as torch does (an ulp of `src` moves the weights by up to 1e-6 on larger grids).
 fn cubic_taps(
     input: usize,
     output: usize,
@@ -150,7 +158,7 @@ fn cubic_taps(
     let scale = input as f32 / output as f32;
     (0..output)
         .map(|o| {
-            let src = scale * (o as f32 + 0.5) - 0.5;
+            let src = scale.mul_add(o as f32 + 0.5, -0.5);
             let floor = src.floor();
             let first = floor as isize - 1;
             let idx =
@@ -261,8 +269,10 @@ fn geometric_axis(side: usize, q: f64) -> Vec<f64> {
 ///
 /// MMSeg calls SciPy `interp2d(kind='cubic')`, removed in SciPy 1.14. On a full grid that is a
 /// FITPACK s=0 bicubic spline with interior knots `x[2..n-2]`, i.e. the not-a-knot spline,
-/// which is separable: a 1-D not-a-knot spline along one axis, then the other. Computed in
-/// f64 (as SciPy does) and rounded to f32 (as MMSeg does). The same window returns the input.
+/// which is separable: a 1-D not-a-knot spline along one axis, then the other. Offsets beyond
+/// the source grid (a window grown so far that `q` is pinned at 1.5) take the grid's edge
+/// value, as FITPACK's evaluation does (see [`spline_weights`]). Computed in f64 (as SciPy
+/// does) and rounded to f32 (as MMSeg does). The same window returns the input.
 pub fn resize_rel_pos_bias_table(
     table: &[f32],
     num_heads: usize,
@@ -360,8 +370,13 @@ enum SplineEnds {
 
 /// The `[t.len(), x.len()]` matrix `W` with `spline(t[j]) = Σk W[j][k]·y[k]` for the cubic
 /// spline interpolating `(x, y)`. The spline is linear in `y`, so one matrix resizes every row
-/// and every head. Needs `x` strictly increasing with at least 4 points; `t` outside `[x0, xn]`
-/// extrapolates the end pieces, as FITPACK does.
+/// and every head. Needs `x` strictly increasing with at least 4 points.
+///
+/// A `t` outside `[x0, xn]` is evaluated at the nearer end: FITPACK's `bispev` (behind SciPy's
+/// `interp2d.__call__`) moves every point outside the knot range onto its end knot, so the
+/// surface is constant beyond its edge, not a continued cubic. MMSeg reaches this when `q` is
+/// pinned at 1.5 and the target offsets outrun the geometric source grid. The clamp is per
+/// axis, so the separable evaluation stays equal to the bicubic one.
 fn spline_weights(x: &[f64], t: &[f64], ends: SplineEnds) -> Vec<f64> {
     let n = x.len();
     let h: Vec<f64> = x.windows(2).map(|p| p[1] - p[0]).collect();
@@ -392,6 +407,7 @@ fn spline_weights(x: &[f64], t: &[f64], ends: SplineEnds) -> Vec<f64> {
     let s = solve_dense(a, b, n);
     let mut w = vec![0f64; t.len() * n];
     for (row, &tj) in w.chunks_exact_mut(n).zip(t) {
+        let tj = tj.clamp(x[0], x[n - 1]);
         let i = x.partition_point(|&xk| xk <= tj).clamp(1, n - 1) - 1;
         let (hi, u, v) = (h[i], x[i + 1] - tj, tj - x[i]);
         let (c0, c1) = (
@@ -670,6 +686,158 @@ mod tests {
         rel_table_case(&st, "rel_table.in", "rel_table.out_27");
         rel_table_case(&st, "rel_table_b.in", "rel_table_b.out_63");
         rel_table_case(&st, "rel_table_b.in", "rel_table_b.out_79");
+    }
+
+    // Issue #13: every resize regime, against numbers made by real SciPy 1.13 / torch
+    // (fixtures/make_resize_fixtures.py; versions in the file's `versions` metadata).
+    const RESIZE_FIXTURE: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/resize_cases.safetensors"
+    );
+
+    /// Bit-close: each value within 1e-6 of the reference, relative to its magnitude (or
+    /// absolutely below 1, where f32 rounding of a tiny value has no relative meaning).
+    const REL_TOL: f64 = 1e-6;
+
+    /// (max |diff|, max |diff| / max(|want|, 1)).
+    fn diffs(got: &[f32], want: &[f32]) -> (f64, f64) {
+        assert_eq!(got.len(), want.len(), "length");
+        got.iter()
+            .zip(want)
+            .map(|(g, w)| {
+                let d = (*g as f64 - *w as f64).abs();
+                (d, d / (*w as f64).abs().max(1.0))
+            })
+            .fold((0.0, 0.0), |(a, r), (d, q)| (a.max(d), r.max(q)))
+    }
+
+    /// The fixture bytes and its `cases` metadata (name → parameters).
+    fn resize_cases() -> (Vec<u8>, serde_json::Map<String, serde_json::Value>) {
+        let bytes = std::fs::read(RESIZE_FIXTURE).unwrap_or_else(|e| {
+            panic!("{RESIZE_FIXTURE}: {e} (made by fixtures/make_resize_fixtures.py)")
+        });
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = header.metadata().clone().unwrap_or_default();
+        eprintln!("fixture versions: {}", meta["versions"]);
+        let cases = serde_json::from_str(&meta["cases"]).unwrap();
+        (bytes, cases)
+    }
+
+    /// Runs every BEiT table case whose MMSeg `q` satisfies `regime`; returns their names.
+    fn rel_table_regime(regime: fn(f64) -> bool) -> Vec<String> {
+        let (bytes, cases) = resize_cases();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (mut checked, mut failed) = (Vec::new(), Vec::new());
+        for (name, case) in cases.iter().filter(|(k, _)| k.starts_with("rel_")) {
+            let want_q: f64 = case["q"].as_str().unwrap().parse().unwrap();
+            if !regime(want_q) {
+                continue;
+            }
+            let num = |k: &str| case[k].as_u64().unwrap() as usize;
+            let (sw, dw, heads) = (num("src_window"), num("dst_window"), num("heads"));
+            let (src, dst) = (2 * sw - 1, 2 * dw - 1);
+            let q = geometric_ratio(src / 2, dst / 2);
+            assert_eq!(q, want_q, "{name}: q");
+            // The case really is in the regime it claims: as many targets beyond the grid.
+            let x = geometric_axis(src, q);
+            let half = (dst / 2) as f64;
+            let outside = (0..dst)
+                .map(|i| i as f64 - half)
+                .filter(|t| *t < x[0] || *t > x[src - 1])
+                .count();
+            assert_eq!(
+                outside,
+                num("targets_outside_source"),
+                "{name}: targets outside"
+            );
+
+            let (table, _) = load(&st, &format!("{name}.in"));
+            let (want, shape) = load(&st, &format!("{name}.out"));
+            assert_eq!(
+                shape,
+                [dst * dst + REL_TABLE_EXTRA_ROWS, heads],
+                "{name}: shape"
+            );
+            let got = resize_rel_pos_bias_table(&table, heads, sw, dw).unwrap();
+            let (abs, rel) = diffs(&got, &want);
+            eprintln!("{name}: q = {q:.10}, {outside} targets outside, max |diff| = {abs:.3e}, relative {rel:.3e}");
+            // Every case is measured before any assertion, so a failure shows all of them.
+            if rel > REL_TOL {
+                failed.push(format!("{name}: max diff {abs:e} (relative {rel:e})"));
+            }
+            let extras = REL_TABLE_EXTRA_ROWS * heads;
+            assert_eq!(
+                got[got.len() - extras..],
+                table[table.len() - extras..],
+                "{name}: extra rows copied"
+            );
+            checked.push(name.clone());
+        }
+        assert!(failed.is_empty(), "{failed:#?}");
+        checked
+    }
+
+    #[test]
+    fn rel_table_q_pinned_high_clamps_like_fitpack() {
+        // q ends at the 1.5 bound: the outer targets lie beyond the source grid, where
+        // FITPACK evaluates at the edge instead of continuing the cubic.
+        let names = rel_table_regime(|q| q > 1.4999);
+        for must in ["rel_4_6", "rel_4_8", "rel_7_24", "rel_3_5", "rel_5_10"] {
+            assert!(
+                names.iter().any(|n| n == must),
+                "case {must} missing: {names:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rel_table_q_inside_bounds_matches_scipy() {
+        let names = rel_table_regime(|q| q > 1.0101 && q < 1.4999);
+        for must in ["rel_14_32", "rel_14_40", "rel_4_5"] {
+            assert!(
+                names.iter().any(|n| n == must),
+                "case {must} missing: {names:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rel_table_q_pinned_low_matches_scipy() {
+        // A smaller window: q ends at the 1.01 bound and every target lies inside the grid.
+        let names = rel_table_regime(|q| q < 1.0101);
+        for must in ["rel_14_7", "rel_7_3"] {
+            assert!(
+                names.iter().any(|n| n == must),
+                "case {must} missing: {names:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn pos_embed_matches_torch_at_the_borders() {
+        // Strong up- and downscales, where torch clamps the cubic taps to the grid's edge.
+        let (bytes, cases) = resize_cases();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (mut checked, mut failed) = (0, Vec::new());
+        for (name, case) in cases.iter().filter(|(k, _)| k.starts_with("pos_")) {
+            let num = |k: &str| case[k].as_u64().unwrap() as usize;
+            let (old, new, dim) = (num("old_grid"), num("new_grid"), num("dim"));
+            let (x, _) = load(&st, &format!("{name}.in"));
+            let (want, shape) = load(&st, &format!("{name}.out"));
+            assert_eq!(shape, [1, 1 + new * new, dim], "{name}: shape");
+            let got = resize_abs_pos_embed(&x, 1, dim, old, new).unwrap();
+            let (abs, rel) = diffs(&got, &want);
+            eprintln!("{name}: max |diff| = {abs:.3e}, relative {rel:.3e}");
+            if rel > REL_TOL {
+                failed.push(format!("{name}: max diff {abs:e} (relative {rel:e})"));
+            }
+            checked += 1;
+        }
+        assert!(failed.is_empty(), "{failed:#?}");
+        assert!(
+            checked >= 9,
+            "only {checked} pos_embed cases in the fixture"
+        );
     }
 
     #[test]
