@@ -782,7 +782,7 @@ mod tests {
         // q ends at the 1.5 bound: the outer targets lie beyond the source grid, where
         // FITPACK evaluates at the edge instead of continuing the cubic.
         let names = rel_table_regime(|q| q > 1.4999);
-        for must in ["rel_4_6", "rel_4_8", "rel_7_24", "rel_3_5", "rel_5_10"] {
+        for must in ["rel_4_6", "rel_4_7", "rel_4_8", "rel_4_10", "rel_7_24", "rel_3_5", "rel_5_10"] {
             assert!(
                 names.iter().any(|n| n == must),
                 "case {must} missing: {names:?}"
@@ -805,7 +805,7 @@ mod tests {
     fn rel_table_q_pinned_low_matches_scipy() {
         // A smaller window: q ends at the 1.01 bound and every target lies inside the grid.
         let names = rel_table_regime(|q| q < 1.0101);
-        for must in ["rel_14_7", "rel_7_3"] {
+        for must in ["rel_14_7", "rel_7_3", "rel_4_3", "rel_4_2"] {
             assert!(
                 names.iter().any(|n| n == must),
                 "case {must} missing: {names:?}"
