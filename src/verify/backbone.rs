@@ -220,6 +220,128 @@ struct MemoIndex {
     checked_generated: bool,
 }
 
+/// What every layer's constructor needs besides its weights: the configuration, the layout,
+/// and the relative-position indexes read so far (blocks often share one stored tensor, so
+/// each distinct index is read, checked and converted once).
+struct Build<'a> {
+    cfg: &'a BackboneConfig,
+    layout: Layout,
+    device: &'a Device,
+    /// The index MMSeg builds for this grid.
+    generated: Vec<i64>,
+    /// Why a tensor sized for another image size is wrong here.
+    size_hint: String,
+    memo: RefCell<HashMap<Option<TensorId>, MemoIndex>>,
+}
+
+impl Build<'_> {
+    /// The index stored at `w`'s `name` (or the generated one when absent), checked against
+    /// the table's rows and, when `must_equal_generated`, against MMSeg's own.
+    fn index(&self, w: &Weights, name: &str, must_equal_generated: bool) -> Result<Index> {
+        let (cfg, t, rows) = (self.cfg, self.cfg.tokens(), self.cfg.table_rows());
+        let key = w.key(name);
+        let stored = w.raw(name);
+        let id = stored.map(Tensor::id);
+        if let Some(hit) = self.memo.borrow().get(&id) {
+            if stored.is_none() || !must_equal_generated || hit.checked_generated {
+                return Ok(hit.index.clone());
+            }
+        }
+        let to_index = |v: Vec<i64>| -> Result<Index> {
+            let flat: Arc<[u32]> = v.iter().map(|&i| i as u32).collect();
+            Ok(Index {
+                window: (v == self.generated).then_some(cfg.grid()),
+                tensor: Tensor::from_vec(v, t * t, self.device)?,
+                flat,
+            })
+        };
+        let index = match stored {
+            None => to_index(self.generated.clone())?,
+            Some(stored) => {
+                check_shape(&key, stored, &[t, t], &self.size_hint)?;
+                let v: Vec<i64> = stored.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+                if must_equal_generated && v != self.generated {
+                    return Err(VerifyError::Config(format!(
+                        "'{key}' is not the index MMSeg builds for a {0}x{0} window; \
+                         regenerate it in the conversion (or drop it: MMSeg rebuilds it)",
+                        cfg.grid()
+                    )));
+                }
+                if let Some(bad) = v.iter().find(|&&i| i < 0 || i as usize >= rows) {
+                    return Err(VerifyError::Config(format!("'{key}' holds {bad}, outside the table's {rows} rows")));
+                }
+                to_index(v)?
+            }
+        };
+        let checked_generated = stored.is_none() || must_equal_generated;
+        self.memo.borrow_mut().insert(id, MemoIndex { index: index.clone(), checked_generated });
+        Ok(index)
+    }
+
+    /// A relative-position table at `w`'s `table` with its index, shape-checked.
+    fn rel_bias(&self, w: &Weights, table: Tensor, index_name: &str, must_equal_generated: bool) -> Result<RelBias> {
+        let key = w.key("relative_position_bias_table");
+        check_shape(&key, &table, &[self.cfg.table_rows(), self.cfg.num_heads], &self.size_hint)?;
+        RelBias::new(table, &self.index(w, index_name, must_equal_generated)?, self.cfg.tokens())
+    }
+}
+
+impl Attention {
+    /// `w` is the block's `attn`: `qkv` (with a full bias for MAE, `q_bias`/`v_bias` for
+    /// BEiT), `proj`, and the block's relative-position table.
+    fn new(w: &Weights, b: &Build) -> Result<Self> {
+        let (cfg, d) = (b.cfg, b.cfg.embed_dim);
+        let qkv_w = w.req_shaped("qkv.weight", &[3 * d, d], "every block has a fused q/k/v projection")?;
+        let qkv_b = match cfg.arch {
+            Arch::Mae => w.req_shaped("qkv.bias", &[3 * d], "MAE blocks have a full q/k/v bias")?,
+            Arch::Beit => {
+                let hint = "BEiT blocks have q and v biases (the k bias is zero)";
+                let q = w.req_shaped("q_bias", &[d], hint)?;
+                let v = w.req_shaped("v_bias", &[d], hint)?;
+                Tensor::cat(&[&q, &q.zeros_like()?, &v], 0)?
+            }
+        };
+        let table = match b.layout {
+            Layout::MMSeg => Some(w.req("relative_position_bias_table", LOAD_READY_HINT)?),
+            Layout::Original => w.opt("relative_position_bias_table")?,
+        };
+        let rel = match table {
+            // MMSeg rebuilds its index, so a stored one must be that one.
+            Some(table) => Some(b.rel_bias(w, table, "relative_position_index", b.layout == Layout::MMSeg)?),
+            None => None,
+        };
+        Ok(Attention {
+            qkv: Linear::from_parts(qkv_w, qkv_b)?,
+            proj: Linear::new(&w.pp("proj"), d, d)?,
+            num_heads: cfg.num_heads,
+            scale: (cfg.head_dim() as f64).powf(-0.5),
+            rel,
+        })
+    }
+}
+
+impl Block {
+    /// `w` is `blocks.i` (original) or `layers.i` (MMSeg).
+    fn new(w: &Weights, b: &Build) -> Result<Self> {
+        let (cfg, n, d) = (b.cfg, b.layout.names(), b.cfg.embed_dim);
+        let gamma = |name: &str| -> Result<Option<Tensor>> {
+            match b.layout {
+                Layout::MMSeg => Ok(Some(w.req_shaped(name, &[d], LOAD_READY_HINT)?)),
+                Layout::Original => w.opt_shaped(name, &[d]),
+            }
+        };
+        Ok(Block {
+            ln1: LayerNorm::new(&w.pp(n.ln1), d, cfg.ln_eps)?,
+            attn: Attention::new(&w.pp("attn"), b)?,
+            ln2: LayerNorm::new(&w.pp(n.ln2), d, cfg.ln_eps)?,
+            fc1: Linear::new(&w.pp(n.fc1), d, cfg.mlp_hidden)?,
+            fc2: Linear::new(&w.pp(n.fc2), cfg.mlp_hidden, d)?,
+            gamma_1: gamma("gamma_1")?,
+            gamma_2: gamma("gamma_2")?,
+        })
+    }
+}
+
 struct Backbone {
     cfg: BackboneConfig,
     patch_embed: PatchEmbed,
@@ -234,167 +356,42 @@ impl Backbone {
         cfg.validate()?;
         let w = Weights::new(map, device);
         let n = layout.names();
-        let (d, t, rows) = (cfg.embed_dim, cfg.tokens(), cfg.table_rows());
-        let generated = relative_position_index_vec(cfg.grid());
-        let size_hint = format!(
-            "the model is built for img_size {} (patch {}, {} tokens); weights at another \
-             size must be resized by the conversion",
-            cfg.img_size, cfg.patch_size, t
-        );
+        let (d, t) = (cfg.embed_dim, cfg.tokens());
+        let b = Build {
+            cfg,
+            layout,
+            device,
+            generated: relative_position_index_vec(cfg.grid()),
+            size_hint: format!(
+                "the model is built for img_size {} (patch {}, {} tokens); weights at another \
+                 size must be resized by the conversion",
+                cfg.img_size, cfg.patch_size, t
+            ),
+            memo: RefCell::new(HashMap::new()),
+        };
 
-        let patch_embed = PatchEmbed::new(&w, n.patch, d, cfg.patch_size)?;
-        let cls_token = w.req_shaped(
-            "cls_token",
-            &[1, 1, d],
-            "the cls token is prepended to the patches",
-        )?;
+        let patch_embed = PatchEmbed::new(&w.pp(n.patch), d, cfg.patch_size)?;
+        let cls_token = w.req_shaped("cls_token", &[1, 1, d], "the cls token is prepended to the patches")?;
         let pos_embed = match (layout, cfg.arch) {
             (Layout::MMSeg, Arch::Beit) => None, // MMSeg's BEiT has no absolute positions
-            (Layout::MMSeg, Arch::Mae) => Some(w.req(
-                "pos_embed",
-                "MMSeg's MAE adds an absolute position embedding",
-            )?),
-            (Layout::Original, Arch::Mae) => Some(w.req(
-                "pos_embed",
-                "the MAE encoder adds an absolute position embedding",
-            )?),
+            (Layout::MMSeg, Arch::Mae) => Some(w.req("pos_embed", "MMSeg's MAE adds an absolute position embedding")?),
+            (Layout::Original, Arch::Mae) => Some(w.req("pos_embed", "the MAE encoder adds an absolute position embedding")?),
             (Layout::Original, Arch::Beit) => w.opt("pos_embed")?,
         };
         if let Some(pe) = &pos_embed {
-            check_shape("pos_embed", pe, &[1, t, d], &size_hint)?;
+            check_shape("pos_embed", pe, &[1, t, d], &b.size_hint)?;
         }
-
-        // Checked indexes by the stored tensor's id (blocks often share one tensor), and the
-        // generated one, so each distinct index is read, checked and converted once.
-        let memo: RefCell<HashMap<Option<TensorId>, MemoIndex>> = RefCell::new(HashMap::new());
-        let load_index = |key: &str, must_equal_generated: bool| -> Result<Index> {
-            let stored = w.raw(key);
-            let id = stored.map(Tensor::id);
-            if let Some(hit) = memo.borrow().get(&id) {
-                if stored.is_none() || !must_equal_generated || hit.checked_generated {
-                    return Ok(hit.index.clone());
-                }
+        // The original BEiT pretraining layout shares one table among all blocks.
+        let shared = match (layout, w.opt(SHARED_TABLE)?) {
+            (Layout::Original, Some(table)) => {
+                let rel = w.pp(SHARED_TABLE.rsplit_once('.').map_or("", |(p, _)| p));
+                let index_name = SHARED_INDEX.rsplit('.').next().unwrap_or(SHARED_INDEX);
+                Some(b.rel_bias(&rel, table, index_name, false)?)
             }
-            let to_index = |v: Vec<i64>| -> Result<Index> {
-                let flat: Arc<[u32]> = v.iter().map(|&i| i as u32).collect();
-                Ok(Index {
-                    window: (v == generated).then_some(cfg.grid()),
-                    tensor: Tensor::from_vec(v, t * t, device)?,
-                    flat,
-                })
-            };
-            let index = match stored {
-                None => to_index(generated.clone())?,
-                Some(stored) => {
-                    check_shape(key, stored, &[t, t], &size_hint)?;
-                    let v: Vec<i64> = stored.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
-                    if must_equal_generated && v != generated {
-                        return Err(VerifyError::Config(format!(
-                            "'{key}' is not the index MMSeg builds for a {0}x{0} window; \
-                             regenerate it in the conversion (or drop it: MMSeg rebuilds it)",
-                            cfg.grid()
-                        )));
-                    }
-                    if let Some(bad) = v.iter().find(|&&i| i < 0 || i as usize >= rows) {
-                        return Err(VerifyError::Config(format!(
-                            "'{key}' holds {bad}, outside the table's {rows} rows"
-                        )));
-                    }
-                    to_index(v)?
-                }
-            };
-            memo.borrow_mut().insert(
-                id,
-                MemoIndex {
-                    index: index.clone(),
-                    checked_generated: stored.is_none() || must_equal_generated,
-                },
-            );
-            Ok(index)
+            _ => None,
         };
-
-        let shared = if layout == Layout::Original {
-            match w.opt(SHARED_TABLE)? {
-                Some(table) => {
-                    check_shape(SHARED_TABLE, &table, &[rows, cfg.num_heads], &size_hint)?;
-                    Some(RelBias::new(table, &load_index(SHARED_INDEX, false)?, t)?)
-                }
-                None => None,
-            }
-        } else {
-            None
-        };
-
-        let mut blocks = Vec::with_capacity(cfg.depth);
-        for i in 0..cfg.depth {
-            let p = format!("{}.{i}", n.blocks);
-            let qkv_w = w.req_shaped(
-                &format!("{p}.attn.qkv.weight"),
-                &[3 * d, d],
-                "every block has a fused q/k/v projection",
-            )?;
-            let qkv_b = match cfg.arch {
-                Arch::Mae => w.req_shaped(
-                    &format!("{p}.attn.qkv.bias"),
-                    &[3 * d],
-                    "MAE blocks have a full q/k/v bias",
-                )?,
-                Arch::Beit => {
-                    let hint = "BEiT blocks have q and v biases (the k bias is zero)";
-                    let q = w.req_shaped(&format!("{p}.attn.q_bias"), &[d], hint)?;
-                    let v = w.req_shaped(&format!("{p}.attn.v_bias"), &[d], hint)?;
-                    Tensor::cat(&[&q, &q.zeros_like()?, &v], 0)?
-                }
-            };
-            let table_key = format!("{p}.attn.relative_position_bias_table");
-            let index_key = format!("{p}.attn.relative_position_index");
-            let table = match layout {
-                Layout::MMSeg => Some(w.req(&table_key, LOAD_READY_HINT)?),
-                Layout::Original => w.opt(&table_key)?,
-            };
-            let rel = match table {
-                Some(table) => {
-                    check_shape(&table_key, &table, &[rows, cfg.num_heads], &size_hint)?;
-                    Some(RelBias::new(
-                        table,
-                        &load_index(&index_key, layout == Layout::MMSeg)?,
-                        t,
-                    )?)
-                }
-                None => None,
-            };
-            let gamma = |name: &str| -> Result<Option<Tensor>> {
-                let key = format!("{p}.{name}");
-                match layout {
-                    Layout::MMSeg => Ok(Some(w.req_shaped(&key, &[d], LOAD_READY_HINT)?)),
-                    Layout::Original => w.opt_shaped(&key, &[d]),
-                }
-            };
-            blocks.push(Block {
-                ln1: LayerNorm::new(&w, &format!("{p}.{}", n.ln1), d, cfg.ln_eps)?,
-                attn: Attention {
-                    qkv: Linear::from_parts(qkv_w, qkv_b)?,
-                    proj: Linear::new(&w, &format!("{p}.attn.proj"), d, d)?,
-                    num_heads: cfg.num_heads,
-                    scale: (cfg.head_dim() as f64).powf(-0.5),
-                    rel,
-                },
-                ln2: LayerNorm::new(&w, &format!("{p}.{}", n.ln2), d, cfg.ln_eps)?,
-                fc1: Linear::new(&w, &format!("{p}.{}", n.fc1), d, cfg.mlp_hidden)?,
-                fc2: Linear::new(&w, &format!("{p}.{}", n.fc2), cfg.mlp_hidden, d)?,
-                gamma_1: gamma("gamma_1")?,
-                gamma_2: gamma("gamma_2")?,
-            });
-        }
-
-        Ok(Backbone {
-            cfg: cfg.clone(),
-            patch_embed,
-            cls_token,
-            pos_embed,
-            shared,
-            blocks,
-        })
+        let blocks = (0..cfg.depth).map(|i| Block::new(&w.pp(format!("{}.{i}", n.blocks)), &b)).collect::<Result<_>>()?;
+        Ok(Backbone { cfg: cfg.clone(), patch_embed, cls_token, pos_embed, shared, blocks })
     }
 
     fn forward(&self, input: &Tensor) -> Result<Features> {

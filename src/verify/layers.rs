@@ -23,55 +23,66 @@ use super::matmul::matmul;
 use super::{Result, VerifyError, WeightMap};
 
 /// Looks up weights under one prefix, moving them to the compute device as f32 and checking
-/// shapes, so every error names the full key.
+/// shapes, so every error names the full key. As candle's `VarBuilder`: `w.pp("attn")`
+/// scopes to `<prefix>.attn`, so each layer's constructor names only its own parameters.
+#[derive(Clone)]
 pub(crate) struct Weights<'a> {
     map: &'a WeightMap,
     device: Device,
+    prefix: String,
 }
 
 impl<'a> Weights<'a> {
     pub fn new(map: &'a WeightMap, device: &Device) -> Self {
-        Weights {
-            map,
-            device: device.clone(),
+        Weights { map, device: device.clone(), prefix: String::new() }
+    }
+
+    /// The same weights under `<prefix>.<name>` (a dotted `name` scopes several levels).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Weights<'a> {
+        Weights { map: self.map, device: self.device.clone(), prefix: self.key(&name.to_string()) }
+    }
+
+    /// The full key of `name` under this prefix.
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
         }
     }
 
-    /// The tensor at `key`, if present, as f32 on the compute device.
-    pub fn opt(&self, key: &str) -> Result<Option<Tensor>> {
-        match self.map.get(key) {
+    /// The tensor `name`, if present, as f32 on the compute device.
+    pub fn opt(&self, name: &str) -> Result<Option<Tensor>> {
+        match self.map.get(&self.key(name)) {
             None => Ok(None),
             Some(t) => Ok(Some(t.to_dtype(DType::F32)?.to_device(&self.device)?)),
         }
     }
 
-    /// The tensor at `key`, or a [`VerifyError::MissingKey`] carrying `hint`.
-    pub fn req(&self, key: &str, hint: &str) -> Result<Tensor> {
-        self.opt(key)?.ok_or_else(|| VerifyError::MissingKey {
-            key: key.to_string(),
-            hint: hint.to_string(),
-        })
+    /// The tensor `name`, or a [`VerifyError::MissingKey`] carrying `hint`.
+    pub fn req(&self, name: &str, hint: &str) -> Result<Tensor> {
+        self.opt(name)?.ok_or_else(|| VerifyError::MissingKey { key: self.key(name), hint: hint.to_string() })
     }
 
     /// Like [`Weights::req`], and the shape must be `expected`.
-    pub fn req_shaped(&self, key: &str, expected: &[usize], hint: &str) -> Result<Tensor> {
-        let t = self.req(key, hint)?;
-        check_shape(key, &t, expected, "")?;
+    pub fn req_shaped(&self, name: &str, expected: &[usize], hint: &str) -> Result<Tensor> {
+        let t = self.req(name, hint)?;
+        check_shape(&self.key(name), &t, expected, "")?;
         Ok(t)
     }
 
     /// Like [`Weights::opt`], and a present tensor must have shape `expected`.
-    pub fn opt_shaped(&self, key: &str, expected: &[usize]) -> Result<Option<Tensor>> {
-        let t = self.opt(key)?;
+    pub fn opt_shaped(&self, name: &str, expected: &[usize]) -> Result<Option<Tensor>> {
+        let t = self.opt(name)?;
         if let Some(t) = &t {
-            check_shape(key, t, expected, "")?;
+            check_shape(&self.key(name), t, expected, "")?;
         }
         Ok(t)
     }
 
     /// The raw tensor (any dtype), e.g. an integer index.
-    pub fn raw(&self, key: &str) -> Option<&'a Tensor> {
-        self.map.get(key)
+    pub fn raw(&self, name: &str) -> Option<&'a Tensor> {
+        self.map.get(&self.key(name))
     }
 }
 
@@ -100,9 +111,10 @@ pub(crate) struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn new(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
-        let weight = w.req_shaped(&format!("{prefix}.weight"), &[dim], WEIGHT_HINT)?;
-        let bias = w.req_shaped(&format!("{prefix}.bias"), &[dim], WEIGHT_HINT)?;
+    /// Reads `weight` and `bias` of `w`'s prefix.
+    pub fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        let weight = w.req_shaped("weight", &[dim], WEIGHT_HINT)?;
+        let bias = w.req_shaped("bias", &[dim], WEIGHT_HINT)?;
         Ok(LayerNorm {
             weight_v: weight.to_vec1()?,
             bias_v: bias.to_vec1()?,
@@ -141,10 +153,10 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
-    /// Reads `<prefix>.weight` and `<prefix>.bias`.
-    pub fn new(w: &Weights, prefix: &str, inp: usize, out: usize) -> Result<Self> {
-        let weight = w.req_shaped(&format!("{prefix}.weight"), &[out, inp], WEIGHT_HINT)?;
-        let bias = w.req_shaped(&format!("{prefix}.bias"), &[out], WEIGHT_HINT)?;
+    /// Reads `weight` and `bias` of `w`'s prefix.
+    pub fn new(w: &Weights, inp: usize, out: usize) -> Result<Self> {
+        let weight = w.req_shaped("weight", &[out, inp], WEIGHT_HINT)?;
+        let bias = w.req_shaped("bias", &[out], WEIGHT_HINT)?;
         Self::from_parts(weight, bias)
     }
 
@@ -211,9 +223,9 @@ pub(crate) struct PatchEmbed {
 }
 
 impl PatchEmbed {
-    pub fn new(w: &Weights, prefix: &str, dim: usize, patch: usize) -> Result<Self> {
-        let key = format!("{prefix}.weight");
-        let weight = w.req(&key, "the patch embedding is the model's first layer")?;
+    pub fn new(w: &Weights, dim: usize, patch: usize) -> Result<Self> {
+        let key = w.key("weight");
+        let weight = w.req("weight", "the patch embedding is the model's first layer")?;
         let d = weight.dims().to_vec();
         if d.len() != 4 || d[0] != dim || d[2] != patch || d[3] != patch {
             return Err(VerifyError::Shape {
@@ -225,7 +237,7 @@ impl PatchEmbed {
         }
         let in_chans = d[1];
         let bias = w.req_shaped(
-            &format!("{prefix}.bias"),
+            "bias",
             &[dim],
             "the patch-embedding convolution has a bias",
         )?;
