@@ -27,10 +27,8 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::table::{
-    Action, Env, EvalError, FillValue, Formula, Make, MakeKind, MappingTable, OptName,
-    RuleTransform, TargetSpec, UnknownKeys,
-};
+use super::expr::{Env, EvalError, Formula, OptName};
+use super::table::{Action, FillValue, Make, MakeKind, MappingTable, RuleTransform, TargetSpec, UnknownKeys};
 use crate::DType;
 
 /// One tensor of the checkpoint, as the planner sees it. `name` is relative to the unwrapped
@@ -986,7 +984,7 @@ impl Evaluator<'_> {
     /// `None` when something the expression reads is absent; errors on contradictions.
     fn eval_optional(
         &mut self,
-        e: &super::table::Expr,
+        e: &super::expr::Expr,
         context: &str,
     ) -> Result<Option<i64>, PlanError> {
         match e.eval(self) {
