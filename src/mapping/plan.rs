@@ -326,12 +326,45 @@ enum Applied {
     },
 }
 
-/// Applies `table` to the checkpoint described by `sources`. See the module docs.
+/// Applies `table` to the checkpoint described by `sources`. See the module docs: each
+/// numbered step there is one function below.
 pub fn plan(
     table: &MappingTable,
     sources: &[SourceTensor],
     opts: &PlanOptions,
 ) -> Result<Plan, PlanError> {
+    check_options(opts)?;
+    let load_ready = opts.img_size.is_some();
+    let mut notes = Notes::default();
+    let (stripped, seen) = strip_prefixes(table, sources, &mut notes)?;
+    let mut ev = Evaluator {
+        table,
+        shapes: stripped
+            .iter()
+            .zip(sources)
+            .map(|(k, s)| (k.to_string(), s.shape.clone()))
+            .collect(),
+        keys: stripped.iter().map(|k| k.to_string()).collect(),
+        opts,
+        memo: HashMap::new(),
+    };
+    let (produced, dropped) = apply_rules(table, sources, &stripped, load_ready, &mut ev, &mut notes)?;
+    check_unique_targets(&produced)?;
+    run_checks(table, &mut ev)?;
+    let mut outputs = place_targets(table, sources, &produced, opts, &mut ev, &mut notes)?;
+    let dropped = keep_unused(table, sources, &seen, dropped, opts, &mut outputs, &mut notes)?;
+    Ok(Plan {
+        table: table.name().to_string(),
+        img_size: opts.img_size,
+        vars: reported_vars(table, &mut ev)?,
+        outputs,
+        dropped,
+        notes: notes.0,
+        sources: sources.iter().map(|s| s.name.clone()).collect(),
+    })
+}
+
+fn check_options(opts: &PlanOptions) -> Result<(), PlanError> {
     if opts.img_size == Some(0) {
         return Err(PlanError::BadOption("img_size must be positive".into()));
     }
@@ -339,14 +372,18 @@ pub fn plan(
         return Err(PlanError::BadOption("num_heads must be positive".into()));
     }
     if opts.init_values.is_some_and(|v| !v.is_finite()) {
-        return Err(PlanError::BadOption(
-            "init_values must be a finite number".into(),
-        ));
+        return Err(PlanError::BadOption("init_values must be a finite number".into()));
     }
-    let load_ready = opts.img_size.is_some();
-    let mut notes = Notes::default();
+    Ok(())
+}
 
-    // 1. Strip prefixes.
+/// Step 1: every source key without the table's prefixes (and each stripped key's source
+/// index). Two keys that strip to one name are an error.
+fn strip_prefixes<'s>(
+    table: &MappingTable,
+    sources: &'s [SourceTensor],
+    notes: &mut Notes,
+) -> Result<(Vec<&'s str>, HashMap<&'s str, usize>), PlanError> {
     let mut stripped: Vec<&str> = Vec::with_capacity(sources.len());
     let mut seen: HashMap<&str, usize> = HashMap::new();
     let mut n_stripped = 0;
@@ -376,22 +413,21 @@ pub fn plan(
         ));
     }
 
-    let mut ev = Evaluator {
-        table,
-        shapes: stripped
-            .iter()
-            .zip(sources)
-            .map(|(k, s)| (k.to_string(), s.shape.clone()))
-            .collect(),
-        keys: stripped.iter().map(|k| k.to_string()).collect(),
-        opts,
-        memo: HashMap::new(),
-    };
+    Ok((stripped, seen))
+}
 
-    // 2. Rules: first active match wins.
+/// Step 2: each source key's fate from the first active rule that matches all of it.
+fn apply_rules(
+    table: &MappingTable,
+    sources: &[SourceTensor],
+    stripped: &[&str],
+    load_ready: bool,
+    ev: &mut Evaluator,
+    notes: &mut Notes,
+) -> Result<(Vec<Produced>, Vec<DroppedKey>), PlanError> {
     let mut produced: Vec<Produced> = Vec::new();
     let mut dropped: Vec<DroppedKey> = Vec::new();
-    for (src, &key) in sources.iter().zip(&stripped) {
+    for (src, &key) in sources.iter().zip(stripped) {
         let hit = table
             .rules
             .iter()
@@ -441,7 +477,7 @@ pub fn plan(
                 let expand = matches!(rule.action, Action::Expand(_));
                 let (applied, shape) = match &rule.transform {
                     None => (Applied::Copy, src.shape.clone()),
-                    Some(t) => apply_transform(&mut ev, &mut notes, &rule.id, key, &src.shape, t)?,
+                    Some(t) => apply_transform(ev, notes, &rule.id, key, &src.shape, t)?,
                 };
                 let origin = |source: String| match applied {
                     Applied::Copy if expand => Origin::Expand { source },
@@ -487,6 +523,11 @@ pub fn plan(
         }
     }
 
+    Ok((produced, dropped))
+}
+
+/// No target may be produced twice.
+fn check_unique_targets(produced: &[Produced]) -> Result<(), PlanError> {
     let mut by_target: HashMap<&str, usize> = HashMap::new();
     for (i, p) in produced.iter().enumerate() {
         if let Some(&j) = by_target.get(p.target.as_str()) {
@@ -502,7 +543,11 @@ pub fn plan(
         by_target.insert(p.target.as_str(), i);
     }
 
-    // 3. Checks.
+    Ok(())
+}
+
+/// Step 3: the table's checks; a check whose variables have no value is skipped.
+fn run_checks(table: &MappingTable, ev: &mut Evaluator) -> Result<(), PlanError> {
     for check in &table.checks {
         let left = ev.eval_optional(&check.left, &format!("table check '{}'", check.text))?;
         let right = ev.eval_optional(&check.right, &format!("table check '{}'", check.text))?;
@@ -526,8 +571,21 @@ pub fn plan(
         }
     }
 
-    // 4. Targets.
-    let fill_dtype = float_dtype(sources, &mut notes);
+    Ok(())
+}
+
+/// Step 4: every produced key placed on the table's target set in target order, shapes
+/// checked, makers filling what no source produced, missing targets refused.
+fn place_targets(
+    table: &MappingTable,
+    sources: &[SourceTensor],
+    produced: &[Produced],
+    opts: &PlanOptions,
+    ev: &mut Evaluator,
+    notes: &mut Notes,
+) -> Result<Vec<PlannedTensor>, PlanError> {
+    let load_ready = opts.img_size.is_some();
+    let fill_dtype = float_dtype(sources, notes);
     let mut outputs: Vec<PlannedTensor> = Vec::new();
     let place = |p: &Produced| PlannedTensor {
         target: p.target.clone(),
@@ -567,7 +625,7 @@ pub fn plan(
             .map(|(i, (k, _))| (k.as_str(), i))
             .collect();
         let mut slot: Vec<Option<&Produced>> = vec![None; concrete.len()];
-        for p in &produced {
+        for p in produced {
             match position.get(p.target.as_str()) {
                 Some(&i) => slot[i] = Some(p),
                 None => {
@@ -673,7 +731,21 @@ pub fn plan(
         }
     }
 
-    // 5. keep_unused.
+    Ok(outputs)
+}
+
+/// Step 5: with `keep_unused`, dropped keys pass through under their stripped names.
+/// Returns what stays dropped.
+fn keep_unused(
+    table: &MappingTable,
+    sources: &[SourceTensor],
+    seen: &HashMap<&str, usize>,
+    mut dropped: Vec<DroppedKey>,
+    opts: &PlanOptions,
+    outputs: &mut Vec<PlannedTensor>,
+    notes: &mut Notes,
+) -> Result<Vec<DroppedKey>, PlanError> {
+    let load_ready = opts.img_size.is_some();
     if opts.keep_unused {
         for d in std::mem::take(&mut dropped) {
             let key = table.strip(&d.source).to_string();
@@ -702,7 +774,11 @@ pub fn plan(
         }
     }
 
-    // The variables that have a value, for the report.
+    Ok(dropped)
+}
+
+/// The variables that have a value, for the report.
+fn reported_vars(table: &MappingTable, ev: &mut Evaluator) -> Result<BTreeMap<String, i64>, PlanError> {
     let mut vars = BTreeMap::new();
     for name in table.vars.keys() {
         match ev.var(name) {
@@ -719,18 +795,9 @@ pub fn plan(
         }
     }
 
-    Ok(Plan {
-        table: table.name().to_string(),
-        img_size: opts.img_size,
-        vars,
-        outputs,
-        dropped,
-        notes: notes.0,
-        sources: sources.iter().map(|s| s.name.clone()).collect(),
-    })
+    Ok(vars)
 }
 
-/// Evaluates a rule transform's parameters, checks the input shape, and works out the output.
 fn apply_transform(
     ev: &mut Evaluator<'_>,
     notes: &mut Notes,
