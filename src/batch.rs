@@ -48,7 +48,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use crate::atomic::AtomicFile;
-use crate::checkpoint::Checkpoint;
+use crate::formats::checkpoint::Checkpoint;
 use crate::convert::{choose_table, prepare, write_plan, OutputFormat};
 use crate::fetch::{self, FetchOptions};
 use crate::mapping::plan::PlanOptions;

@@ -11,12 +11,12 @@ use serde::Serialize;
 use sha2::Digest;
 
 use crate::atomic::AtomicFile;
-use crate::checkpoint::{Checkpoint, TensorEntry};
+use crate::formats::checkpoint::{Checkpoint, TensorEntry};
 use crate::mapping::plan::{Origin, Plan, PlannedTensor};
 use crate::mapping::transforms;
-use crate::outfile::{OutFile, TensorSink};
+use crate::write::outfile::{OutFile, TensorSink};
 use crate::progress::Progress;
-use crate::pth::write::{write_pth, TensorToWrite};
+use crate::write::pth::{write_pth, TensorToWrite};
 use crate::DType;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +30,7 @@ pub enum ConvertError {
     #[error("{0}: output format must be .pth or .safetensors (by extension)")]
     UnknownFormat(PathBuf),
     #[error(transparent)]
-    Input(#[from] crate::checkpoint::CheckpointError),
+    Input(#[from] crate::formats::checkpoint::CheckpointError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -377,7 +377,7 @@ fn write_outputs(
         OutputFormat::Safetensors => {
             let specs: Vec<(&str, DType, &[usize])> =
                 plan.outputs.iter().zip(dtypes).map(|(t, &d)| (t.target.as_str(), d, t.shape.as_slice())).collect();
-            let layout = crate::safetensors_io::safetensors_layout(&specs).map_err(out_err)?;
+            let layout = crate::write::safetensors::safetensors_layout(&specs).map_err(out_err)?;
             let mut out = OutFile::new(file, 0);
             out.write_all(&layout.head).map_err(|e| out_err(e.to_string()))?;
             for &i in &layout.order {

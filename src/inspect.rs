@@ -3,10 +3,10 @@
 
 use serde::Serialize;
 
-use crate::checkpoint::{Checkpoint, TensorEntry};
+use crate::formats::checkpoint::{Checkpoint, TensorEntry};
 use crate::dtype::decode_f64;
-use crate::pth::value::count_tensors;
-use crate::pth::Value;
+use crate::formats::value::count_tensors;
+use crate::formats::Value;
 
 /// Containers tried, in order, when looking for the state dict (the unwrap order of
 /// beit2mmseg and unilm, plus a bare state dict).

@@ -6,17 +6,15 @@
 
 pub mod atomic;
 pub mod batch;
-pub mod checkpoint;
 pub mod convert;
 pub mod dtype;
 pub mod fetch;
+pub mod formats;
 pub mod inspect;
 pub mod mapping;
-pub mod outfile;
 pub mod progress;
-pub mod pth;
-pub mod safetensors_io;
 pub mod synth;
 pub mod verify;
+pub mod write;
 
 pub use dtype::DType;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use ckptmap::checkpoint::Checkpoint;
+use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::convert::{self, choose_table, prepare, write_plan_uncommitted};
 use ckptmap::inspect;
 use ckptmap::mapping::plan::{Fate, Plan, PlanOptions};

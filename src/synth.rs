@@ -5,7 +5,7 @@
 use std::io::{self, Write};
 use std::path::Path;
 
-use crate::pth::write::{write_pth, TensorToWrite};
+use crate::write::pth::{write_pth, TensorToWrite};
 use crate::DType;
 
 /// Names and shapes of an MAE ViT encoder checkpoint (`mae_pretrain_vit_*.pth` layout) for

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ckptmap::batch::{parse_list, ListItem, Source};
-use ckptmap::checkpoint::Checkpoint;
+use ckptmap::formats::checkpoint::Checkpoint;
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::io::Write;
 use std::process::{Command, Output};
 
-use ckptmap::checkpoint::Checkpoint;
-use ckptmap::pth::write::{write_pth, TensorToWrite};
+use ckptmap::formats::checkpoint::Checkpoint;
+use ckptmap::write::pth::{write_pth, TensorToWrite};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ckptmap::pth::write::{write_pth, TensorToWrite};
+use ckptmap::write::pth::{write_pth, TensorToWrite};
 use ckptmap::DType;
 
 fn fixture(name: &str) -> PathBuf {
@@ -484,7 +484,7 @@ fn a_malformed_list_line_is_one_clear_error() {
 fn a_corrupted_storage_byte_fails_its_crc_check() {
     let dir = tempfile::tempdir().unwrap();
     let good = fixture("mae_tiny.pth");
-    let ckpt = ckptmap::checkpoint::Checkpoint::open(&good).unwrap();
+    let ckpt = ckptmap::formats::checkpoint::Checkpoint::open(&good).unwrap();
     let corrupt = |tensor: &str| -> PathBuf {
         let t = ckpt.tensors().into_iter().find(|t| t.name == tensor).unwrap();
         let loc = ckpt.storage(t.view);

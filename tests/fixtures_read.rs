@@ -5,10 +5,10 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use ckptmap::checkpoint::Checkpoint;
+use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::dtype::decode_f64;
-use ckptmap::pth::write::{write_pth, TensorToWrite};
-use ckptmap::pth::Value;
+use ckptmap::write::pth::{write_pth, TensorToWrite};
+use ckptmap::formats::Value;
 use serde_json::Value as Json;
 
 fn fixtures() -> PathBuf {

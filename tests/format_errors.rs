@@ -4,10 +4,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ckptmap::checkpoint::Checkpoint;
-use ckptmap::pth::unpickle::unpickle;
-use ckptmap::pth::write::{write_pth, TensorToWrite};
-use ckptmap::pth::{PthError, Value};
+use ckptmap::formats::checkpoint::Checkpoint;
+use ckptmap::formats::pth::unpickle::unpickle;
+use ckptmap::write::pth::{write_pth, TensorToWrite};
+use ckptmap::formats::{FormatError, Value};
 use ckptmap::DType;
 
 fn temp_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
@@ -174,14 +174,14 @@ fn good_handmade_zip_reads() {
 #[test]
 fn memo_reference_to_nothing() {
     let e = unpickle(b"\x80\x02h\x05.").unwrap_err();
-    assert!(matches!(e, PthError::MemoMissing(5)), "{e}");
+    assert!(matches!(e, FormatError::MemoMissing(5)), "{e}");
     assert!(e.to_string().contains("memo entry 5"));
 }
 
 #[test]
 fn pickle_that_stops_early() {
     let e = unpickle(b"\x80\x02}q\x00(X\x01\x00\x00\x00a").unwrap_err();
-    assert!(matches!(e, PthError::PickleTruncated), "{e}");
+    assert!(matches!(e, FormatError::PickleTruncated), "{e}");
 }
 
 #[test]
@@ -196,7 +196,7 @@ fn deep_nesting_is_an_error_not_a_crash() {
     }
     p.push(b'.');
     let e = unpickle(&p).unwrap_err();
-    assert!(matches!(e, PthError::TooDeep(_)), "{e}");
+    assert!(matches!(e, FormatError::TooDeep(_)), "{e}");
 }
 
 #[test]
@@ -212,7 +212,7 @@ fn memo_bomb_is_an_error() {
     }
     p.extend_from_slice(b"l.");
     let e = unpickle(&p).unwrap_err();
-    assert!(matches!(e, PthError::TooLarge(_)), "{e}");
+    assert!(matches!(e, FormatError::TooLarge(_)), "{e}");
 }
 
 #[test]

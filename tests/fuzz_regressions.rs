@@ -8,9 +8,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ckptmap::checkpoint::Checkpoint;
-use ckptmap::pth::unpickle::unpickle;
-use ckptmap::pth::PthError;
+use ckptmap::formats::checkpoint::Checkpoint;
+use ckptmap::formats::pth::unpickle::unpickle;
+use ckptmap::formats::FormatError;
 
 fn op_str(s: &str) -> Vec<u8> {
     let mut v = vec![b'X'];
@@ -75,7 +75,7 @@ fn parameters_of_one_big_list_are_not_copied() {
     }
     p.extend_from_slice(b"N.");
     let v = quickly(Duration::from_secs(20), || unpickle(&p)).unwrap();
-    assert_eq!(v.value, ckptmap::pth::Value::None);
+    assert_eq!(v.value, ckptmap::formats::Value::None);
 }
 
 #[test]
@@ -89,7 +89,7 @@ fn copies_made_by_reduce_count_against_the_memory_limit() {
     }
     p.extend_from_slice(b"N.");
     let e = quickly(Duration::from_secs(20), || unpickle(&p)).unwrap_err();
-    assert!(matches!(e, PthError::TooBig { .. }), "{e}");
+    assert!(matches!(e, FormatError::TooBig { .. }), "{e}");
 }
 
 #[test]

@@ -227,7 +227,7 @@ fn safetensors_layout_matches_the_crate_byte_for_byte() {
     ];
     let bytes = |i: usize| vec![i as u8 + 1; specs[i].2.iter().product::<usize>() * specs[i].1.size()];
     let refs: Vec<(&str, DType, &[usize])> = specs.iter().map(|(n, d, s)| (*n, *d, s.as_slice())).collect();
-    let layout = ckptmap::safetensors_io::safetensors_layout(&refs).unwrap();
+    let layout = ckptmap::write::safetensors::safetensors_layout(&refs).unwrap();
     let mut ours = layout.head.clone();
     for &i in &layout.order {
         ours.extend(bytes(i));

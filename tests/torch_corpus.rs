@@ -9,11 +9,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ckptmap::checkpoint::Checkpoint;
+use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::convert::{choose_table, prepare, write_plan};
 use ckptmap::mapping::plan::PlanOptions;
 use ckptmap::progress::NoProgress;
-use ckptmap::pth::Value;
+use ckptmap::formats::Value;
 use serde_json::Value as Json;
 
 fn corpus() -> PathBuf {

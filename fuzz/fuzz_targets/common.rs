@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use ckptmap::checkpoint::Checkpoint;
+use ckptmap::formats::checkpoint::Checkpoint;
 
 /// Reading stops after this many tensor bytes (the readers bound each tensor by the file).
 const READ_BUDGET: usize = 64 << 20;

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use ckptmap::checkpoint::Checkpoint;
+use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::mapping::plan::{plan, PlanOptions, SourceTensor};
 use ckptmap::mapping::table::MappingTable;
 use libfuzzer_sys::fuzz_target;

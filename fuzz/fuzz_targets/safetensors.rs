@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     PATH.with(|p| {
         std::fs::write(p, data).expect("scratch file");
         if let Ok(f) = std::fs::File::open(p) {
-            let _ = ckptmap::safetensors_io::read_safetensors(&f);
+            let _ = ckptmap::formats::safetensors::read_safetensors(&f);
         }
         common::open_and_walk(p, data);
     });

@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = ckptmap::pth::unpickle::unpickle(data);
+    let _ = ckptmap::formats::pth::unpickle::unpickle(data);
 });

@@ -7,7 +7,7 @@ use super::{
     compare, deterministic_input, mmseg_forward, original_forward, relative_position_index,
 };
 use super::{Arch, BackboneConfig, OutputReport, Reference, Tolerance, VerifyError, WeightMap};
-use crate::checkpoint::Checkpoint;
+use crate::formats::checkpoint::Checkpoint;
 use crate::dtype::decode_f64;
 use crate::DType;
 

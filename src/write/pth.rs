@@ -5,9 +5,9 @@
 
 use std::io::{self, Write};
 
-use super::pickle_write::{state_dict_pickle, PickledTensor};
-pub use super::zip_write::{EntryWriter, ZipSink};
-use super::zip_write::ZipOut;
+use super::pickle::{state_dict_pickle, PickledTensor};
+pub use super::zip::{EntryWriter, ZipSink};
+use super::zip::ZipOut;
 use crate::DType;
 
 /// One tensor to write: contiguous bytes, `nbytes` long, produced by the caller on demand.

@@ -9,8 +9,7 @@
 
 use std::collections::HashMap;
 
-use super::value::{TensorView, Value};
-use super::PthError;
+use crate::formats::{FormatError, StorageRef, TensorView, Value};
 use crate::DType;
 
 /// Deepest nesting the tree may have (a state dict needs about 5).
@@ -31,13 +30,6 @@ pub const MAX_DIMS: usize = 64;
 /// How deeply `_rebuild_from_type_v2` calls may nest (torch nests one).
 const MAX_REBUILD_NESTING: usize = 8;
 
-/// A storage named by a persistent id: `('storage', <Type>Storage, key, location, numel[, view])`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StorageRef {
-    pub key: String,
-    pub dtype: DType,
-    pub numel: usize,
-}
 
 /// The result of unpickling: the tree, the storages it references (in order of first
 /// reference) and how many bytes of input the pickle used.
@@ -96,7 +88,7 @@ struct Vm<'a> {
 
 /// Unpickles one pickle from the start of `data`. Bytes after STOP are ignored (legacy
 /// checkpoints put several pickles and raw data one after another).
-pub fn unpickle(data: &[u8]) -> Result<Unpickled, PthError> {
+pub fn unpickle(data: &[u8]) -> Result<Unpickled, FormatError> {
     let mut vm = Vm {
         data,
         pos: 0,
@@ -114,8 +106,8 @@ pub fn unpickle(data: &[u8]) -> Result<Unpickled, PthError> {
     Ok(Unpickled { value, storages: vm.storages, consumed: vm.pos })
 }
 
-fn bad(msg: impl Into<String>) -> PthError {
-    PthError::Pickle(msg.into())
+fn bad(msg: impl Into<String>) -> FormatError {
+    FormatError::Pickle(msg.into())
 }
 
 /// What the tree may still grow by: values, and bytes (values plus their strings).
@@ -142,7 +134,7 @@ fn node_weight(node: &Node) -> usize {
 }
 
 impl<'a> Vm<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], PthError> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len());
         match end {
             Some(end) => {
@@ -150,29 +142,29 @@ impl<'a> Vm<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            None => Err(PthError::PickleTruncated),
+            None => Err(FormatError::PickleTruncated),
         }
     }
 
-    fn u8(&mut self) -> Result<u8, PthError> {
+    fn u8(&mut self) -> Result<u8, FormatError> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, PthError> {
+    fn u16(&mut self) -> Result<u16, FormatError> {
         Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
     }
-    fn u32(&mut self) -> Result<u32, PthError> {
+    fn u32(&mut self) -> Result<u32, FormatError> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
     }
-    fn u64(&mut self) -> Result<u64, PthError> {
+    fn u64(&mut self) -> Result<u64, FormatError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
-    fn len_u64(&mut self) -> Result<usize, PthError> {
+    fn len_u64(&mut self) -> Result<usize, FormatError> {
         usize::try_from(self.u64()?).map_err(|_| bad("length does not fit in memory"))
     }
 
-    fn line(&mut self) -> Result<&'a str, PthError> {
+    fn line(&mut self) -> Result<&'a str, FormatError> {
         let rest = &self.data[self.pos..];
-        let n = rest.iter().position(|&b| b == b'\n').ok_or(PthError::PickleTruncated)?;
+        let n = rest.iter().position(|&b| b == b'\n').ok_or(FormatError::PickleTruncated)?;
         let s = std::str::from_utf8(&rest[..n]).map_err(|_| bad("text opcode argument is not UTF-8"))?;
         self.pos += n + 1;
         Ok(s)
@@ -186,18 +178,18 @@ impl<'a> Vm<'a> {
 
     /// The limits on what the VM holds, checked before each opcode (one opcode can add at
     /// most one object's worth, bounded by what already exists).
-    fn check_limits(&self) -> Result<(), PthError> {
+    fn check_limits(&self) -> Result<(), FormatError> {
         if self.arena.len() > MAX_OBJECTS {
-            return Err(PthError::TooMany { what: "objects", limit: MAX_OBJECTS });
+            return Err(FormatError::TooMany { what: "objects", limit: MAX_OBJECTS });
         }
         if self.stack.len() > MAX_OBJECTS {
-            return Err(PthError::TooMany { what: "stack entries", limit: MAX_OBJECTS });
+            return Err(FormatError::TooMany { what: "stack entries", limit: MAX_OBJECTS });
         }
         if self.memo.len() > MAX_MEMO {
-            return Err(PthError::TooMany { what: "memo entries", limit: MAX_MEMO });
+            return Err(FormatError::TooMany { what: "memo entries", limit: MAX_MEMO });
         }
         if self.weight > self.weight_limit {
-            return Err(PthError::TooBig { mib: self.weight_limit >> 20 });
+            return Err(FormatError::TooBig { mib: self.weight_limit >> 20 });
         }
         Ok(())
     }
@@ -207,7 +199,7 @@ impl<'a> Vm<'a> {
         self.stack.push(Slot::Obj(id));
     }
 
-    fn pop(&mut self) -> Result<Id, PthError> {
+    fn pop(&mut self) -> Result<Id, FormatError> {
         match self.stack.pop() {
             Some(Slot::Obj(id)) => Ok(id),
             Some(Slot::Mark) => Err(bad("unexpected MARK on the stack")),
@@ -215,7 +207,7 @@ impl<'a> Vm<'a> {
         }
     }
 
-    fn top(&self) -> Result<Id, PthError> {
+    fn top(&self) -> Result<Id, FormatError> {
         match self.stack.last() {
             Some(Slot::Obj(id)) => Ok(*id),
             Some(Slot::Mark) => Err(bad("unexpected MARK on the stack")),
@@ -224,7 +216,7 @@ impl<'a> Vm<'a> {
     }
 
     /// Pops everything down to the topmost MARK (and the mark itself).
-    fn pop_mark(&mut self) -> Result<Vec<Id>, PthError> {
+    fn pop_mark(&mut self) -> Result<Vec<Id>, FormatError> {
         let at = self
             .stack
             .iter()
@@ -239,17 +231,17 @@ impl<'a> Vm<'a> {
         Ok(items)
     }
 
-    fn memo_get(&self, key: u32) -> Result<Id, PthError> {
-        self.memo.get(&key).copied().ok_or(PthError::MemoMissing(key))
+    fn memo_get(&self, key: u32) -> Result<Id, FormatError> {
+        self.memo.get(&key).copied().ok_or(FormatError::MemoMissing(key))
     }
 
-    fn memo_put(&mut self, key: u32) -> Result<(), PthError> {
+    fn memo_put(&mut self, key: u32) -> Result<(), FormatError> {
         let id = self.top()?;
         self.memo.insert(key, id);
         Ok(())
     }
 
-    fn run(&mut self) -> Result<Id, PthError> {
+    fn run(&mut self) -> Result<Id, FormatError> {
         loop {
             self.check_limits()?;
             let op = self.u8()?;
@@ -544,7 +536,7 @@ impl<'a> Vm<'a> {
         }
     }
 
-    fn utf8(&self) -> impl Fn(&[u8]) -> Result<String, PthError> {
+    fn utf8(&self) -> impl Fn(&[u8]) -> Result<String, FormatError> {
         |b| match String::from_utf8(b.to_vec()) {
             Ok(s) => Ok(s),
             Err(_) => utf8_surrogatepass(b).ok_or_else(|| bad("string is not valid UTF-8")),
@@ -592,7 +584,7 @@ impl<'a> Vm<'a> {
 
     /// Interprets a REDUCE of a known global; any other callable gives an opaque value.
     /// Returns the result's id: a new object, or (for a Parameter) the tensor it wraps.
-    fn reduce(&mut self, func: Id, args: Id, nesting: usize) -> Result<Id, PthError> {
+    fn reduce(&mut self, func: Id, args: Id, nesting: usize) -> Result<Id, FormatError> {
         let name = self.global_name(func);
         let node = match name.as_str() {
             "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => {
@@ -617,14 +609,14 @@ impl<'a> Vm<'a> {
     }
 
     /// A REDUCE that builds a new object.
-    fn reduce_new(&mut self, name: &str, args: Id) -> Result<Node, PthError> {
+    fn reduce_new(&mut self, name: &str, args: Id) -> Result<Node, FormatError> {
         let name = name.to_string();
         let items = self.tuple_items(args).map(|a| a.to_vec()).unwrap_or_default();
         match name.as_str() {
             "torch._utils._rebuild_tensor_v2" | "torch._utils._rebuild_tensor" | "torch._utils._rebuild_tensor_v3" => {
                 let v3 = name.ends_with("_v3");
                 Ok(self.rebuild_tensor(&items, v3).unwrap_or_else(|e| match e {
-                    PthError::InvalidTensor { msg, .. } => Node::BadTensor(msg),
+                    FormatError::InvalidTensor { msg, .. } => Node::BadTensor(msg),
                     e => Node::BadTensor(e.to_string()),
                 }))
             }
@@ -663,17 +655,17 @@ impl<'a> Vm<'a> {
         }
     }
 
-    fn int_arg(&self, id: Id, what: &str) -> Result<usize, PthError> {
+    fn int_arg(&self, id: Id, what: &str) -> Result<usize, FormatError> {
         match &self.arena[id] {
             Node::Int(v) if *v >= 0 => Ok(*v as usize),
-            Node::Int(v) => Err(PthError::BadView(format!("negative {what} {v}"))),
+            Node::Int(v) => Err(FormatError::BadView(format!("negative {what} {v}"))),
             Node::Bool(b) => Ok(*b as usize),
-            _ => Err(PthError::BadView(format!("{what} is not an integer"))),
+            _ => Err(FormatError::BadView(format!("{what} is not an integer"))),
         }
     }
 
-    fn int_tuple(&self, id: Id, what: &str) -> Result<Vec<usize>, PthError> {
-        let items = self.tuple_items(id).ok_or_else(|| PthError::BadView(format!("{what} is not a tuple")))?;
+    fn int_tuple(&self, id: Id, what: &str) -> Result<Vec<usize>, FormatError> {
+        let items = self.tuple_items(id).ok_or_else(|| FormatError::BadView(format!("{what} is not a tuple")))?;
         items.iter().map(|&i| self.int_arg(i, what)).collect()
     }
 
@@ -699,20 +691,20 @@ impl<'a> Vm<'a> {
     /// `_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])`,
     /// and `_rebuild_tensor_v3(..., hooks, dtype[, metadata])` for the dtypes torch stores
     /// in an untyped storage (float8s, uint16-64): offset and strides in elements of `dtype`.
-    fn rebuild_tensor(&mut self, args: &[Id], v3: bool) -> Result<Node, PthError> {
+    fn rebuild_tensor(&mut self, args: &[Id], v3: bool) -> Result<Node, FormatError> {
         let func = if v3 { "_rebuild_tensor_v3" } else { "_rebuild_tensor_v2" };
         if args.len() < if v3 { 7 } else { 4 } {
             return Err(bad(format!("{func} needs at least {} arguments, got {}", if v3 { 7 } else { 4 }, args.len())));
         }
         let (storage, extra) = match &self.arena[args[0]] {
             Node::Storage(s, extra) => (*s, *extra),
-            Node::BadStorage(what) => return Err(PthError::InvalidTensor { name: String::new(), msg: what.clone() }),
+            Node::BadStorage(what) => return Err(FormatError::InvalidTensor { name: String::new(), msg: what.clone() }),
             _ => return Err(bad("tensor rebuilt from something that is not a storage")),
         };
         let dtype = if v3 {
             let name = self.global_name(args[6]);
             let torch_name = name.strip_prefix("torch.").unwrap_or(&name);
-            DType::from_torch_name(torch_name).ok_or_else(|| PthError::InvalidTensor { name: String::new(), msg: unsupported_dtype(torch_name) })?
+            DType::from_torch_name(torch_name).ok_or_else(|| FormatError::InvalidTensor { name: String::new(), msg: unsupported_dtype(torch_name) })?
         } else {
             self.storages[storage].dtype
         };
@@ -722,21 +714,21 @@ impl<'a> Vm<'a> {
         for (id, what) in [(args[2], "size"), (args[3], "stride")] {
             let n = self.tuple_items(id).map_or(0, <[Id]>::len);
             if n > MAX_DIMS {
-                return Err(PthError::BadView(format!("{what} has {n} dimensions; at most {MAX_DIMS} are supported")));
+                return Err(FormatError::BadView(format!("{what} has {n} dimensions; at most {MAX_DIMS} are supported")));
             }
         }
         let shape = self.int_tuple(args[2], "size")?;
         let strides = self.int_tuple(args[3], "stride")?;
         if shape.len() != strides.len() {
-            return Err(PthError::BadView(format!("size has {} dims but stride has {}", shape.len(), strides.len())));
+            return Err(FormatError::BadView(format!("size has {} dims but stride has {}", shape.len(), strides.len())));
         }
-        let offset = offset.checked_add(extra).ok_or_else(|| PthError::BadView("storage offset overflows".into()))?;
+        let offset = offset.checked_add(extra).ok_or_else(|| FormatError::BadView("storage offset overflows".into()))?;
         Ok(Node::Tensor(TensorView { dtype, shape, strides, offset, storage, neg, conj }))
     }
 
     /// The negative and conjugate bits from a tensor's metadata dict (`{'neg': True}`);
     /// any other flag set there is refused rather than ignored.
-    fn sign_bits(&self, metadata: Option<Id>) -> Result<(bool, bool), PthError> {
+    fn sign_bits(&self, metadata: Option<Id>) -> Result<(bool, bool), FormatError> {
         let Some(id) = metadata else { return Ok((false, false)) };
         let pairs = match &self.arena[id] {
             Node::Dict(pairs) => pairs,
@@ -755,7 +747,7 @@ impl<'a> Vm<'a> {
                 Node::Str(k) if k == "conj" => conj = set,
                 Node::Str(_) if !set => {}
                 Node::Str(k) => {
-                    return Err(PthError::InvalidTensor {
+                    return Err(FormatError::InvalidTensor {
                         name: String::new(),
                         msg: format!("carries the tensor flag {k:?}, which ckptmap does not know how to apply"),
                     })
@@ -766,7 +758,7 @@ impl<'a> Vm<'a> {
         Ok((neg, conj))
     }
 
-    fn persistent_load(&mut self, pid: Id) -> Result<Node, PthError> {
+    fn persistent_load(&mut self, pid: Id) -> Result<Node, FormatError> {
         let items = self.tuple_items(pid).ok_or_else(|| bad("persistent id is not a tuple"))?.to_vec();
         let is_storage = matches!(items.first().map(|&i| &self.arena[i]), Some(Node::Str(s)) if s == "storage");
         if !is_storage || items.len() < 5 {
@@ -813,7 +805,7 @@ impl<'a> Vm<'a> {
         Ok(Node::Storage(index, extra))
     }
 
-    fn to_value(&self, id: Id, depth: usize, budget: &mut TreeBudget) -> Result<Value, PthError> {
+    fn to_value(&self, id: Id, depth: usize, budget: &mut TreeBudget) -> Result<Value, FormatError> {
         let container = matches!(self.arena[id], Node::List(_) | Node::Tuple(_) | Node::Dict(_));
         if container {
             if budget.open[id] {
@@ -828,12 +820,12 @@ impl<'a> Vm<'a> {
         value
     }
 
-    fn to_value_inner(&self, id: Id, depth: usize, budget: &mut TreeBudget) -> Result<Value, PthError> {
+    fn to_value_inner(&self, id: Id, depth: usize, budget: &mut TreeBudget) -> Result<Value, FormatError> {
         if depth > MAX_DEPTH {
-            return Err(PthError::TooDeep(MAX_DEPTH));
+            return Err(FormatError::TooDeep(MAX_DEPTH));
         }
         if budget.nodes == 0 {
-            return Err(PthError::TooLarge(MAX_TREE_NODES));
+            return Err(FormatError::TooLarge(MAX_TREE_NODES));
         }
         budget.nodes -= 1;
         let size = std::mem::size_of::<Value>()
@@ -843,8 +835,8 @@ impl<'a> Vm<'a> {
                 Node::Global(m, n) => m.len() + n.len() + 1,
                 _ => 0,
             };
-        budget.bytes = budget.bytes.checked_sub(size).ok_or(PthError::TooBig { mib: self.weight_limit >> 20 })?;
-        let list = |items: &[Id], budget: &mut TreeBudget| -> Result<Vec<Value>, PthError> {
+        budget.bytes = budget.bytes.checked_sub(size).ok_or(FormatError::TooBig { mib: self.weight_limit >> 20 })?;
+        let list = |items: &[Id], budget: &mut TreeBudget| -> Result<Vec<Value>, FormatError> {
             let mut out = Vec::with_capacity(items.len());
             for (n, &i) in items.iter().enumerate() {
                 out.push(self.to_value(i, depth + 1, budget).map_err(|e| e.under(&n.to_string()))?);
@@ -876,7 +868,7 @@ impl<'a> Vm<'a> {
             Node::Global(m, n) => Value::Opaque(format!("{m}.{n}")),
             Node::Storage(..) => Value::Opaque("torch.storage".into()),
             Node::Tensor(t) => Value::Tensor(t.clone()),
-            Node::BadTensor(msg) => return Err(PthError::InvalidTensor { name: String::new(), msg: msg.clone() }),
+            Node::BadTensor(msg) => return Err(FormatError::InvalidTensor { name: String::new(), msg: msg.clone() }),
             Node::BadStorage(what) => Value::Opaque(format!("torch storage ({what})")),
             Node::BigInt(d) => Value::BigInt(d.clone()),
             Node::Opaque(n) => Value::Opaque(n.clone()),
@@ -884,7 +876,7 @@ impl<'a> Vm<'a> {
     }
 }
 
-fn pairs(items: Vec<Id>) -> Result<Vec<(Id, Id)>, PthError> {
+fn pairs(items: Vec<Id>) -> Result<Vec<(Id, Id)>, FormatError> {
     if items.len() % 2 != 0 {
         return Err(bad("odd number of items for a dict"));
     }

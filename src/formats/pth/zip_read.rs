@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use super::PthError;
+use crate::formats::FormatError;
 
 const EOCD_SIG: u32 = 0x0605_4b50;
 const EOCD_LEN: u64 = 22;
@@ -50,7 +50,7 @@ impl ZipEntry {
 
     /// The file offset of the entry's first data byte, read from its local header (torch
     /// pads the local extra field so data lands on a 64-byte boundary).
-    pub fn data_start(&self, file: &File, file_len: u64) -> Result<u64, PthError> {
+    pub fn data_start(&self, file: &File, file_len: u64) -> Result<u64, FormatError> {
         let at = self.local_header_offset;
         let mut h = [0u8; LOCAL_HEADER_LEN as usize];
         if at.checked_add(LOCAL_HEADER_LEN).is_none_or(|e| e > file_len) {
@@ -66,8 +66,8 @@ impl ZipEntry {
     }
 }
 
-fn unreadable(msg: String) -> PthError {
-    PthError::Zip(msg)
+fn unreadable(msg: String) -> FormatError {
+    FormatError::Zip(msg)
 }
 
 fn le16(b: &[u8], at: usize) -> u16 {
@@ -89,7 +89,7 @@ struct Directory {
 
 /// Finds the end of central directory record (searching back over a possible comment),
 /// then the ZIP64 record when the locator in front of it points to one.
-fn find_directory(file: &File, file_len: u64) -> Result<Directory, PthError> {
+fn find_directory(file: &File, file_len: u64) -> Result<Directory, FormatError> {
     if file_len < EOCD_LEN {
         return Err(unreadable("too short for a zip archive (no end of central directory record)".into()));
     }
@@ -132,7 +132,7 @@ fn find_directory(file: &File, file_len: u64) -> Result<Directory, PthError> {
 
 /// Reads every entry of the central directory, in directory order. `max_entries` bounds
 /// what a lying end record can make us allocate.
-pub fn read_directory(file: &File, file_len: u64, max_entries: usize) -> Result<Vec<ZipEntry>, PthError> {
+pub fn read_directory(file: &File, file_len: u64, max_entries: usize) -> Result<Vec<ZipEntry>, FormatError> {
     let dir = find_directory(file, file_len)?;
     // Each entry takes at least 46 bytes of the directory.
     if dir.entries > dir.size / 46 {
@@ -169,7 +169,7 @@ pub fn read_directory(file: &File, file_len: u64, max_entries: usize) -> Result<
             let data = extra.get(x + 4..x + 4 + len).ok_or_else(|| unreadable(format!("{name}: extra field cut short")))?;
             if id == ZIP64_EXTRA {
                 let mut vals = data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap()));
-                let mut wide = |slot: &mut u64| -> Result<(), PthError> {
+                let mut wide = |slot: &mut u64| -> Result<(), FormatError> {
                     if *slot == 0xFFFF_FFFF {
                         *slot = vals.next().ok_or_else(|| unreadable(format!("{name}: ZIP64 field missing a value")))?;
                     }

@@ -1,36 +1,93 @@
-//! The PyTorch checkpoint format: a safe pickle VM, the zip and legacy containers, and a
-//! writer whose output `torch.load(weights_only=True)` reads. Knows nothing of mappings,
-//! models or URLs.
+//! Reading checkpoint files. Two formats, as peers over one neutral model: [`pth`] (the
+//! zip and legacy containers torch.save writes, through a pickle VM that never executes
+//! anything) and [`safetensors`]. Each parses a file into a [`ParsedFile`]: a [`Value`] tree
+//! whose tensors are [`TensorView`]s into storages, and where each storage's bytes lie.
+//! [`checkpoint::Checkpoint`] opens a file of either format lazily and reads tensor bytes on
+//! demand. Knows nothing of mappings, models or URLs.
 
-pub mod container;
-pub mod pickle_write;
-pub mod unpickle;
+pub mod checkpoint;
+pub mod pth;
+pub mod safetensors;
 pub mod value;
-pub mod write;
-pub mod zip_read;
-pub mod zip_write;
 
-pub use container::{read_container, ContainerKind, PthFile, RecordedCrc, StorageLocation};
 pub use value::{TensorView, Value};
 
-impl PthError {
+use crate::DType;
+
+/// A storage: its key (a pickle's persistent id `('storage', <Type>Storage, key, location,
+/// numel)`, a safetensors tensor's name), element type and element count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StorageRef {
+    pub key: String,
+    pub dtype: DType,
+    pub numel: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerKind {
+    Zip,
+    Legacy,
+    Safetensors,
+}
+
+impl ContainerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ContainerKind::Zip => "zip",
+            ContainerKind::Legacy => "legacy",
+            ContainerKind::Safetensors => "safetensors",
+        }
+    }
+}
+
+/// Where a storage's bytes are in the file.
+#[derive(Clone, Debug)]
+pub struct StorageLocation {
+    pub storage: StorageRef,
+    pub file_offset: u64,
+    pub byte_len: u64,
+    /// The CRC-32 the container records (zip), over the whole entry from `file_offset`.
+    pub crc32: Option<RecordedCrc>,
+}
+
+/// A zip entry's CRC-32 and the number of bytes it covers (the entry may hold more than
+/// the storage needs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordedCrc {
+    pub crc: u32,
+    pub len: u64,
+}
+
+/// A parsed file, whatever its format: its value tree and where each storage lies.
+#[derive(Debug)]
+pub struct ParsedFile {
+    pub kind: ContainerKind,
+    pub value: Value,
+    pub storages: Vec<StorageLocation>,
+    /// A zip saved with CRC computation off (every CRC recorded as 0): nothing was checked.
+    pub crcs_absent: bool,
+}
+
+
+impl FormatError {
     /// The same error seen from one level up the value tree: an invalid tensor's name gets
     /// the parent key in front (`blocks.0.w`).
-    pub(crate) fn under(self, key: &str) -> PthError {
+    pub(crate) fn under(self, key: &str) -> FormatError {
         match self {
-            PthError::InvalidTensor { name, msg } => {
+            FormatError::InvalidTensor { name, msg } => {
                 let name = if name.is_empty() { key.to_string() } else { format!("{key}.{name}") };
-                PthError::InvalidTensor { name, msg }
+                FormatError::InvalidTensor { name, msg }
             }
             other => other,
         }
     }
 }
 
-/// What can be wrong with a checkpoint file. Messages say what is wrong; the caller adds
-/// the file name.
+/// What can be wrong with a checkpoint file, in either format. Messages say what is wrong;
+/// the caller adds the file name.
 #[derive(Debug, thiserror::Error)]
-pub enum PthError {
+pub enum FormatError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("empty file: not a PyTorch checkpoint")]

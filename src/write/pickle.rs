@@ -163,7 +163,7 @@ impl Emitter {
         self.out.push(b'Q');
         self.int(0);
         self.int_tuple(t.shape);
-        self.int_tuple(&crate::pth::value::TensorView::contiguous_strides(t.shape));
+        self.int_tuple(&crate::formats::TensorView::contiguous_strides(t.shape));
         self.out.push(0x89); // requires_grad=False
         self.empty_ordered_dict(); // backward_hooks
         if class.is_none() {

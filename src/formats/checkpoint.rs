@@ -7,8 +7,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::pth::container::{read_container, ContainerKind, StorageLocation};
-use crate::pth::{PthError, TensorView, Value};
+use super::pth::read_container;
+use super::{ContainerKind, FormatError, StorageLocation, TensorView, Value};
 
 /// Bytes moved per read when streaming a contiguous tensor.
 const CHUNK: usize = 8 << 20;
@@ -25,7 +25,7 @@ pub const MAX_ALL_NAMES_BYTES: usize = 64 << 20;
 pub struct CheckpointError {
     pub path: PathBuf,
     #[source]
-    pub source: PthError,
+    pub source: FormatError,
 }
 
 /// An open checkpoint. Opening parses the pickle (or safetensors header) and the container
@@ -49,16 +49,16 @@ pub struct TensorEntry<'a> {
 
 impl Checkpoint {
     pub fn open(path: &Path) -> Result<Checkpoint, CheckpointError> {
-        let err = |source: PthError| CheckpointError { path: path.to_path_buf(), source };
+        let err = |source: FormatError| CheckpointError { path: path.to_path_buf(), source };
         let meta = std::fs::metadata(path).map_err(|e| err(e.into()))?;
         if meta.is_dir() {
-            return Err(err(PthError::Io(io::Error::other("is a directory, not a checkpoint file"))));
+            return Err(err(FormatError::Io(io::Error::other("is a directory, not a checkpoint file"))));
         }
         let mut file = File::open(path).map_err(|e| err(e.into()))?;
         let mut head = [0u8; 16];
         let n = file.read_at(&mut head, 0).map_err(|e| err(e.into()))?;
-        let (parsed, metadata) = if crate::safetensors_io::looks_like_safetensors(&head[..n], meta.len()) {
-            crate::safetensors_io::read_safetensors(&file).map_err(err)?
+        let (parsed, metadata) = if super::safetensors::looks_like_safetensors(&head[..n], meta.len()) {
+            super::safetensors::read_safetensors(&file).map_err(err)?
         } else {
             (read_container(&mut file).map_err(err)?, HashMap::new())
         };
@@ -75,21 +75,21 @@ impl Checkpoint {
         Ok(ckpt)
     }
 
-    fn check_views(&self) -> Result<(), PthError> {
+    fn check_views(&self) -> Result<(), FormatError> {
         check_names(&self.root)?;
         for t in self.tensors() {
             let loc = &self.storages[t.view.storage];
             let storage = &loc.storage;
             let nbytes = t.view.checked_nbytes().ok_or_else(|| {
-                PthError::BadView(format!("tensor {}: size {:?} overflows", t.name, t.view.shape))
+                FormatError::BadView(format!("tensor {}: size {:?} overflows", t.name, t.view.shape))
             })?;
-            let needed = t.view.extent().ok_or_else(|| PthError::BadView(format!("tensor {}: size/stride overflow", t.name)))?;
+            let needed = t.view.extent().ok_or_else(|| FormatError::BadView(format!("tensor {}: size/stride overflow", t.name)))?;
             // In bytes: a `_rebuild_tensor_v3` tensor counts its elements in its own dtype
             // over an untyped (byte) storage.
             let elem = t.view.dtype.size() as u64;
             let available = storage.numel as u64 * storage.dtype.size() as u64;
             if (needed as u64).saturating_mul(elem) > available {
-                return Err(PthError::ViewOutOfBounds {
+                return Err(FormatError::ViewOutOfBounds {
                     name: t.name,
                     key: storage.key.clone(),
                     needed: needed as u64,
@@ -100,7 +100,7 @@ impl Checkpoint {
             // than its storage; reading it materializes them, so bound what a small file
             // can make us allocate.
             if nbytes as u64 > loc.byte_len && nbytes as u64 > MAX_EXPANDED_VIEW_BYTES {
-                return Err(PthError::BadView(format!(
+                return Err(FormatError::BadView(format!(
                     "tensor {}: shape {:?} with strides {:?} expands {} bytes of storage {} to {nbytes} bytes (more than the {} allowed)",
                     t.name, t.view.shape, t.view.strides, loc.byte_len, storage.key, MAX_EXPANDED_VIEW_BYTES
                 )));
@@ -163,7 +163,7 @@ impl Checkpoint {
     /// Checks the bytes under the given tensors against the CRC-32s the zip records for
     /// their storages (each storage once); storages without one (legacy, safetensors) pass.
     pub fn check_crcs<'t>(&self, tensors: impl IntoIterator<Item = &'t TensorEntry<'t>>) -> Result<(), CheckpointError> {
-        let err = |source: PthError| CheckpointError { path: self.path.clone(), source };
+        let err = |source: FormatError| CheckpointError { path: self.path.clone(), source };
         let mut buf = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for t in tensors {
@@ -184,7 +184,7 @@ impl Checkpoint {
             let actual = h.finalize();
             if actual != recorded.crc {
                 let what = format!("tensor {} (storage {})", t.name, loc.storage.key);
-                return Err(err(PthError::CrcMismatch { what, recorded: recorded.crc, actual }));
+                return Err(err(FormatError::CrcMismatch { what, recorded: recorded.crc, actual }));
             }
         }
         Ok(())
@@ -259,7 +259,7 @@ impl Checkpoint {
             if let Some(recorded) = recorded {
                 let actual = h.finalize();
                 if actual != recorded.crc {
-                    let e = PthError::CrcMismatch { what: format!("storage {}", loc.storage.key), recorded: recorded.crc, actual };
+                    let e = FormatError::CrcMismatch { what: format!("storage {}", loc.storage.key), recorded: recorded.crc, actual };
                     return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
                 }
             }
@@ -342,17 +342,17 @@ fn for_each_index(shape: &[usize], strides: &[usize], mut f: impl FnMut(usize)) 
 }
 
 /// Checks the length of every tensor's dotted name, without building the names.
-fn check_names(root: &Value) -> Result<(), PthError> {
-    fn walk(v: &Value, len: usize, total: &mut usize) -> Result<(), PthError> {
+fn check_names(root: &Value) -> Result<(), FormatError> {
+    fn walk(v: &Value, len: usize, total: &mut usize) -> Result<(), FormatError> {
         let child = |k: usize| if len == 0 { k } else { len + 1 + k };
         match v {
             Value::Tensor(_) => {
                 if len > MAX_NAME_BYTES {
-                    return Err(PthError::BadView(format!("a tensor's name is {len} bytes long, more than the {MAX_NAME_BYTES} allowed")));
+                    return Err(FormatError::BadView(format!("a tensor's name is {len} bytes long, more than the {MAX_NAME_BYTES} allowed")));
                 }
                 *total += len;
                 if *total > MAX_ALL_NAMES_BYTES {
-                    return Err(PthError::BadView(format!("tensor names take more than {MAX_ALL_NAMES_BYTES} bytes")));
+                    return Err(FormatError::BadView(format!("tensor names take more than {MAX_ALL_NAMES_BYTES} bytes")));
                 }
             }
             Value::Dict(items) => {

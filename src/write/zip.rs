@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
-use crate::outfile::{copy_file_range_all, TensorSink};
+use super::outfile::{copy_file_range_all, TensorSink};
 
 const ALIGN: u64 = 64;
 const PAD_FIELD: u16 = 0x4246; // "FB", the id torch's writer uses for its padding field
@@ -168,7 +168,7 @@ impl<S: ZipSink> ZipOut<S> {
     /// Starts writeback of what is finished (see `crate::outfile`).
     fn start_writeback(&mut self) {
         if let Some(file) = self.sink.file() {
-            self.written_back = crate::outfile::start_writeback(file, self.written_back, self.pos);
+            self.written_back = super::outfile::start_writeback(file, self.written_back, self.pos);
         }
     }
 
