@@ -48,17 +48,15 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use crate::atomic::AtomicFile;
-use crate::formats::checkpoint::Checkpoint;
-use crate::convert::{choose_table, prepare, write_plan, OutputFormat};
+use crate::convert::OutputFormat;
 use crate::fetch::{self, FetchOptions};
+use crate::job::{self, JobError, VerifyRecord};
 use crate::mapping::plan::PlanOptions;
-use crate::mapping::table::MappingTable;
 use crate::progress::{NoProgress, Progress};
+use crate::DType;
 
 /// The report's file name inside the output folder.
 pub const REPORT_FILE: &str = "report.json";
-/// Where outputs wait (inside the output folder) until they are complete and verified.
-pub const STAGING_DIR: &str = ".ckptmap-staging";
 /// Held (advisory lock) while a batch writes into the output folder.
 pub const LOCK_FILE: &str = ".ckptmap-batch.lock";
 /// Appended to a source's file stem to name its output when the list gives no `name=`.
@@ -267,6 +265,12 @@ pub struct ItemSettings {
     pub sha256: Option<String>,
     pub img_size: Option<usize>,
     pub num_heads: Option<usize>,
+    #[serde(default)]
+    pub init_values: Option<f64>,
+    #[serde(default)]
+    pub keep_unused: bool,
+    #[serde(default)]
+    pub dtype: Option<DType>,
     pub verify: bool,
 }
 
@@ -296,23 +300,18 @@ pub struct PlanSummary {
     pub notes: Vec<String>,
 }
 
-/// The forward-pass check of an item.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct VerifyRecord {
-    /// What was run against the original: `output`, or — when the output is resized to an
-    /// `img_size` the original cannot run at — `clean conversion` (the same table and
-    /// checkpoint converted without resizing).
-    pub subject: String,
-    pub passed: bool,
-    /// The largest max |ours - original| / max |original| over the outputs compared.
-    pub max_rel: Option<f64>,
-    /// The smallest cosine similarity over the outputs compared.
-    pub min_cosine: Option<f64>,
-    /// Why a clean conversion was checked instead of the output.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub note: Option<String>,
-    /// The whole outcome (per-output figures, tolerance, configuration).
-    pub outcome: serde_json::Value,
+impl PlanSummary {
+    fn of(p: &job::Planned) -> PlanSummary {
+        PlanSummary {
+            table: p.table.table().name().to_string(),
+            container: p.container.clone(),
+            outputs: p.plan.outputs.len(),
+            dropped: p.plan.dropped.len(),
+            generated: p.plan.generated().count(),
+            img_size: p.plan.img_size,
+            notes: p.plan.notes.clone(),
+        }
+    }
 }
 
 /// Why an item failed.
@@ -342,8 +341,12 @@ pub struct ItemReport {
     /// The table used (`builtin:mae`, or a file).
     pub mapping: Option<String>,
     pub plan: Option<PlanSummary>,
+    /// The forward-pass check (also when it failed).
     pub verify: Option<VerifyRecord>,
     pub error: Option<ItemError>,
+    /// A converted item's whole report: the same document `ckptmap convert --json` prints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<serde_json::Value>,
 }
 
 /// Counts of items by status.
@@ -411,9 +414,11 @@ pub struct BatchOptions {
     pub jobs: usize,
     /// Check each output against its original with the forward pass.
     pub verify: bool,
-    /// Make outputs load-ready at this size.
-    pub img_size: Option<usize>,
-    pub num_heads: Option<usize>,
+    /// How each item is planned (load-ready size, heads, init values, keep_unused): the
+    /// options `convert` takes.
+    pub plan: PlanOptions,
+    /// Cast floating-point tensors to this dtype.
+    pub dtype: Option<DType>,
     /// The mapping for lines without `mapping=`; `None` = detect.
     pub mapping: Option<String>,
     /// Download settings (cache folder, retries, timeouts); `sha256` is set per item.
@@ -474,8 +479,9 @@ pub fn run_batch(list: &Path, items: &[ListItem], opts: &BatchOptions, events: &
         Err(fs::TryLockError::WouldBlock) => return Err(BatchError::Busy { path: out_dir.clone() }),
         Err(fs::TryLockError::Error(e)) => return Err(dir_err(&lock_path, e)),
     }
-    // Leftovers of a run that was killed (we hold the lock, so no run is using them).
-    let _ = fs::remove_dir_all(out_dir.join(STAGING_DIR));
+    // Leftovers of a run that was killed (we hold the lock, so no run is using them): the
+    // staging folder of versions before 0.1 and named temporaries of the report.
+    let _ = fs::remove_dir_all(out_dir.join(".ckptmap-staging"));
     if let Ok(entries) = fs::read_dir(out_dir) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -494,8 +500,8 @@ pub fn run_batch(list: &Path, items: &[ListItem], opts: &BatchOptions, events: &
         options: RunRecord {
             jobs: opts.jobs,
             verify: opts.verify,
-            img_size: opts.img_size,
-            num_heads: opts.num_heads,
+            img_size: opts.plan.img_size,
+            num_heads: opts.plan.num_heads,
             mapping: opts.mapping.clone(),
         },
         complete: false,
@@ -515,8 +521,6 @@ pub fn run_batch(list: &Path, items: &[ListItem], opts: &BatchOptions, events: &
 
     let todo: Vec<usize> = (0..items.len()).filter(|&i| report.items[i].status == Status::Pending).collect();
     if !todo.is_empty() {
-        let staging = out_dir.join(STAGING_DIR);
-        fs::create_dir_all(&staging).map_err(|e| dir_err(&staging, e))?;
         let mut fatal: Option<BatchError> = None;
         let next = AtomicUsize::new(0);
         let stop = AtomicBool::new(false);
@@ -550,7 +554,7 @@ pub fn run_batch(list: &Path, items: &[ListItem], opts: &BatchOptions, events: &
                 match got {
                     Ok(input) => {
                         let start = Instant::now();
-                        let result = guarded(Stage::Internal, || convert_item(item, &input, opts, &staging, events, &mut done))
+                        let result = guarded(Stage::Internal, || convert_item(item, &input, opts, events, &mut done))
                             .and_then(|r| r);
                         done.seconds = Some(input.seconds + start.elapsed().as_secs_f64());
                         done.input = Some(input);
@@ -570,7 +574,6 @@ pub fn run_batch(list: &Path, items: &[ListItem], opts: &BatchOptions, events: &
                 }
             }
         });
-        let _ = fs::remove_dir(&staging); // only when empty
         if let Some(e) = fatal {
             return Err(e);
         }
@@ -592,8 +595,11 @@ fn settings(item: &ListItem, opts: &BatchOptions) -> ItemSettings {
     ItemSettings {
         mapping: item.mapping.clone().or_else(|| opts.mapping.clone()),
         sha256: item.sha256.clone(),
-        img_size: opts.img_size,
-        num_heads: opts.num_heads,
+        img_size: opts.plan.img_size,
+        num_heads: opts.plan.num_heads,
+        init_values: opts.plan.init_values,
+        keep_unused: opts.plan.keep_unused,
+        dtype: opts.dtype,
         verify: opts.verify,
     }
 }
@@ -613,6 +619,7 @@ fn pending_report(item: &ListItem, opts: &BatchOptions) -> ItemReport {
         plan: None,
         verify: None,
         error: None,
+        report: None,
     }
 }
 
@@ -752,120 +759,52 @@ fn sha256_with_progress(path: &Path, progress: &dyn Progress) -> io::Result<Stri
     result.map(|()| hex::encode(hasher.finalize()))
 }
 
-/// Converts one acquired input into `<out_dir>/<output>`, filling `done` as it goes. The
-/// output appears only when it is complete, hashed and (if asked) verified.
-fn convert_item(
-    item: &ListItem,
-    input: &InputRecord,
-    opts: &BatchOptions,
-    staging: &Path,
-    events: &dyn BatchEvents,
-    done: &mut ItemReport,
-) -> Result<(), ItemError> {
-    let at = |stage: Stage| move |e: &dyn std::fmt::Display| ItemError { stage, message: e.to_string() };
-    let ckpt = Checkpoint::open(Path::new(&input.path)).map_err(|e| at(Stage::Read)(&e))?;
-    let choice = choose_table(done.settings.mapping.as_deref(), &ckpt).map_err(|e| at(Stage::Plan)(&e))?;
-    let table = choice.table();
-    done.mapping = Some(table.origin().to_string());
-    let plan_opts = PlanOptions { img_size: opts.img_size, num_heads: opts.num_heads, keep_unused: false, init_values: None };
-    let (root, sources, plan) = prepare(&ckpt, table, &plan_opts).map_err(|e| at(Stage::Plan)(&e))?;
-    done.plan = Some(PlanSummary {
-        table: table.name().to_string(),
-        container: root,
-        outputs: plan.outputs.len(),
-        dropped: plan.dropped.len(),
-        generated: plan.generated().count(),
-        img_size: plan.img_size,
-        notes: plan.notes.clone(),
-    });
-
-    let staged = staging.join(&item.output);
-    let staged_guard = RemoveOnDrop(&staged);
-    let progress = events.progress(item, Stage::Write);
-    let summary = write_plan(&ckpt, &sources, &plan, &staged, None, &*progress).map_err(|e| at(Stage::Write)(&e))?;
-    drop(progress);
-    let out_sha = sha256_with_progress(&staged, &NoProgress).map_err(|e| at(Stage::Write)(&format!("{}: {e}", staged.display())))?;
-
-    if opts.verify {
-        let progress = events.progress(item, Stage::Verify);
-        progress.begin("verifying", None);
-        let record = verify_item(&ckpt, &staged, table, opts, staging, item);
-        progress.end();
-        let record = record.map_err(|e| at(Stage::Verify)(&e))?;
-        let passed = record.passed;
-        let summary_text = format!(
-            "the converted weights do not compute what the original computes (max rel {}, min cosine {})",
-            record.max_rel.map(|x| format!("{x:.3e}")).unwrap_or_else(|| "-".into()),
-            record.min_cosine.map(|x| format!("{x:.9}")).unwrap_or_else(|| "-".into()),
-        );
-        done.verify = Some(record);
-        if !passed {
-            return Err(ItemError { stage: Stage::Verify, message: summary_text });
-        }
-    }
-
-    let dest = opts.out_dir.join(&item.output);
-    fs::rename(&staged, &dest).map_err(|e| at(Stage::Write)(&format!("cannot move {} into place: {e}", staged.display())))?;
-    std::mem::forget(staged_guard);
-    if let Ok(d) = File::open(&opts.out_dir) {
-        let _ = d.sync_all();
-    }
-    done.output_sha256 = Some(out_sha);
-    done.output_bytes = Some(summary.bytes);
-    Ok(())
-}
-
-/// Deletes a staged file unless forgotten.
-struct RemoveOnDrop<'a>(&'a Path);
-impl Drop for RemoveOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(self.0);
-    }
-}
-
-/// The forward-pass check of a staged output against its original. When the output was
-/// resized (`img_size`) and so cannot run at the original's size, the same table is applied
-/// without resizing and that clean conversion is checked instead.
-fn verify_item(
-    ckpt: &Checkpoint,
-    staged: &Path,
-    table: &MappingTable,
-    opts: &BatchOptions,
-    staging: &Path,
-    item: &ListItem,
-) -> Result<VerifyRecord, String> {
-    use crate::verify::{verify_against_original, Tolerance, VerifyOptions};
-    let vopts = VerifyOptions { img_size: None, num_heads: opts.num_heads, out_indices: None, tolerance: Tolerance::default(), init_values: 1.0 };
-    let device = candle_core::Device::Cpu;
-    let out = Checkpoint::open(staged).map_err(|e| e.to_string())?;
-    let first = verify_against_original(&out, ckpt, &vopts, &device);
-    drop(out);
-    let (outcome, subject, note) = match first {
-        Ok(o) => (o, "output", None),
-        Err(e) if opts.img_size.is_some() => {
-            let plan_opts = PlanOptions { img_size: None, num_heads: opts.num_heads, keep_unused: false, init_values: None };
-            let (_, sources, plan) = prepare(ckpt, table, &plan_opts).map_err(|e| e.to_string())?;
-            let clean = staging.join(format!("clean-{}", item.output));
-            let _guard = RemoveOnDrop(&clean);
-            write_plan(ckpt, &sources, &plan, &clean, None, &NoProgress).map_err(|e| e.to_string())?;
-            let conv = Checkpoint::open(&clean).map_err(|e| e.to_string())?;
-            let o = verify_against_original(&conv, ckpt, &vopts, &device).map_err(|e| e.to_string())?;
-            let note = format!(
-                "the output is load-ready at img_size {}, a size the original does not run at ({e}); the same mapping without resizing was checked instead (the resizes themselves are tested against PyTorch/SciPy in the test suite)",
-                opts.img_size.unwrap_or_default()
-            );
-            (o, "clean conversion", Some(note))
-        }
-        Err(e) => return Err(e.to_string()),
+/// Converts one acquired input into `<out_dir>/<output>` through [`job::run`] (the same
+/// conversion, check and commit as `ckptmap convert`), filling `done` as it goes. The output
+/// appears only when it is complete, hashed and (if asked) verified.
+fn convert_item(item: &ListItem, input: &InputRecord, opts: &BatchOptions, events: &dyn BatchEvents, done: &mut ItemReport) -> Result<(), ItemError> {
+    let req = job::Request {
+        source: item.source.text(),
+        input: PathBuf::from(&input.path),
+        output: opts.out_dir.join(&item.output),
+        mapping: done.settings.mapping.clone(),
+        plan: opts.plan.clone(),
+        dtype: opts.dtype,
+        verify: opts.verify,
+        hashes: true,
+        input_sha256: Some(input.sha256.clone()),
     };
-    let max_rel = outcome.outputs.iter().filter_map(|o| o.max_rel).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
-    let min_cosine = outcome.outputs.iter().filter_map(|o| o.cosine).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))));
-    Ok(VerifyRecord {
-        subject: subject.to_string(),
-        passed: outcome.passed,
-        max_rel,
-        min_cosine,
-        note,
-        outcome: serde_json::to_value(&outcome).map_err(|e| e.to_string())?,
-    })
+    let stage_of = |e: &JobError| match e {
+        JobError::Read(_) => Stage::Read,
+        JobError::Plan(_) => Stage::Plan,
+        JobError::Write(_) | JobError::Hash { .. } => Stage::Write,
+        JobError::Verify(_) | JobError::CheckFailed { .. } => Stage::Verify,
+    };
+    let at = |e: JobError| ItemError { stage: stage_of(&e), message: e.to_string() };
+    let planned = job::plan(&req).map_err(at)?;
+    done.mapping = Some(planned.table.table().origin().to_string());
+    done.plan = Some(PlanSummary::of(&planned));
+    let write = events.progress(item, Stage::Write);
+    let verify = events.progress(item, Stage::Verify);
+    let result = job::run_planned(&req, &planned, &*write, &*verify);
+    drop((write, verify));
+    match result {
+        Ok(report) => {
+            done.verify = report.verify.clone();
+            done.output_sha256 = report.output_sha256.clone();
+            done.output_bytes = Some(report.output.bytes);
+            done.report = serde_json::to_value(&report).ok();
+            Ok(())
+        }
+        Err(JobError::CheckFailed { record, .. }) => {
+            let message = format!(
+                "the converted weights do not compute what the original computes (max rel {}, min cosine {})",
+                record.max_rel.map(|x| format!("{x:.3e}")).unwrap_or_else(|| "-".into()),
+                record.min_cosine.map(|x| format!("{x:.9}")).unwrap_or_else(|| "-".into()),
+            );
+            done.verify = Some(*record);
+            Err(ItemError { stage: Stage::Verify, message })
+        }
+        Err(e) => Err(at(e)),
+    }
 }

@@ -11,6 +11,7 @@ pub mod dtype;
 pub mod fetch;
 pub mod formats;
 pub mod inspect;
+pub mod job;
 pub mod mapping;
 pub mod progress;
 pub mod synth;

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use ckptmap::formats::checkpoint::Checkpoint;
-use ckptmap::convert::{self, choose_table, prepare, write_plan_uncommitted};
+use ckptmap::convert;
 use ckptmap::inspect;
 use ckptmap::mapping::plan::{Fate, Plan, PlanOptions};
 use ckptmap::progress::Progress;
@@ -76,36 +76,15 @@ enum Command {
         src: String,
         /// Output file: .pth (torch.load(weights_only=True) reads it) or .safetensors.
         dst: PathBuf,
-        /// Mapping table: a built-in name (see `ckptmap mappings`) or a TOML file.
-        /// Default: detected from the checkpoint's keys.
-        #[arg(long, short)]
-        mapping: Option<String>,
-        /// Make the output load-ready for MMSeg's backbone at this input size (e.g. 512, 640).
-        #[arg(long)]
-        img_size: Option<usize>,
-        /// Attention heads, when the checkpoint cannot tell (MAE widths without a preset).
-        #[arg(long)]
-        num_heads: Option<usize>,
-        /// Value for filled layer-scale gammas (MAE load-ready; default: the table's, 1.0).
-        #[arg(long)]
-        init_values: Option<f64>,
-        /// Cast floating-point tensors to this dtype (f32, f16, bf16). Default: keep each
-        /// tensor's source dtype and, for renames, its exact bytes.
-        #[arg(long, value_parser = parse_float_dtype)]
-        dtype: Option<DType>,
-        /// Pass keys the table drops (decoder, head, norm, ...) through unchanged instead
-        /// (beit2mmseg's behaviour).
-        #[arg(long)]
-        keep_unused: bool,
+        #[command(flatten)]
+        conversion: ConversionArgs,
         /// Print the plan (every source key's fate, every target's origin) and write nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Print a JSON report (the plan, input/output sha256, figures) instead of text.
+        /// Print one JSON report (input and output sha256, the plan, what was written, the
+        /// check when --verify) on stdout instead of text.
         #[arg(long)]
         json: bool,
-        /// After writing, run the forward-pass check against the original (verify --against).
-        #[arg(long)]
-        verify: bool,
     },
     /// Check converted weights by running the MMSeg backbone forward pass (candle, fp32).
     ///
@@ -173,22 +152,49 @@ enum Command {
         /// Downloads at once.
         #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
         jobs: u16,
-        /// Check each output against its original with the forward pass (as convert --verify).
-        #[arg(long)]
-        verify: bool,
-        /// Make every output load-ready for MMSeg at this input size.
-        #[arg(long)]
-        img_size: Option<usize>,
-        /// Attention heads, when a checkpoint cannot tell (MAE widths without a preset).
-        #[arg(long)]
-        num_heads: Option<usize>,
-        /// Mapping table for lines without mapping= (default: detected per checkpoint).
-        #[arg(long, short)]
-        mapping: Option<String>,
+        /// How every item is converted (a line's mapping= wins over --mapping).
+        #[command(flatten)]
+        conversion: ConversionArgs,
         /// Print the report (as in DIR/report.json) instead of the table.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How a checkpoint is converted: the options `convert` and `batch` share.
+#[derive(clap::Args, Clone)]
+struct ConversionArgs {
+    /// Mapping table: a built-in name (see `ckptmap mappings`) or a TOML file.
+    /// Default: detected from the checkpoint's keys.
+    #[arg(long, short)]
+    mapping: Option<String>,
+    /// Make the output load-ready for MMSeg's backbone at this input size (e.g. 512, 640).
+    #[arg(long)]
+    img_size: Option<usize>,
+    /// Attention heads, when the checkpoint cannot tell (MAE widths without a preset).
+    #[arg(long)]
+    num_heads: Option<usize>,
+    /// Value for filled layer-scale gammas (MAE load-ready; default: the table's, 1.0).
+    #[arg(long)]
+    init_values: Option<f64>,
+    /// Cast floating-point tensors to this dtype (f32, f16, bf16). Default: keep each
+    /// tensor's source dtype and, for renames, its exact bytes.
+    #[arg(long, value_parser = parse_float_dtype)]
+    dtype: Option<DType>,
+    /// Pass keys the table drops (decoder, head, norm, ...) through unchanged instead
+    /// (beit2mmseg's behaviour).
+    #[arg(long)]
+    keep_unused: bool,
+    /// Before the output is moved into place, run the forward-pass check against the
+    /// original (as verify --against); a failing output is not written (exit 1).
+    #[arg(long)]
+    verify: bool,
+}
+
+impl ConversionArgs {
+    fn plan_options(&self) -> PlanOptions {
+        PlanOptions { img_size: self.img_size, num_heads: self.num_heads, keep_unused: self.keep_unused, init_values: self.init_values }
+    }
 }
 
 extern "C" {
@@ -286,85 +292,15 @@ fn print_outcome(o: &ckptmap::verify::VerifyOutcome) {
     }
 }
 
-/// `convert --verify`: the forward-pass check of a just-written output (`out_path`) against
-/// its original. A load-ready output at another size cannot run next to the original at its
-/// native size: then the same table applied without resizing is checked (the resizes
-/// themselves are tested against PyTorch/SciPy numbers in the test suite).
-fn check_converted(
-    ckpt: &Checkpoint,
-    table: &ckptmap::mapping::table::MappingTable,
-    plan: &ckptmap::mapping::plan::Plan,
-    plan_opts: &PlanOptions,
-    out_path: &std::path::Path,
-    dst: &std::path::Path,
-    json: bool,
-) -> Result<Checked> {
-    let opts = ckptmap::verify::VerifyOptions {
-        img_size: None,
-        num_heads: plan_opts.num_heads,
-        out_indices: None,
-        tolerance: ckptmap::verify::Tolerance::default(),
-        init_values: plan_opts.init_values.unwrap_or(1.0),
-    };
-    let resized = plan.outputs.iter().any(|t| {
-        matches!(
-            t.origin,
-            ckptmap::mapping::plan::Origin::ResizeAbsPosEmbed { .. } | ckptmap::mapping::plan::Origin::ResizeRelPosTable { .. }
-        )
-    });
-    // The clean conversion is never moved into place (next to DST, nameless): nothing of it
-    // is left whatever happens.
-    let clean = match resized {
-        true => {
-            let clean_opts = PlanOptions { img_size: None, ..opts_for_check(plan_opts) };
-            let (_, srcs, clean_plan) = prepare(ckpt, table, &clean_opts)?;
-            let clean_dest = dst.with_extension("unresized.pth");
-            if !json {
-                println!("note: the output is resized to img_size {}; checking the same mapping without resizing", plan.img_size.unwrap_or_default());
-            }
-            Some(write_plan_uncommitted(ckpt, &srcs, &clean_plan, &clean_dest, None, &ckptmap::progress::NoProgress)?)
-        }
-        false => None,
-    };
-    let checked = clean.as_ref().map(|c| c.read_path()).unwrap_or_else(|| out_path.to_path_buf());
-    let out = Checkpoint::open(&checked)?;
-    let outcome = ckptmap::verify::verify_against_original(&out, ckpt, &opts, &candle_core::Device::Cpu)?;
-    // Say what the pass did not cover: the resized numbers never ran through the forward pass.
-    let not_checked = resized.then(|| {
-        format!(
-            "the resize to img_size {} (pos_embed / relative position tables) was not checked by the forward pass, which ran on the same mapping without resizing; the resizes are tested against PyTorch/SciPy numbers in the test suite",
-            plan.img_size.unwrap_or_default()
-        )
-    });
-    Ok(Checked { outcome, not_checked })
-}
-
-/// A `convert --verify` result: the outcome, and what it leaves unchecked (resized outputs).
-struct Checked {
-    outcome: ckptmap::verify::VerifyOutcome,
-    not_checked: Option<String>,
-}
-
-fn show_outcome(c: &Checked, json: bool) -> Result<()> {
-    if json {
-        // `subject` uses batch's report.json words for the same two cases.
-        let mut v = serde_json::to_value(&c.outcome)?;
-        v["subject"] = if c.not_checked.is_some() { "clean conversion" } else { "output" }.into();
-        if let Some(n) = &c.not_checked {
-            v["not_checked"] = n.as_str().into();
-        }
-        eprintln!("{v}");
-    } else {
-        print_outcome(&c.outcome);
-        if let Some(n) = &c.not_checked {
-            println!("note: {n}");
-        }
+/// A `convert --verify` record: the outcome, then what it did not cover.
+fn print_verify_record(r: &ckptmap::job::VerifyRecord) {
+    match r.outcome() {
+        Some(o) => print_outcome(&o),
+        None => println!("{}", if r.passed { "PASS" } else { "FAIL" }),
     }
-    Ok(())
-}
-
-fn opts_for_check(o: &PlanOptions) -> PlanOptions {
-    PlanOptions { img_size: o.img_size, num_heads: o.num_heads, keep_unused: false, init_values: o.init_values }
+    if let Some(n) = &r.not_checked {
+        println!("note: {n}");
+    }
 }
 
 fn parse_float_dtype(s: &str) -> Result<DType, String> {
@@ -431,77 +367,68 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
             }
             Ok(if outcome.passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Convert { src: source, dst, mapping, img_size, num_heads, init_values, dtype, keep_unused, dry_run, json, verify } => {
-            let src = download.resolve(&source)?;
-            let ckpt = Checkpoint::open(&src)?;
-            let choice = choose_table(mapping.as_deref(), &ckpt)?;
-            let table = choice.table();
-            let plan_opts = PlanOptions { img_size, num_heads, keep_unused, init_values };
-            let (root, sources, plan) = prepare(&ckpt, table, &plan_opts)?;
+        Command::Convert { src: source, dst, conversion: c, dry_run, json } => {
+            let dtype = c.dtype;
+            let req = ckptmap::job::Request {
+                input: download.resolve(&source)?,
+                source,
+                output: dst,
+                mapping: c.mapping.clone(),
+                plan: c.plan_options(),
+                dtype,
+                verify: c.verify,
+                hashes: json,
+                input_sha256: None,
+            };
+            let planned = ckptmap::job::plan(&req)?;
+            let table = planned.table.table();
             if dry_run {
                 if json {
-                    let doc = serde_json::json!({ "input": source, "container": root, "mapping": table.origin(), "plan": plan });
+                    let doc = serde_json::json!({ "input": req.source, "container": planned.container, "mapping": table.origin(), "plan": planned.plan });
                     println!("{}", serde_json::to_string_pretty(&doc)?);
                 } else {
-                    print_plan(&plan, table.origin(), &root, dtype);
+                    print_plan(&planned.plan, table.origin(), &planned.container, dtype);
                 }
                 return Ok(ExitCode::SUCCESS);
             }
             // Large files get a progress bar on a terminal (unless --json).
-            let total: u64 = sources.iter().map(|t| t.view.nbytes() as u64).sum();
-            let bar = Bar::new(!json && !download.quiet && total > 64 << 20);
-            // With --verify the forward-pass check runs on the finished output before it is
-            // moved into place: a conversion that fails it never replaces anything.
-            let written = write_plan_uncommitted(&ckpt, &sources, &plan, &dst, dtype, &bar)?;
-            let outcome = match verify {
-                true => Some(check_converted(&ckpt, table, &plan, &plan_opts, &written.read_path(), &dst, json)?),
-                false => None,
+            let bar = Bar::new(!json && !download.quiet && planned.source_bytes() > 64 << 20);
+            let report = match ckptmap::job::run_planned(&req, &planned, &bar, &ckptmap::progress::NoProgress) {
+                Err(ckptmap::job::JobError::CheckFailed { output, record }) => {
+                    // The check failed: nothing was moved into place.
+                    if json {
+                        let doc = serde_json::json!({ "input": req.source, "output": null, "written": false, "verify": record });
+                        println!("{}", serde_json::to_string_pretty(&doc)?);
+                    } else {
+                        print_verify_record(&record);
+                    }
+                    eprintln!("error: {}: not written: the converted weights fail the forward-pass check", output.display());
+                    return Ok(ExitCode::from(1));
+                }
+                other => other?,
             };
-            if let Some(o) = outcome.as_ref().filter(|o| !o.outcome.passed) {
-                show_outcome(o, json)?;
-                eprintln!("error: {}: not written: the converted weights fail the forward-pass check", dst.display());
-                return Ok(ExitCode::from(1));
-            }
-            let summary = written.commit()?;
             if json {
-                let (in_hash, out_hash) = std::thread::scope(|s| {
-                    let a = s.spawn(|| convert::sha256_file(&src));
-                    let b = s.spawn(|| convert::sha256_file(&dst));
-                    (a.join().unwrap(), b.join().unwrap())
-                });
-                let doc = serde_json::json!({
-                    "input": source,
-                    "input_file": src.display().to_string(),
-                    "input_sha256": in_hash?,
-                    "input_crc32": ckpt.crc32_status(),
-                    "container": root,
-                    "mapping": table.origin(),
-                    "output": summary,
-                    "output_sha256": out_hash?,
-                    "plan": plan,
-                });
-                println!("{}", serde_json::to_string_pretty(&doc)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                let dropped = plan.dropped.len();
-                let generated = plan.generated().count();
+                let plan = &report.plan;
                 println!(
                     "{} -> {}: {} tensors ({} generated), {} source keys dropped, {:.1} MB in {:.2} s [mapping {}{}]",
-                    source,
-                    dst.display(),
-                    summary.tensors,
-                    generated,
-                    dropped,
-                    summary.bytes as f64 / 1e6,
-                    summary.seconds,
+                    report.input,
+                    report.output.output,
+                    report.output.tensors,
+                    plan.generated().count(),
+                    plan.dropped.len(),
+                    report.output.bytes as f64 / 1e6,
+                    report.output.seconds,
                     table.name(),
                     plan.img_size.map(|n| format!(", load-ready at {n}")).unwrap_or_default()
                 );
                 for note in &plan.notes {
                     println!("note: {note}");
                 }
-            }
-            if let Some(o) = &outcome {
-                show_outcome(o, json)?;
+                if let Some(r) = &report.verify {
+                    print_verify_record(r);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -541,8 +468,8 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
             }
             Ok(if report.same() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Batch { list, out_dir, jobs, verify, img_size, num_heads, mapping, json } => {
-            run_batch_command(list, out_dir, jobs, verify, img_size, num_heads, mapping, json, download)
+        Command::Batch { list, out_dir, jobs, conversion, json } => {
+            run_batch_command(list, out_dir, jobs, conversion, json, download)
         }
     }
 }
@@ -659,18 +586,7 @@ fn print_diff(r: &inspect::DiffReport) {
 // ---------------------------------------------------------------------------------------
 // batch
 
-#[allow(clippy::too_many_arguments)]
-fn run_batch_command(
-    list: PathBuf,
-    out_dir: PathBuf,
-    jobs: u16,
-    verify: bool,
-    img_size: Option<usize>,
-    num_heads: Option<usize>,
-    mapping: Option<String>,
-    json: bool,
-    download: &DownloadArgs,
-) -> Result<ExitCode> {
+fn run_batch_command(list: PathBuf, out_dir: PathBuf, jobs: u16, c: ConversionArgs, json: bool, download: &DownloadArgs) -> Result<ExitCode> {
     use ckptmap::batch;
     if download.sha256.is_some() {
         anyhow::bail!("--sha256 does not apply to batch: put sha256=HEX on the list's lines");
@@ -679,10 +595,10 @@ fn run_batch_command(
     let opts = batch::BatchOptions {
         out_dir,
         jobs: jobs as usize,
-        verify,
-        img_size,
-        num_heads,
-        mapping,
+        verify: c.verify,
+        plan: c.plan_options(),
+        dtype: c.dtype,
+        mapping: c.mapping.clone(),
         fetch: ckptmap::fetch::FetchOptions {
             cache_dir: download.cache_dir.clone(),
             retries: download.retries,

@@ -101,7 +101,7 @@ pub fn add_load_time_defaults(
 }
 
 /// The outcome of one check.
-#[derive(Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VerifyOutcome {
     /// What the converted weights were compared with.
     pub against: String,
