@@ -29,6 +29,8 @@ pub enum ConvertError {
     Transform { target: String, msg: String },
     #[error("{0}: output format must be .pth or .safetensors (by extension)")]
     UnknownFormat(PathBuf),
+    #[error("{}: is the input checkpoint itself (the same file{}); write the output to another path", dst.display(), if dst == src { String::new() } else { format!(" as {}", src.display()) })]
+    SameFile { dst: PathBuf, src: PathBuf },
     #[error(transparent)]
     Input(#[from] crate::checkpoint::CheckpointError),
 }
@@ -288,7 +290,17 @@ pub fn write_plan_uncommitted(
     };
     let dtypes: Vec<DType> = plan.outputs.iter().map(|t| output_dtype(t, cast)).collect();
     let total: u64 = plan.outputs.iter().zip(&dtypes).map(|(t, d)| (t.shape.iter().product::<usize>() * d.size()) as u64).sum();
-    let mut atomic = AtomicFile::create(dest).map_err(|e| out_err(format!("cannot create a temporary file next to it: {e}")))?;
+    // Writing over the input would replace the only copy of the original (the rename at the
+    // end succeeds): refuse before anything is touched.
+    if crate::atomic::same_file(ckpt.path(), dest) {
+        return Err(ConvertError::SameFile { dst: dest.to_path_buf(), src: ckpt.path().to_path_buf() });
+    }
+    let folder = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    crate::atomic::create_parent_dirs(dest).map_err(|e| out_err(format!("cannot create the folder {}: {e}", folder.display())))?;
+    let mut atomic = AtomicFile::create(dest).map_err(|e| out_err(format!("cannot write into the folder {}: {e}", folder.display())))?;
     progress.begin("converting", Some(total));
     atomic.reserve(total).map_err(|e| out_err(format!("cannot reserve {total} bytes for it: {e}")))?;
 
