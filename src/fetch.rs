@@ -147,6 +147,20 @@ pub enum FetchError {
         actual: String,
         source_of: HashSource,
     },
+    /// The cached copy is intact (it still has the sha256 recorded when it was downloaded)
+    /// but not the expected one: the expectation is more likely wrong than the file, so the
+    /// copy is kept and nothing is downloaded.
+    #[error("sha256 mismatch for {url}: expected {expected} ({source_of}) but the cached copy {} (intact: it has the sha256 recorded when it was downloaded) has {actual}; kept it and downloaded nothing. Check the expected hash; if the file on the server changed, run `ckptmap cache clean {url}` and try again", path.display())]
+    CachedSha256Mismatch {
+        url: String,
+        path: PathBuf,
+        expected: String,
+        actual: String,
+        source_of: HashSource,
+    },
+    /// The server's TLS certificate was rejected: retrying cannot change that.
+    #[error("TLS certificate of {url} rejected: {message}. If a proxy or private CA signs it, add that CA to the system trust store or point SSL_CERT_FILE at a PEM bundle that includes it")]
+    Certificate { url: String, message: String },
     /// Every attempt failed with a retryable error.
     #[error("gave up on {url} after {attempts} attempts: last error: {last}")]
     GaveUp {
@@ -272,8 +286,18 @@ pub fn fetch(
     entry.create_dir()?;
     let _lock = entry.lock()?;
 
-    if let Some(hit) = entry.reuse(&expected, progress)? {
-        return Ok(hit);
+    match entry.reuse(&expected, progress)? {
+        Reuse::Hit(hit) => return Ok(hit),
+        Reuse::IntactButUnexpected { path, actual, bad } => {
+            return Err(FetchError::CachedSha256Mismatch {
+                url: url.to_string(),
+                path,
+                expected: bad.hex.clone(),
+                actual,
+                source_of: bad.source,
+            })
+        }
+        Reuse::Miss => {}
     }
     entry.forget_finished()?;
 
@@ -396,6 +420,34 @@ fn error_chain(e: &dyn StdError) -> String {
         source = cause.source();
     }
     text
+}
+
+/// What the cache holds for a URL.
+enum Reuse<'e> {
+    /// Nothing usable (absent, incomplete, or changed since it was recorded).
+    Miss,
+    /// An intact copy with the expected hashes.
+    Hit(Fetched),
+    /// An intact copy (its recorded sha256) that does not have an expected hash.
+    IntactButUnexpected { path: PathBuf, actual: String, bad: &'e ExpectedHash },
+}
+
+/// The certificate error in a failed request's causes, if that is why it failed (rustls
+/// reports it as `invalid peer certificate: ...`, possibly inside an `io::Error`).
+fn certificate_problem(e: &(dyn StdError + 'static)) -> Option<String> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let tls = err
+            .downcast_ref::<rustls::Error>()
+            .or_else(|| err.downcast_ref::<io::Error>().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref::<rustls::Error>()));
+        if let Some(t @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented | rustls::Error::UnsupportedNameType)) = tls {
+            return Some(t.to_string());
+        }
+        next = err.source();
+    }
+    // Some layers between reqwest and rustls keep only the message.
+    let text = error_chain(e);
+    text.find("invalid peer certificate").map(|at| text[at..].to_string())
 }
 
 /// How one attempt went wrong.
@@ -536,25 +588,25 @@ impl CacheEntry {
     }
 
     /// The cached file, if its record matches it (re-hashed) and the expected hashes.
-    fn reuse(
+    fn reuse<'e>(
         &self,
-        expected: &[ExpectedHash],
+        expected: &'e [ExpectedHash],
         progress: &dyn Progress,
-    ) -> Result<Option<Fetched>, FetchError> {
+    ) -> Result<Reuse<'e>, FetchError> {
         let Some(record) = read_json::<FinishedRecord>(&self.finished_record()) else {
-            return Ok(None);
+            return Ok(Reuse::Miss);
         };
         let path = self.finished();
         let size = match fs::metadata(&path) {
             Ok(meta) if meta.is_file() => meta.len(),
-            _ => return Ok(None),
+            _ => return Ok(Reuse::Miss),
         };
         if record.url != self.url || record.size != size {
-            return Ok(None);
+            return Ok(Reuse::Miss);
         }
         let mut file = match File::open(&path) {
             Ok(file) => file,
-            Err(_) => return Ok(None),
+            Err(_) => return Ok(Reuse::Miss),
         };
         let mut hasher = Sha256::new();
         {
@@ -565,10 +617,13 @@ impl CacheEntry {
             .map_err(|e| self.cache_err(&path, e))?;
         }
         let actual = hex::encode(hasher.finalize());
-        if actual != record.sha256 || first_mismatch(expected, &actual).is_some() {
-            return Ok(None);
+        if actual != record.sha256 {
+            return Ok(Reuse::Miss);
         }
-        Ok(Some(Fetched {
+        if let Some(bad) = first_mismatch(expected, &actual) {
+            return Ok(Reuse::IntactButUnexpected { path, actual, bad });
+        }
+        Ok(Reuse::Hit(Fetched {
             path,
             sha256: actual,
             bytes: size,
@@ -781,6 +836,9 @@ impl CacheEntry {
     fn classify(&self, e: reqwest::Error) -> Failure {
         // The error names the URL already carried by every FetchError.
         let e = e.without_url();
+        if let Some(message) = certificate_problem(&e) {
+            return Failure::Fatal(FetchError::Certificate { url: self.url.clone(), message });
+        }
         if e.is_builder() || e.is_redirect() {
             Failure::Fatal(FetchError::Request {
                 url: self.url.clone(),
