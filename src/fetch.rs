@@ -503,6 +503,101 @@ impl PartRecord {
     }
 }
 
+/// One URL's files in the cache, as [`list_cache`] finds them.
+#[derive(Debug, Clone, Serialize)]
+pub struct CachedFile {
+    /// The URL it was downloaded from.
+    pub url: String,
+    /// The file: the finished download, or the `.part` of an unfinished one.
+    pub path: PathBuf,
+    /// Its size on disk.
+    pub bytes: u64,
+    /// The sha256 recorded when it finished (none for an unfinished download).
+    pub sha256: Option<String>,
+    /// True for a finished download, false for a `.part` a later fetch resumes.
+    pub complete: bool,
+}
+
+/// Whether `name` is a cache entry's folder name (the sha256 of a URL): only such folders
+/// are ever listed or removed, whatever else the cache root holds.
+fn is_entry_folder(name: &std::ffi::OsStr) -> bool {
+    name.to_str().is_some_and(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Every download in the cache at `root` (finished ones and `.part`s), sorted by URL. A
+/// missing root is an empty cache.
+pub fn list_cache(root: &Path) -> io::Result<Vec<CachedFile>> {
+    let mut found = Vec::new();
+    let folders = match fs::read_dir(root) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(e),
+    };
+    for folder in folders {
+        let folder = folder?;
+        if !is_entry_folder(&folder.file_name()) || !folder.file_type()?.is_dir() {
+            continue;
+        }
+        for file in fs::read_dir(folder.path())? {
+            let file = file?.path();
+            let Some(name) = file.file_name().and_then(|n| n.to_str()) else { continue };
+            let size = |p: &Path| fs::metadata(p).map(|m| m.len()).ok();
+            if let Some(stem) = name.strip_suffix(".part.json") {
+                let part = file.with_file_name(format!("{stem}.part"));
+                if let (Some(rec), Some(bytes)) = (read_json::<PartRecord>(&file), size(&part)) {
+                    found.push(CachedFile { url: rec.url, path: part, bytes, sha256: None, complete: false });
+                }
+            } else if let Some(stem) = name.strip_suffix(".json") {
+                let done = file.with_file_name(stem);
+                if let (Some(rec), Some(bytes)) = (read_json::<FinishedRecord>(&file), size(&done)) {
+                    found.push(CachedFile { url: rec.url, path: done, bytes, sha256: Some(rec.sha256), complete: true });
+                }
+            }
+        }
+    }
+    found.sort_by(|a, b| (&a.url, a.complete).cmp(&(&b.url, b.complete)));
+    Ok(found)
+}
+
+/// Removes the cache entries of `urls` (every entry when `urls` is empty) from the cache at
+/// `root` and returns what was removed. Only entry folders are touched; an entry another
+/// process is downloading into is an error, and nothing of it is removed.
+pub fn clean_cache(root: &Path, urls: &[String]) -> Result<Vec<CachedFile>, FetchError> {
+    let all = list_cache(root).map_err(|source| FetchError::Cache { url: String::new(), path: root.to_path_buf(), source })?;
+    let folders: Vec<(String, PathBuf)> = if urls.is_empty() {
+        let mut dirs: Vec<(String, PathBuf)> = Vec::new();
+        let rd = match fs::read_dir(root) {
+            Ok(rd) => rd.filter_map(|e| e.ok()).collect::<Vec<_>>(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => return Err(FetchError::Cache { url: String::new(), path: root.to_path_buf(), source }),
+        };
+        for e in rd {
+            if is_entry_folder(&e.file_name()) && e.file_type().is_ok_and(|t| t.is_dir()) {
+                let url = all.iter().find(|f| f.path.parent() == Some(&e.path())).map(|f| f.url.clone()).unwrap_or_default();
+                dirs.push((url, e.path()));
+            }
+        }
+        dirs
+    } else {
+        urls.iter().map(|u| (u.clone(), CacheEntry::new(root, u).dir)).collect()
+    };
+    let mut removed = Vec::new();
+    for (url, dir) in folders {
+        if !dir.is_dir() {
+            continue;
+        }
+        let err = |path: &Path, source: io::Error| FetchError::Cache { url: url.clone(), path: path.to_path_buf(), source };
+        let lock_path = dir.join(".lock");
+        let lock = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&lock_path).map_err(|e| err(&lock_path, e))?;
+        if lock.try_lock().is_err() {
+            return Err(err(&dir, io::Error::other("another ckptmap is downloading into it; try again when it has finished")));
+        }
+        fs::remove_dir_all(&dir).map_err(|e| err(&dir, e))?;
+        removed.extend(all.iter().filter(|f| f.path.parent() == Some(dir.as_path())).cloned());
+    }
+    Ok(removed)
+}
+
 /// Calls `Progress::end` when dropped, so every `begin` gets its `end`.
 struct ProgressJob<'a>(&'a dyn Progress);
 

@@ -150,3 +150,39 @@ fn untrusted_tls_certificate_fails_at_once_with_a_hint() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("state dict"), "{text}");
 }
+
+/// Bad option values are answered in the option's terms, not the mapping table's.
+#[test]
+fn bad_option_values_say_what_was_passed_and_what_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.pth");
+    let (mae, beit) = (fixture("mae_tiny.pth"), fixture("beit_tiny_ft.pth"));
+    let cases: [(&[&str], &[&str]); 5] = [
+        (&["convert", s(&mae), s(&out), "--num-heads", "2", "--img-size", "100"], &["--img-size 100", "multiple of", "patch size 16", "96 and 112"]),
+        (&["convert", s(&beit), s(&out), "--img-size", "100"], &["--img-size 100", "96 and 112"]),
+        (&["convert", s(&beit), s(&out), "--img-size", "8"], &["--img-size 8", "smallest that works is 16"]),
+        (&["convert", s(&mae), s(&out), "--num-heads", "3"], &["--num-heads 3", "width 32", "1, 2, 4, 8, 16, 32"]),
+        (&["convert", s(&beit), s(&out), "--num-heads", "4"], &["--num-heads 4", "tables have 2 heads"]),
+    ];
+    for (args, needles) in cases {
+        let err = fails(args);
+        for n in needles {
+            assert!(err.contains(n), "{args:?}: no {n:?} in {err}");
+        }
+        for internal in ["option(", "shape(", "2 * grid", "dim % heads", "rule '"] {
+            assert!(!err.contains(internal), "{args:?}: table internals in {err}");
+        }
+        assert!(!out.exists());
+    }
+}
+
+/// A file that is already in the MMSeg layout says so, instead of asking for --mapping.
+#[test]
+fn an_already_converted_file_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let conv = dir.path().join("conv.pth");
+    ok(&["convert", s(&fixture("mae_tiny.pth")), s(&conv), "--num-heads", "2"]);
+    let err = fails(&["convert", s(&conv), s(&dir.path().join("again.pth"))]);
+    assert!(err.contains("already in the MMSeg layout") && err.contains("layers.0.ln1.weight"), "{err}");
+    assert!(!err.contains("--mapping"), "{err}");
+}
