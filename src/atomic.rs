@@ -27,6 +27,25 @@ struct LiveEntry {
 static LIVE: Mutex<Option<HashMap<u64, LiveEntry>>> = Mutex::new(None);
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
+/// Whether `a` and `b` name one existing file (same device and inode: also through a
+/// symlink or a hard link). False when either cannot be looked up (the caller's next step
+/// reports why).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// Creates the folders above `dest` that do not exist yet (as `mkdir -p`).
+pub fn create_parent_dirs(dest: &Path) -> io::Result<()> {
+    match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() && !p.is_dir() => std::fs::create_dir_all(p),
+        _ => Ok(()),
+    }
+}
+
 fn live() -> MutexGuard<'static, Option<HashMap<u64, LiveEntry>>> {
     // A panic while the lock was held cannot leave the map half-updated: keep using it.
     LIVE.lock().unwrap_or_else(|e| e.into_inner())

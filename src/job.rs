@@ -233,9 +233,9 @@ fn check(
     let clean = write_plan_uncommitted(ckpt, &sources, &clean_plan, &output.with_extension("unresized.pth"), None, &NoProgress)?;
     let conv = Checkpoint::open(&clean.read_path())?;
     let outcome = verify_against_original(&conv, ckpt, &opts, &device)?;
+    let n = plan.img_size.unwrap_or_default();
     let not_checked = format!(
-        "the resize to img_size {} (pos_embed / relative position tables) was not checked by the forward pass, which ran on the same mapping without resizing; the resizes are tested against PyTorch/SciPy numbers in the test suite",
-        plan.img_size.unwrap_or_default()
+        "the output is resized to img_size {n}: the forward pass ran on the same mapping without resizing, which checks every tensor's mapping; the resize to img_size {n} (pos_embed / relative position tables) was not checked by the forward pass (the resizes themselves are tested against PyTorch/SciPy numbers in the test suite)"
     );
     Ok(VerifyRecord::new(&outcome, "clean conversion", Some(not_checked)))
 }

@@ -14,33 +14,38 @@ use ckptmap::mapping::plan::{Fate, Plan, PlanOptions};
 use ckptmap::progress::Progress;
 use ckptmap::DType;
 
+const CACHE_NOTE: &str = "Downloads are cached in --cache-dir, else $CKPTMAP_CACHE, else $XDG_CACHE_HOME/ckptmap, else ~/.cache/ckptmap; `ckptmap cache list` shows them, `ckptmap cache clean` removes them.";
+
 #[derive(Parser)]
-#[command(name = "ckptmap", version, about = "Convert MAE / BEiT PyTorch checkpoints to the MMSegmentation backbone layout, and check the result with a forward pass", long_about = None)]
+#[command(name = "ckptmap", version, about = "Convert MAE / BEiT PyTorch checkpoints to the MMSegmentation backbone layout, and check the result with a forward pass", long_about = None, after_help = CACHE_NOTE)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    #[command(flatten)]
-    download: DownloadArgs,
+    /// Print nothing but errors (and the documents --json asks for): no progress, no
+    /// summaries or notes; the exit code tells the outcome.
+    #[arg(long, short, global = true)]
+    quiet: bool,
 }
 
-/// How http(s) sources are fetched (for any command that takes a checkpoint).
+/// How http(s) sources are fetched (for the commands that take a URL).
 #[derive(clap::Args, Clone)]
 struct DownloadArgs {
-    /// Download cache folder (default: $CKPTMAP_CACHE, else ~/.cache/ckptmap).
-    #[arg(long, global = true, value_name = "DIR")]
+    /// Download cache folder (default: $CKPTMAP_CACHE, else $XDG_CACHE_HOME/ckptmap, else
+    /// ~/.cache/ckptmap; see `ckptmap cache list`).
+    #[arg(long, value_name = "DIR", help_heading = "Download options (http(s) sources)")]
     cache_dir: Option<PathBuf>,
     /// Expected sha256 of a downloaded source (a `-<hex>` suffix in the file name is
     /// checked automatically).
-    #[arg(long, global = true, value_name = "HEX")]
+    #[arg(long, value_name = "HEX", help_heading = "Download options (http(s) sources)")]
     sha256: Option<String>,
-    /// Retries on connection errors, timeouts and HTTP 5xx.
-    #[arg(long, global = true, default_value_t = 4)]
+    /// Retries on connection errors, timeouts and HTTP 5xx (not on 4xx or certificate errors).
+    #[arg(long, value_name = "N", default_value_t = 4, help_heading = "Download options (http(s) sources)")]
     retries: u32,
     /// Seconds without data before a download attempt is abandoned.
-    #[arg(long, global = true, default_value_t = 60)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, help_heading = "Download options (http(s) sources)")]
     timeout: u64,
-    /// No progress bars.
-    #[arg(long, short, global = true)]
+    /// Set from the global --quiet after parsing.
+    #[arg(skip)]
     quiet: bool,
 }
 
@@ -75,6 +80,7 @@ enum Command {
         /// Source checkpoint: a path or an http(s) URL (.pth zip or legacy, or .safetensors).
         src: String,
         /// Output file: .pth (torch.load(weights_only=True) reads it) or .safetensors.
+        /// Missing folders are created; it cannot be SRC itself.
         dst: PathBuf,
         #[command(flatten)]
         conversion: ConversionArgs,
@@ -85,6 +91,8 @@ enum Command {
         /// check when --verify) on stdout instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        download: DownloadArgs,
     },
     /// Check converted weights by running the MMSeg backbone forward pass (candle, fp32).
     ///
@@ -96,17 +104,20 @@ enum Command {
     Verify {
         /// The converted checkpoint (MMSeg layout).
         converted: PathBuf,
-        /// A .safetensors reference: 'input' and 'out.<index>' tensors.
-        #[arg(long, conflicts_with = "against", required_unless_present = "against")]
+        /// A .safetensors reference made by PyTorch: 'input' and 'out.<index>' tensors
+        /// (one of --reference and --against is needed).
+        #[arg(long, value_name = "REF.safetensors", conflicts_with = "against")]
         reference: Option<PathBuf>,
         /// The original checkpoint the conversion came from (a path or an http(s) URL).
-        #[arg(long)]
+        #[arg(long, value_name = "ORIGINAL")]
         against: Option<String>,
         #[command(flatten)]
         check: CheckArgs,
         /// Print one JSON document instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        download: DownloadArgs,
     },
     /// List the built-in mapping tables, or print one's TOML text.
     Mappings {
@@ -120,16 +131,23 @@ enum Command {
         /// Print one JSON document instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        download: DownloadArgs,
     },
     /// Compare two checkpoints' state dicts: names, shapes, dtypes, values (exit 1 if they differ).
+    ///
+    /// Tensors of one shape are compared by value, also across dtypes (both cast to f64:
+    /// max abs and max relative difference).
     Diff {
+        /// The first checkpoint (.pth or .safetensors), e.g. the original.
         a: PathBuf,
+        /// The second checkpoint, compared with A, e.g. a conversion or a cast of it.
         b: PathBuf,
         /// Dotted path of A's state dict (default: state_dict, model, module or top level).
-        #[arg(long)]
+        #[arg(long, value_name = "PATH")]
         root_a: Option<String>,
         /// Dotted path of B's state dict.
-        #[arg(long)]
+        #[arg(long, value_name = "PATH")]
         root_b: Option<String>,
         /// Print one JSON document instead of text.
         #[arg(long)]
@@ -150,7 +168,7 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: PathBuf,
         /// Downloads at once.
-        #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+        #[arg(long, short = 'j', value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
         jobs: u16,
         /// How every item is converted (a line's mapping= wins over --mapping).
         #[command(flatten)]
@@ -158,6 +176,46 @@ enum Command {
         /// Print the report (as in DIR/report.json) instead of the table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        download: DownloadArgs,
+    },
+    /// List or remove cached downloads.
+    #[command(after_help = CACHE_NOTE)]
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+    /// Print a shell completion script to stdout.
+    ///
+    /// bash: `ckptmap completions bash > ~/.local/share/bash-completion/completions/ckptmap`;
+    /// zsh: `ckptmap completions zsh > ~/.zfunc/_ckptmap`; fish:
+    /// `ckptmap completions fish > ~/.config/fish/completions/ckptmap.fish`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `ckptmap man > ckptmap.1; man ./ckptmap.1`.
+    Man,
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Show the cache folder and every cached download: URL, size, file.
+    List {
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The cache folder (default: $CKPTMAP_CACHE, else $XDG_CACHE_HOME/ckptmap, else ~/.cache/ckptmap).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Remove the cached downloads of these URLs, or every cached download when none is given.
+    Clean {
+        /// URLs whose downloads to remove (default: all).
+        urls: Vec<String>,
+        /// The cache folder (default: $CKPTMAP_CACHE, else $XDG_CACHE_HOME/ckptmap, else ~/.cache/ckptmap).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
     },
 }
 
@@ -166,20 +224,22 @@ enum Command {
 struct ConversionArgs {
     /// Mapping table: a built-in name (see `ckptmap mappings`) or a TOML file.
     /// Default: detected from the checkpoint's keys.
-    #[arg(long, short)]
+    #[arg(long, short, value_name = "NAME|FILE")]
     mapping: Option<String>,
-    /// Make the output load-ready for MMSeg's backbone at this input size (e.g. 512, 640).
-    #[arg(long)]
+    /// Make the output load-ready for MMSeg's backbone at this input size in pixels, a
+    /// multiple of the patch size (e.g. 512, 640).
+    #[arg(long, value_name = "PIXELS")]
     img_size: Option<usize>,
     /// Attention heads, when the checkpoint cannot tell (MAE widths without a preset).
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     num_heads: Option<usize>,
     /// Value for filled layer-scale gammas (MAE load-ready; default: the table's, 1.0).
-    #[arg(long)]
+    #[arg(long, value_name = "VALUE")]
     init_values: Option<f64>,
-    /// Cast floating-point tensors to this dtype (f32, f16, bf16). Default: keep each
-    /// tensor's source dtype and, for renames, its exact bytes.
-    #[arg(long, value_parser = parse_float_dtype)]
+    /// Cast floating-point tensors to this dtype: float32 (fp32, float, f32), float16
+    /// (fp16, half, f16), bfloat16 (bf16). Default: keep each tensor's source dtype and,
+    /// for renames, its exact bytes.
+    #[arg(long, value_name = "DTYPE", value_parser = parse_float_dtype)]
     dtype: Option<DType>,
     /// Pass keys the table drops (decoder, head, norm, ...) through unchanged instead
     /// (beit2mmseg's behaviour).
@@ -209,12 +269,16 @@ fn main() -> ExitCode {
         signal(13, 0);
     }
     let cli = Cli::parse();
+    // -q: nothing on stdout but the documents --json asks for (and what completions / man
+    // are for); errors still go to stderr.
+    if cli.quiet && !cli.command.prints_a_document() {
+        silence_stdout();
+    }
     // Ctrl-C / SIGTERM / SIGHUP remove unfinished outputs' temporary files (exit 130/143/129).
     if let Err(e) = ckptmap::atomic::remove_temporaries_on_signal() {
         eprintln!("warning: cannot install signal handlers: {e}");
     }
-    let download = cli.download.clone();
-    match run(cli.command, &download) {
+    match run(cli.command, cli.quiet) {
         Ok(code) => code,
         Err(e) => {
             // One line: each cause once (many errors already quote their source).
@@ -233,21 +297,21 @@ fn main() -> ExitCode {
 /// Options of the forward-pass check.
 #[derive(clap::Args, Clone)]
 struct CheckArgs {
-    /// Input size to run at (default: the reference's, or the original's native size).
-    #[arg(long = "img-size")]
+    /// Input size in pixels to run at (default: the reference's, or the original's native size).
+    #[arg(long = "img-size", value_name = "PIXELS")]
     check_img_size: Option<usize>,
     /// Attention heads, when the weights cannot tell.
-    #[arg(long = "num-heads")]
+    #[arg(long = "num-heads", value_name = "N")]
     check_num_heads: Option<usize>,
     /// Blocks whose outputs are compared, e.g. 3,5,7,11 (default: the reference's, or
     /// MMSeg's defaults for the depth).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_name = "BLOCKS", value_delimiter = ',')]
     out_indices: Option<Vec<usize>>,
     /// Largest allowed max|ours-ref| / max|ref| per output.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, value_name = "RATIO", default_value_t = 1e-4)]
     tolerance: f64,
     /// cpu, or cuda / cuda:N in a binary built with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     device: String,
 }
 
@@ -292,21 +356,30 @@ fn print_outcome(o: &ckptmap::verify::VerifyOutcome) {
     }
 }
 
-/// A `convert --verify` record: the outcome, then what it did not cover.
+/// A `convert --verify` record: what it did not cover, then the outcome.
 fn print_verify_record(r: &ckptmap::job::VerifyRecord) {
+    if let Some(n) = &r.not_checked {
+        println!("note: {n}");
+    }
     match r.outcome() {
         Some(o) => print_outcome(&o),
         None => println!("{}", if r.passed { "PASS" } else { "FAIL" }),
     }
-    if let Some(n) = &r.not_checked {
-        println!("note: {n}");
-    }
 }
 
+/// A floating-point dtype as torch users write it (`float16`, `fp16`, `half`, `torch.bfloat16`, ...).
 fn parse_float_dtype(s: &str) -> Result<DType, String> {
-    match DType::from_name(s) {
+    let lower = s.to_ascii_lowercase();
+    let canonical = match lower.strip_prefix("torch.").unwrap_or(&lower) {
+        "float32" | "fp32" | "float" | "f32" => "f32",
+        "float16" | "fp16" | "half" | "f16" => "f16",
+        "bfloat16" | "bf16" => "bf16",
+        "float64" | "fp64" | "double" | "f64" => "f64",
+        other => other,
+    };
+    match DType::from_name(canonical) {
         Some(d) if d.is_float() => Ok(d),
-        _ => Err(format!("{s:?} is not one of f32, f16, bf16, f64")),
+        _ => Err(format!("{s:?} is not a floating-point dtype: use float32 (fp32), float16 (fp16, half), bfloat16 (bf16) or float64")),
     }
 }
 
@@ -346,20 +419,96 @@ impl Progress for Bar {
     }
 }
 
-fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
+impl Command {
+    /// Whether this command's stdout is a document the user asked for (kept with -q).
+    fn prints_a_document(&self) -> bool {
+        match self {
+            Command::Convert { json, .. }
+            | Command::Verify { json, .. }
+            | Command::Inspect { json, .. }
+            | Command::Diff { json, .. }
+            | Command::Batch { json, .. } => *json,
+            Command::Cache { action: CacheAction::List { json, .. } } => *json,
+            Command::Cache { action: CacheAction::Clean { .. } } => false,
+            Command::Mappings { .. } | Command::Completions { .. } | Command::Man => true,
+        }
+    }
+}
+
+/// Points stdout at /dev/null (for -q), so no summary, note or table reaches the terminal.
+fn silence_stdout() {
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: dup2 on two valid descriptors, before anything is printed.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 1);
+        }
+    }
+}
+
+/// A spinner on an interactive stderr while a long step runs (the forward passes of
+/// `verify`: seconds for ViT-L); nothing with --json, -q or a redirected stderr.
+fn spinner(show: bool, message: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    (show && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_message(message.to_string());
+        b.enable_steady_tick(std::time::Duration::from_millis(120));
+        b
+    })
+}
+
+/// A spinner for a job stage without a byte count (the forward-pass check), drawn only on an
+/// interactive stderr.
+struct Spinner {
+    show: bool,
+    message: &'static str,
+    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+}
+
+impl Spinner {
+    fn new(show: bool, message: &'static str) -> Spinner {
+        Spinner { show, message, bar: std::sync::Mutex::new(None) }
+    }
+}
+
+impl Progress for Spinner {
+    fn begin(&self, _label: &str, _total: Option<u64>) {
+        *self.bar.lock().unwrap_or_else(|e| e.into_inner()) = spinner(self.show, self.message);
+    }
+    fn advance(&self, _bytes: u64) {}
+    fn end(&self) {
+        if let Some(b) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn run(command: Command, quiet: bool) -> Result<ExitCode> {
     match command {
-        Command::Verify { converted, reference, against, check, json } => {
+        Command::Verify { converted, reference, against, check, json, mut download } => {
+            download.quiet = quiet;
             let device = ckptmap::verify::device(&check.device)?;
             let conv = Checkpoint::open(&converted)?;
             let opts = check.options();
-            let outcome = match (reference, against) {
-                (Some(r), _) => ckptmap::verify::verify_with_reference(&conv, &r, &opts, &device)?,
-                (None, Some(a)) => {
-                    let orig = Checkpoint::open(&download.resolve(&a)?)?;
-                    ckptmap::verify::verify_against_original(&conv, &orig, &opts, &device)?
-                }
-                (None, None) => unreachable!("clap requires one"),
+            let orig = match (&reference, &against) {
+                (None, None) => anyhow::bail!(
+                    "verify needs something to compare {} with: --reference REF.safetensors (outputs PyTorch computed; fixtures/make_reference.py makes one) or --against ORIGINAL (the checkpoint it was converted from)",
+                    converted.display()
+                ),
+                (None, Some(a)) => Some(Checkpoint::open(&download.resolve(a)?)?),
+                (Some(_), _) => None,
             };
+            let spin = spinner(!json && !quiet, "running the forward passes");
+            let outcome = match (reference, orig) {
+                (Some(r), _) => ckptmap::verify::verify_with_reference(&conv, &r, &opts, &device),
+                (None, Some(orig)) => ckptmap::verify::verify_against_original(&conv, &orig, &opts, &device),
+                (None, None) => unreachable!("checked above"),
+            };
+            if let Some(b) = spin {
+                b.finish_and_clear();
+            }
+            let outcome = outcome?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&outcome)?);
             } else {
@@ -367,7 +516,8 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
             }
             Ok(if outcome.passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Convert { src: source, dst, conversion: c, dry_run, json } => {
+        Command::Convert { src: source, dst, conversion: c, dry_run, json, mut download } => {
+            download.quiet = quiet;
             let dtype = c.dtype;
             let req = ckptmap::job::Request {
                 input: download.resolve(&source)?,
@@ -393,7 +543,7 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
             }
             // Large files get a progress bar on a terminal (unless --json).
             let bar = Bar::new(!json && !download.quiet && planned.source_bytes() > 64 << 20);
-            let report = match ckptmap::job::run_planned(&req, &planned, &bar, &ckptmap::progress::NoProgress) {
+            let report = match ckptmap::job::run_planned(&req, &planned, &bar, &Spinner::new(!json && !quiet, "checking the output with the forward pass")) {
                 Err(ckptmap::job::JobError::CheckFailed { output, record }) => {
                     // The check failed: nothing was moved into place.
                     if json {
@@ -447,9 +597,11 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Inspect { file, json } => {
+        Command::Inspect { file, json, mut download } => {
+            download.quiet = quiet;
             let ckpt = Checkpoint::open(&download.resolve(&file)?)?;
-            let report = inspect::inspect(&ckpt);
+            let mut report = inspect::inspect(&ckpt);
+            report.url = ckptmap::fetch::is_url(&file).then(|| file.clone());
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -468,8 +620,20 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
             }
             Ok(if report.same() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Batch { list, out_dir, jobs, conversion, json } => {
-            run_batch_command(list, out_dir, jobs, conversion, json, download)
+        Command::Batch { list, out_dir, jobs, conversion, json, mut download } => {
+            download.quiet = quiet;
+            run_batch_command(list, out_dir, jobs, conversion, json, &download)
+        }
+        Command::Cache { action } => run_cache_command(action),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "ckptmap", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -526,6 +690,9 @@ fn human_bytes(n: usize) -> String {
 }
 
 fn print_inspect(r: &inspect::InspectReport) {
+    if let Some(url) = &r.url {
+        println!("url:        {url}");
+    }
     println!("file:       {}", r.file);
     println!("container:  {}", r.container);
     match r.crc32 {
@@ -544,6 +711,12 @@ fn print_inspect(r: &inspect::InspectReport) {
     }
     for (k, v) in &r.other {
         println!("  {k}: {v}");
+    }
+    if !r.metadata.is_empty() {
+        println!("metadata:   (safetensors __metadata__)");
+        for (k, v) in &r.metadata {
+            println!("  {k}: {v}");
+        }
     }
     println!();
     let width = r.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
@@ -567,20 +740,61 @@ fn print_diff(r: &inspect::DiffReport) {
         println!("differs:   {n}: {a} vs {b}");
     }
     for d in &r.value_diffs {
-        println!("values:    {}: max abs diff {:e}", d.name, d.max_abs_diff);
+        println!("values:    {}: max abs diff {:e}, max rel {:.3e}", d.name, d.max_abs_diff, d.max_rel_diff);
+    }
+    for d in &r.dtype_diffs {
+        println!(
+            "dtype:     {}: {} vs {}; values as f64: max abs diff {:.3e}, max rel {:.3e}",
+            d.name, d.dtype_a, d.dtype_b, d.max_abs_diff, d.max_rel_diff
+        );
     }
     if r.same() {
         println!("same: {} tensors compared, identical names, shapes, dtypes and values", r.compared);
     } else {
         println!(
-            "different: {} only in A, {} only in B, {} shape/dtype mismatches, {} of {} compared tensors differ in value",
+            "different: {} only in A, {} only in B, {} shape mismatches, {} in another dtype, {} of {} compared tensors differ in value",
             r.only_in_a.len(),
             r.only_in_b.len(),
             r.mismatched.len(),
+            r.dtype_diffs.len(),
             r.value_diffs.len(),
             r.compared
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// cache
+
+fn run_cache_command(action: CacheAction) -> Result<ExitCode> {
+    let root = |dir: Option<PathBuf>| ckptmap::fetch::cache_dir(&ckptmap::fetch::FetchOptions { cache_dir: dir, ..Default::default() });
+    match action {
+        CacheAction::List { json, cache_dir } => {
+            let root = root(cache_dir);
+            let files = ckptmap::fetch::list_cache(&root).with_context(|| format!("cannot read the cache folder {}", root.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "cache_dir": root, "files": files }))?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("cache: {}", root.display());
+            for f in &files {
+                let state = if f.complete { "" } else { " (unfinished; resumed by the next download)" };
+                println!("  {}  {}{state}\n    {}", human_bytes(f.bytes as usize), f.url, f.path.display());
+            }
+            let total: u64 = files.iter().map(|f| f.bytes).sum();
+            println!("{} files, {}", files.len(), human_bytes(total as usize));
+        }
+        CacheAction::Clean { urls, cache_dir } => {
+            let root = root(cache_dir);
+            let removed = ckptmap::fetch::clean_cache(&root, &urls)?;
+            for f in &removed {
+                println!("removed {} ({})", f.url, human_bytes(f.bytes as usize));
+            }
+            let total: u64 = removed.iter().map(|f| f.bytes).sum();
+            println!("{} files removed from {}, {} freed", removed.len(), root.display(), human_bytes(total as usize));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 // ---------------------------------------------------------------------------------------

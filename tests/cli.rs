@@ -382,21 +382,4 @@ fn convert_verify_failure_writes_nothing() {
     assert_ne!(std::fs::read(&dst).unwrap(), b"previous");
 }
 
-/// The first of README's two commands (the main job on a shipped checkpoint) works as
-/// written, from a checkout's root.
-#[test]
-fn the_readme_main_command_works() {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    let line = readme
-        .lines()
-        .find(|l| l.starts_with("cargo run --release -- "))
-        .expect("README has a `cargo run --release -- ...` command");
-    let command = line.split(" #").next().unwrap();
-    let args: Vec<&str> = command.trim_start_matches("cargo run --release -- ").split_whitespace().collect();
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"), dir.path().join("fixtures")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(&args).current_dir(dir.path()).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "README command {args:?}: {text}");
-    assert!(text.contains("PASS"), "{text}");
-}
+// README's commands (the main one included) run in tests/readme.rs.
