@@ -237,10 +237,13 @@ pub fn name_embedded_hash(url_or_path: &str) -> Option<String> {
 }
 
 /// The sha256 of a file, lowercase hex, read with a fixed-size buffer.
-pub fn sha256_file(path: impl AsRef<Path>) -> io::Result<String> {
+pub fn sha256_file(path: impl AsRef<Path>, progress: &dyn Progress) -> io::Result<String> {
     let mut file = File::open(path)?;
+    progress.begin("hashing", file.metadata().map(|m| m.len()).ok());
     let mut hasher = Sha256::new();
-    hash_prefix(&mut file, u64::MAX, &mut hasher, &mut |_| {})?;
+    let done = hash_prefix(&mut file, u64::MAX, &mut hasher, &mut |n| progress.advance(n));
+    progress.end();
+    done?;
     Ok(hex::encode(hasher.finalize()))
 }
 

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use ckptmap::formats::checkpoint::Checkpoint;
-use ckptmap::convert;
+use ckptmap::write::execute as convert;
 use ckptmap::inspect;
 use ckptmap::mapping::plan::{Fate, Plan, PlanOptions};
 use ckptmap::progress::Progress;
@@ -275,7 +275,16 @@ fn main() -> ExitCode {
         silence_stdout();
     }
     // Ctrl-C / SIGTERM / SIGHUP remove unfinished outputs' temporary files (exit 130/143/129).
-    if let Err(e) = ckptmap::atomic::remove_temporaries_on_signal() {
+    let on_signal = |i: ckptmap::write::atomic::Interrupted| {
+        let what = match i.left_as_they_were.as_slice() {
+            [] => String::new(),
+            [one] => format!("; {} left as it was", one.display()),
+            many => format!("; {} outputs left as they were", many.len()),
+        };
+        eprintln!("error: interrupted by {}{what}", i.name);
+        std::process::exit(128 + i.signal);
+    };
+    if let Err(e) = ckptmap::write::atomic::remove_temporaries_on_signal(on_signal) {
         eprintln!("warning: cannot install signal handlers: {e}");
     }
     match run(cli.command, cli.quiet) {

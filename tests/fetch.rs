@@ -1056,11 +1056,11 @@ fn sha256_file_matches_a_known_digest() {
     let path = dir.path().join("abc");
     fs::write(&path, b"abc").unwrap();
     assert_eq!(
-        sha256_file(&path).unwrap(),
+        sha256_file(&path, &ckptmap::progress::NoProgress).unwrap(),
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
     let data = data();
     fs::write(&path, &*data).unwrap();
-    assert_eq!(sha256_file(&path).unwrap(), sha256_hex(&data));
-    assert!(sha256_file(dir.path().join("missing")).is_err());
+    assert_eq!(sha256_file(&path, &ckptmap::progress::NoProgress).unwrap(), sha256_hex(&data));
+    assert!(sha256_file(dir.path().join("missing"), &ckptmap::progress::NoProgress).is_err());
 }

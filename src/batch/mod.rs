@@ -29,28 +29,26 @@
 //! source, the input must also still have its recorded sha256). Everything else is (re)done:
 //! up to `jobs` worker threads fetch inputs (or hash local files) and hand them through a
 //! bounded channel to the calling thread, which converts (and verifies) one item at a time,
-//! so memory does not grow with `jobs`. Outputs are staged in `<out>/.ckptmap-staging/` and
-//! renamed into place only once written, re-read, hashed and (with `verify`) verified.
+//! so memory does not grow with `jobs`. Each item is one [`crate::job::run`], the same
+//! conversion `ckptmap convert` runs: its output is nameless until written, re-read, hashed
+//! and (with `verify`) verified, then moved into place.
 //!
 //! `report.json` is rewritten atomically (temporary file + rename) before any work starts
 //! (every item to do is `pending`) and after every item finishes, so a killed run leaves a
 //! report that claims only outputs that are complete and hashed.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-use sha2::Digest;
 
-use crate::atomic::AtomicFile;
-use crate::convert::OutputFormat;
+use crate::write::atomic::AtomicFile;
 use crate::fetch::{self, FetchOptions};
-use crate::job::{self, JobError, VerifyRecord};
+use crate::job::{self, JobError};
 use crate::mapping::plan::PlanOptions;
 use crate::progress::{NoProgress, Progress};
 use crate::DType;
@@ -62,349 +60,12 @@ pub const LOCK_FILE: &str = ".ckptmap-batch.lock";
 /// Appended to a source's file stem to name its output when the list gives no `name=`.
 pub const DEFAULT_SUFFIX: &str = "_mmseg.pth";
 
-// ---------------------------------------------------------------------------------------
-// The list
+mod list;
+mod report;
 
-/// Where an item's checkpoint comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// An `http://` or `https://` URL, fetched through the download cache.
-    Url(String),
-    /// A local file (relative paths already resolved against the list's folder).
-    Path(PathBuf),
-}
+pub use list::{default_output_name, parse_list, ListError, ListItem, Source};
+pub use report::{BatchReport, InputRecord, ItemError, ItemReport, ItemSettings, PlanSummary, RunRecord, Stage, Status, Summary};
 
-impl Source {
-    /// The URL, or the path as text; what the report records.
-    pub fn text(&self) -> String {
-        match self {
-            Source::Url(u) => u.clone(),
-            Source::Path(p) => p.display().to_string(),
-        }
-    }
-}
-
-/// One line of a list.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ListItem {
-    /// 1-based line number in the list file.
-    pub line: usize,
-    pub source: Source,
-    /// The output's file name inside the output folder.
-    pub output: String,
-    /// `mapping=`: a built-in table name or a TOML file (resolved like sources).
-    pub mapping: Option<String>,
-    /// `sha256=`: the expected sha256 of the input, lowercase hex.
-    pub sha256: Option<String>,
-}
-
-/// A line of the list that cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}:{line}: {message}", file.display())]
-pub struct ListError {
-    pub file: PathBuf,
-    /// 1-based.
-    pub line: usize,
-    pub message: String,
-}
-
-/// Parses a list's text. `list_file` names the file in errors, and its folder anchors
-/// relative paths. Checks every line (syntax, hashes, output names, duplicates) and returns
-/// the first problem.
-pub fn parse_list(text: &str, list_file: &Path) -> Result<Vec<ListItem>, ListError> {
-    let base = list_file.parent().unwrap_or(Path::new(""));
-    let err = |line: usize, message: String| ListError { file: list_file.to_path_buf(), line, message };
-    let mut items: Vec<ListItem> = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        let mut tokens = Vec::new();
-        for token in raw.split_whitespace() {
-            if token.starts_with('#') {
-                break;
-            }
-            tokens.push(token);
-        }
-        let Some((&first, fields)) = tokens.split_first() else {
-            continue;
-        };
-        let source = if fetch::is_url(first) {
-            Source::Url(first.to_string())
-        } else if first.contains("://") {
-            return Err(err(line, format!("{first:?} is not an http(s) URL (only http:// and https:// can be fetched; write local files as paths)")));
-        } else {
-            Source::Path(resolve(base, first))
-        };
-        let (mut name, mut mapping, mut sha256) = (None, None, None);
-        for field in fields {
-            let Some((key, value)) = field.split_once('=') else {
-                return Err(err(line, format!("{field:?} is not a key=value field (fields after the source: name=FILE, mapping=NAME|FILE.toml, sha256=HEX)")));
-            };
-            if value.is_empty() {
-                return Err(err(line, format!("{key}= has no value")));
-            }
-            let slot = match key {
-                "name" => &mut name,
-                "mapping" => &mut mapping,
-                "sha256" => &mut sha256,
-                _ => return Err(err(line, format!("unknown field {key:?} (known: name, mapping, sha256)"))),
-            };
-            if slot.is_some() {
-                return Err(err(line, format!("{key}= given twice")));
-            }
-            *slot = Some(value.to_string());
-        }
-        if let Some(h) = &sha256 {
-            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(err(line, format!("sha256={h} is not 64 hex digits")));
-            }
-        }
-        let output = match name {
-            Some(n) => {
-                check_output_name(&n).map_err(|m| err(line, m))?;
-                n
-            }
-            None => default_output_name(&source).ok_or_else(|| {
-                err(line, format!("cannot name an output after {first:?} (no file name in it); add name=FILE.pth"))
-            })?,
-        };
-        if let Some(prev) = items.iter().find(|it| it.output == output) {
-            return Err(err(line, format!("output {output} is also written by line {}; give one of them another name=", prev.line)));
-        }
-        let mapping = mapping.map(|m| if m.ends_with(".toml") || m.contains('/') { resolve(base, &m).display().to_string() } else { m });
-        items.push(ListItem { line, source, output, mapping, sha256: sha256.map(|h| h.to_ascii_lowercase()) });
-    }
-    Ok(items)
-}
-
-fn resolve(base: &Path, p: &str) -> PathBuf {
-    let p = Path::new(p);
-    if p.is_absolute() || base.as_os_str().is_empty() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
-    }
-}
-
-/// An output name must be a plain file name with a .pth-family or .safetensors extension.
-fn check_output_name(name: &str) -> Result<(), String> {
-    if name.contains('/') || name.contains('\\') || name == "." || name == ".." {
-        return Err(format!("name={name} must be a file name, not a path (outputs go into --out-dir)"));
-    }
-    if name.starts_with('.') {
-        return Err(format!("name={name} must not start with '.'"));
-    }
-    if name == REPORT_FILE {
-        return Err(format!("name={name} is the batch report's name"));
-    }
-    OutputFormat::from_path(Path::new(name)).map(|_| ()).map_err(|_| format!("name={name} must end in .pth, .pt, .bin, .ckpt or .safetensors"))
-}
-
-/// `<stem of the source's file name>_mmseg.pth`, e.g. `mae_pretrain_vit_base_mmseg.pth`.
-pub fn default_output_name(source: &Source) -> Option<String> {
-    let file = match source {
-        Source::Url(u) => {
-            let path = reqwest::Url::parse(u).ok()?.path().to_string();
-            path.rsplit('/').next().unwrap_or("").to_string()
-        }
-        Source::Path(p) => p.file_name()?.to_string_lossy().into_owned(),
-    };
-    let stem = Path::new(&file).file_stem()?.to_string_lossy().into_owned();
-    if stem.is_empty() || stem.starts_with('.') {
-        return None;
-    }
-    Some(format!("{stem}{DEFAULT_SUFFIX}"))
-}
-
-// ---------------------------------------------------------------------------------------
-// The report
-
-/// Where a run stands with one item.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// Converted (and verified, when asked) in this run.
-    Converted,
-    /// Already done by an earlier run: the output still has the recorded sha256.
-    Skipped,
-    /// Failed in this run; see `error`.
-    Failed,
-    /// Not finished yet (only seen in the report of a run that is still going or was killed).
-    Pending,
-}
-
-impl Status {
-    pub fn succeeded(self) -> bool {
-        matches!(self, Status::Converted | Status::Skipped)
-    }
-}
-
-/// What an item was doing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    /// Downloading (or finding and hashing a local file), checking the sha256.
-    Input,
-    /// Opening the checkpoint.
-    Read,
-    /// Choosing the table and planning.
-    Plan,
-    /// Writing, re-reading and hashing the output.
-    Write,
-    /// The forward-pass check.
-    Verify,
-    /// A bug (a panic), caught so the other items go on.
-    Internal,
-}
-
-/// The settings an item was converted with; a rerun skips an item only when they are equal.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ItemSettings {
-    /// The mapping requested (the line's, else the run's); `None` = detected.
-    pub mapping: Option<String>,
-    /// The sha256 the input had to have.
-    pub sha256: Option<String>,
-    pub img_size: Option<usize>,
-    pub num_heads: Option<usize>,
-    #[serde(default)]
-    pub init_values: Option<f64>,
-    #[serde(default)]
-    pub keep_unused: bool,
-    #[serde(default)]
-    pub dtype: Option<DType>,
-    pub verify: bool,
-}
-
-/// The input file of an item.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct InputRecord {
-    /// The local file read (the download cache's copy for a URL).
-    pub path: String,
-    pub sha256: String,
-    pub bytes: u64,
-    /// For URLs: true when the cached copy was reused without a request.
-    pub from_cache: bool,
-    /// Time spent downloading or hashing it.
-    pub seconds: f64,
-}
-
-/// The plan's counts.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PlanSummary {
-    pub table: String,
-    /// The container the tensors came from (`model`, `state_dict`, `""` = top level).
-    pub container: String,
-    pub outputs: usize,
-    pub dropped: usize,
-    pub generated: usize,
-    pub img_size: Option<usize>,
-    pub notes: Vec<String>,
-}
-
-impl PlanSummary {
-    fn of(p: &job::Planned) -> PlanSummary {
-        PlanSummary {
-            table: p.table.table().name().to_string(),
-            container: p.container.clone(),
-            outputs: p.plan.outputs.len(),
-            dropped: p.plan.dropped.len(),
-            generated: p.plan.generated().count(),
-            img_size: p.plan.img_size,
-            notes: p.plan.notes.clone(),
-        }
-    }
-}
-
-/// Why an item failed.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ItemError {
-    pub stage: Stage,
-    pub message: String,
-}
-
-/// Everything about one item.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ItemReport {
-    pub line: usize,
-    /// The URL, or the local path.
-    pub source: String,
-    /// The output's file name inside the output folder.
-    pub output: String,
-    pub status: Status,
-    pub settings: ItemSettings,
-    /// This run's time on the item (fetch + conversion + verification; for a skipped item,
-    /// the check that it is up to date).
-    pub seconds: Option<f64>,
-    pub input: Option<InputRecord>,
-    /// Set only for a complete output: converted, re-read, hashed and (if asked) verified.
-    pub output_sha256: Option<String>,
-    pub output_bytes: Option<u64>,
-    /// The table used (`builtin:mae`, or a file).
-    pub mapping: Option<String>,
-    pub plan: Option<PlanSummary>,
-    /// The forward-pass check (also when it failed).
-    pub verify: Option<VerifyRecord>,
-    pub error: Option<ItemError>,
-    /// A converted item's whole report: the same document `ckptmap convert --json` prints.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub report: Option<serde_json::Value>,
-}
-
-/// Counts of items by status.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Summary {
-    pub total: usize,
-    pub converted: usize,
-    pub skipped: usize,
-    pub failed: usize,
-    pub pending: usize,
-}
-
-/// The run-wide options, as recorded.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RunRecord {
-    pub jobs: usize,
-    pub verify: bool,
-    pub img_size: Option<usize>,
-    pub num_heads: Option<usize>,
-    pub mapping: Option<String>,
-}
-
-/// `report.json`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BatchReport {
-    /// `ckptmap <version>`.
-    pub tool: String,
-    pub list: String,
-    pub out_dir: String,
-    pub options: RunRecord,
-    /// False while the run is going (or when it was killed).
-    pub complete: bool,
-    pub summary: Summary,
-    pub items: Vec<ItemReport>,
-}
-
-impl BatchReport {
-    /// True when every item was converted or skipped.
-    pub fn all_succeeded(&self) -> bool {
-        self.items.iter().all(|i| i.status.succeeded())
-    }
-
-    fn recount(&mut self) {
-        let mut s = Summary { total: self.items.len(), ..Summary::default() };
-        for i in &self.items {
-            match i.status {
-                Status::Converted => s.converted += 1,
-                Status::Skipped => s.skipped += 1,
-                Status::Failed => s.failed += 1,
-                Status::Pending => s.pending += 1,
-            }
-        }
-        self.summary = s;
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Running
 
 /// How to run a batch.
 #[derive(Clone, Debug)]
@@ -640,12 +301,12 @@ fn up_to_date(item: &ListItem, opts: &BatchOptions, previous: Option<&BatchRepor
     }
     let recorded = prev.output_sha256.as_deref()?;
     let out = opts.out_dir.join(&item.output);
-    if !out.is_file() || sha256_with_progress(&out, &NoProgress).ok()? != recorded {
+    if !out.is_file() || fetch::sha256_file(&out, &NoProgress).ok()? != recorded {
         return None;
     }
     if let Source::Path(p) = &item.source {
         let input = prev.input.as_ref()?;
-        if sha256_with_progress(p, &NoProgress).ok()? != input.sha256 {
+        if fetch::sha256_file(p, &NoProgress).ok()? != input.sha256 {
             return None;
         }
     }
@@ -725,7 +386,7 @@ fn acquire(item: &ListItem, opts: &BatchOptions, events: &dyn BatchEvents) -> Re
             if !meta.is_file() {
                 return Err(err(format!("{}: not a file", path.display())));
             }
-            let sha256 = sha256_with_progress(path, &*progress).map_err(|e| err(format!("{}: {e}", path.display())))?;
+            let sha256 = fetch::sha256_file(path, &*progress).map_err(|e| err(format!("{}: {e}", path.display())))?;
             if let Some(expected) = &item.sha256 {
                 if &sha256 != expected {
                     return Err(err(format!("sha256 mismatch for {}: expected {expected} (given sha256) got {sha256}", path.display())));
@@ -737,27 +398,6 @@ fn acquire(item: &ListItem, opts: &BatchOptions, events: &dyn BatchEvents) -> Re
     Ok(InputRecord { seconds: start.elapsed().as_secs_f64(), ..record })
 }
 
-/// sha256 of a file, reporting bytes hashed.
-fn sha256_with_progress(path: &Path, progress: &dyn Progress) -> io::Result<String> {
-    let mut file = File::open(path)?;
-    let total = file.metadata().map(|m| m.len()).ok();
-    progress.begin("hashing", total);
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let result = loop {
-        match file.read(&mut buf) {
-            Ok(0) => break Ok(()),
-            Ok(n) => {
-                hasher.update(&buf[..n]);
-                progress.advance(n as u64);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => break Err(e),
-        }
-    };
-    progress.end();
-    result.map(|()| hex::encode(hasher.finalize()))
-}
 
 /// Converts one acquired input into `<out_dir>/<output>` through [`job::run`] (the same
 /// conversion, check and commit as `ckptmap convert`), filling `done` as it goes. The output

@@ -1,16 +1,15 @@
 //! Executes a mapping `Plan` against an open checkpoint and writes the result atomically:
 //! renamed tensors stream their bytes straight from the input; transformed ones are
-//! computed one at a time. Also the JSON report of a run.
+//! computed one at a time.
 
 use std::cell::RefCell;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
-use sha2::Digest;
 
-use crate::atomic::AtomicFile;
+use super::atomic::AtomicFile;
 use crate::formats::checkpoint::{Checkpoint, TensorEntry};
 use crate::mapping::plan::{Origin, Plan, PlannedTensor};
 use crate::mapping::transforms;
@@ -292,14 +291,14 @@ pub fn write_plan_uncommitted(
     let total: u64 = plan.outputs.iter().zip(&dtypes).map(|(t, d)| (t.shape.iter().product::<usize>() * d.size()) as u64).sum();
     // Writing over the input would replace the only copy of the original (the rename at the
     // end succeeds): refuse before anything is touched.
-    if crate::atomic::same_file(ckpt.path(), dest) {
+    if super::atomic::same_file(ckpt.path(), dest) {
         return Err(ConvertError::SameFile { dst: dest.to_path_buf(), src: ckpt.path().to_path_buf() });
     }
     let folder = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    crate::atomic::create_parent_dirs(dest).map_err(|e| out_err(format!("cannot create the folder {}: {e}", folder.display())))?;
+    super::atomic::create_parent_dirs(dest).map_err(|e| out_err(format!("cannot create the folder {}: {e}", folder.display())))?;
     let mut atomic = AtomicFile::create(dest).map_err(|e| out_err(format!("cannot write into the folder {}: {e}", folder.display())))?;
     progress.begin("converting", Some(total));
     atomic.reserve(total).map_err(|e| out_err(format!("cannot reserve {total} bytes for it: {e}")))?;
@@ -407,162 +406,4 @@ fn write_outputs(
     }
 }
 
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
 
-/// A mapping table chosen by name, by file, or by detection.
-pub enum TableChoice {
-    Builtin(&'static MappingTable),
-    User(Box<MappingTable>),
-}
-
-impl TableChoice {
-    pub fn table(&self) -> &MappingTable {
-        match self {
-            TableChoice::Builtin(t) => t,
-            TableChoice::User(t) => t,
-        }
-    }
-}
-
-use crate::mapping::table::{self, MappingTable};
-use crate::mapping::plan::{plan, PlanOptions, SourceTensor};
-
-#[derive(Debug, thiserror::Error)]
-pub enum PrepareError {
-    #[error("{path}: cannot read mapping table: {source}")]
-    TableFile { path: PathBuf, source: io::Error },
-    #[error("{0}")]
-    Table(#[from] crate::mapping::table::TableError),
-    #[error("{file}: {source}")]
-    Detect { file: PathBuf, source: crate::mapping::table::TableError },
-    #[error("{file}: mapping table {table}: {source}")]
-    Plan { file: PathBuf, table: String, source: crate::mapping::plan::PlanError },
-    #[error("{}: already in the MMSeg layout (it has keys like {example}): it needs no conversion; MMSeg loads it as it is, and `ckptmap verify` checks it", file.display())]
-    AlreadyConverted { file: PathBuf, example: String },
-    #[error("{}: {msg}", file.display())]
-    BadOption { file: PathBuf, msg: String },
-    #[error("{file}: the checkpoint holds no tensors: nothing to convert")]
-    NoTensors { file: PathBuf },
-    #[error("{file}: none of the containers {containers:?} that mapping table {table} unwraps holds tensors")]
-    NoContainer { file: PathBuf, table: String, containers: Vec<String> },
-}
-
-/// `spec` is a built-in table name or a path to a TOML file; `None` detects the table from
-/// the checkpoint's key names.
-pub fn choose_table(spec: Option<&str>, ckpt: &Checkpoint) -> Result<TableChoice, PrepareError> {
-    if ckpt.tensors().is_empty() {
-        return Err(PrepareError::NoTensors { file: ckpt.path().to_path_buf() });
-    }
-    match spec {
-        Some(s) if s.ends_with(".toml") || Path::new(s).is_file() => {
-            let text = std::fs::read_to_string(s).map_err(|source| PrepareError::TableFile { path: s.into(), source })?;
-            Ok(TableChoice::User(Box::new(MappingTable::parse(&text, s)?)))
-        }
-        Some(name) => Ok(TableChoice::Builtin(MappingTable::builtin(name)?)),
-        None => {
-            let root = crate::inspect::find_state_dict(ckpt).unwrap_or("");
-            let names: Vec<String> = ckpt.tensors_under(root).unwrap_or_default().into_iter().map(|t| t.name).collect();
-            table::detect(&names).map(TableChoice::Builtin).map_err(|source| {
-                let file = ckpt.path().to_path_buf();
-                match mmseg_layout_key(&names) {
-                    Some(example) => PrepareError::AlreadyConverted { file, example },
-                    None => PrepareError::Detect { file, source },
-                }
-            })
-        }
-    }
-}
-
-/// A key only MMSeg's MAE / BEiT backbone layout has (our output, or beit2mmseg's), if the
-/// names have one.
-fn mmseg_layout_key(names: &[String]) -> Option<String> {
-    let strip = |n: &str| n.strip_prefix("module.").unwrap_or(n).strip_prefix("backbone.").unwrap_or(n).to_string();
-    let stripped: Vec<String> = names.iter().map(|n| strip(n)).collect();
-    let layer = stripped.iter().find(|n| n.starts_with("layers.") && (n.ends_with(".ln1.weight") || n.contains(".ffn.layers.")));
-    layer.or_else(|| stripped.iter().find(|n| *n == "patch_embed.projection.weight")).cloned()
-}
-
-/// Checks `--img-size` and `--num-heads` against the checkpoint's patch size, width and
-/// relative-position tables, so a bad value is answered in the option's terms (what was
-/// passed, what is wrong, what would work) rather than by the table expression it breaks.
-fn check_options(sources: &[SourceTensor], opts: &PlanOptions) -> Result<(), String> {
-    let find = |suffix: &str| sources.iter().find(|t| t.name == suffix || t.name.ends_with(&format!(".{suffix}")));
-    let proj = find("patch_embed.proj.weight").filter(|t| t.shape.len() == 4);
-    if let Some(n) = opts.img_size {
-        let patch = proj.map(|t| t.shape[2]).unwrap_or(16);
-        let fits = n > 0 && n % patch == 0;
-        if !fits {
-            let below = n / patch * patch;
-            let above = below + patch;
-            let suggest = match below {
-                0 => format!("the smallest that works is {above}"),
-                _ => format!("the nearest that work are {below} and {above}"),
-            };
-            return Err(format!(
-                "--img-size {n}: must be a multiple of the checkpoint's patch size {patch} (the image is cut into {patch}x{patch} patches); {suggest} (MMSeg's configs use 512 or 640)"
-            ));
-        }
-    }
-    if let (Some(h), Some(dim)) = (opts.num_heads, proj.map(|t| t.shape[0])) {
-        let table_heads = find("relative_position_bias_table").filter(|t| t.shape.len() == 2).map(|t| t.shape[1]);
-        if let Some(th) = table_heads.filter(|&th| th != h) {
-            return Err(format!("--num-heads {h}: the checkpoint's relative position tables have {th} heads; pass --num-heads {th} or leave it out"));
-        }
-        if h == 0 || dim % h != 0 {
-            let divisors: Vec<String> = (1..=dim).filter(|d| dim % d == 0).take(16).map(|d| d.to_string()).collect();
-            return Err(format!(
-                "--num-heads {h}: the checkpoint's width {dim} must split evenly into the heads; numbers that divide it: {} (the official models use 64 channels per head, e.g. 12 heads at width 768)",
-                divisors.join(", ")
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The container a table unwraps in this checkpoint: the first of its list that holds tensors.
-pub fn table_root<'t>(table: &'t MappingTable, ckpt: &Checkpoint) -> Option<&'t str> {
-    table
-        .containers()
-        .iter()
-        .map(String::as_str)
-        .find(|c| ckpt.tensors_under(c).is_some_and(|t| !t.is_empty()))
-}
-
-/// Plans a conversion of `ckpt` with `table`: returns the unwrapped container and the plan.
-pub fn prepare<'c>(
-    ckpt: &'c Checkpoint,
-    table: &MappingTable,
-    opts: &PlanOptions,
-) -> Result<(String, Vec<TensorEntry<'c>>, Plan), PrepareError> {
-    let root = table_root(table, ckpt).ok_or_else(|| PrepareError::NoContainer {
-        file: ckpt.path().to_path_buf(),
-        table: table.name().to_string(),
-        containers: table.containers().to_vec(),
-    })?;
-    let entries = ckpt.tensors_under(root).unwrap_or_default();
-    let sources: Vec<SourceTensor> = entries
-        .iter()
-        .map(|t| SourceTensor { name: t.name.clone(), shape: t.view.shape.clone(), dtype: t.view.dtype })
-        .collect();
-    check_options(&sources, opts).map_err(|msg| PrepareError::BadOption { file: ckpt.path().to_path_buf(), msg })?;
-    let plan = plan(table, &sources, opts).map_err(|source| PrepareError::Plan {
-        file: ckpt.path().to_path_buf(),
-        // A user's table by its path; a built-in one as `builtin:NAME`.
-        table: table.origin().to_string(),
-        source,
-    })?;
-    Ok((root.to_string(), entries, plan))
-}

@@ -7,9 +7,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::convert::{
-    choose_table, prepare, sha256_file, write_plan_uncommitted, ConvertError, PrepareError, TableChoice, WriteSummary,
-};
+mod prepare;
+
+pub use prepare::{choose_table, prepare, table_root, PrepareError, TableChoice};
+
+use crate::fetch::sha256_file;
+use crate::write::execute::{write_plan_uncommitted, ConvertError, WriteSummary};
 use crate::formats::checkpoint::{Checkpoint, CheckpointError, TensorEntry};
 use crate::mapping::plan::{Origin, Plan, PlanOptions};
 use crate::progress::{NoProgress, Progress};
@@ -171,7 +174,7 @@ pub fn run_planned(req: &Request, planned: &Planned, write: &dyn Progress, verif
     }
     let output = written.commit()?;
     let (input_sha256, output_sha256) = if req.hashes {
-        let hash = |p: &Path| sha256_file(p).map_err(|source| JobError::Hash { path: p.to_path_buf(), source });
+        let hash = |p: &Path| sha256_file(p, &NoProgress).map_err(|source| JobError::Hash { path: p.to_path_buf(), source });
         let (a, b) = std::thread::scope(|s| {
             let a = s.spawn(|| match &req.input_sha256 {
                 Some(h) => Ok(h.clone()),
