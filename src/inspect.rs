@@ -201,10 +201,12 @@ pub fn diff(a: &Checkpoint, b: &Checkpoint, root_a: Option<&str>, root_b: Option
                 scale = scale.max(x.abs());
             }
         }
-        let rel = match (max, scale) {
-            (m, _) if m == 0.0 => 0.0,
-            (m, s) if s > 0.0 => m / s,
-            _ => f64::INFINITY,
+        let rel = if max == 0.0 {
+            0.0
+        } else if scale > 0.0 {
+            max / scale
+        } else {
+            f64::INFINITY
         };
         if t.view.dtype != u.view.dtype {
             report.dtype_diffs.push(DtypeDiff {

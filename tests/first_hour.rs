@@ -174,6 +174,11 @@ fn bad_option_values_say_what_was_passed_and_what_works() {
         }
         assert!(!out.exists());
     }
+    // verify's own --num-heads too.
+    let conv = dir.path().join("conv.pth");
+    ok(&["convert", s(&mae), s(&conv), "--num-heads", "2"]);
+    let err = fails(&["verify", s(&conv), "--against", s(&mae), "--num-heads", "3"]);
+    assert!(err.contains("--num-heads 3") && err.contains("1, 2, 4, 8, 16, 32"), "{err}");
 }
 
 /// A file that is already in the MMSeg layout says so, instead of asking for --mapping.
