@@ -68,7 +68,7 @@ impl TensorView {
     /// True when the tensor's values are its storage's bytes as they lie (no sign bit to
     /// apply), so they may be copied raw.
     pub fn is_raw(&self) -> bool {
-        !self.neg && !(self.conj && self.dtype == DType::C64)
+        !(self.neg || (self.conj && self.dtype == DType::C64))
     }
 
     /// True when the elements lie row-major and gap-free from `offset` on (dimensions of

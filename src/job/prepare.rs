@@ -30,11 +30,11 @@ pub enum PrepareError {
     #[error("{path}: cannot read mapping table: {source}")]
     TableFile { path: PathBuf, source: io::Error },
     #[error("{0}")]
-    Table(#[from] crate::mapping::table::TableError),
+    Table(Box<crate::mapping::table::TableError>),
     #[error("{file}: {source}")]
-    Detect { file: PathBuf, source: crate::mapping::table::TableError },
+    Detect { file: PathBuf, source: Box<crate::mapping::table::TableError> },
     #[error("{file}: mapping table {table}: {source}")]
-    Plan { file: PathBuf, table: String, source: crate::mapping::plan::PlanError },
+    Plan { file: PathBuf, table: String, source: Box<crate::mapping::plan::PlanError> },
     #[error("{}: already in the MMSeg layout (it has keys like {example}): it needs no conversion; MMSeg loads it as it is, and `ckptmap verify` checks it", file.display())]
     AlreadyConverted { file: PathBuf, example: String },
     #[error("{}: {msg}", file.display())]
@@ -43,6 +43,12 @@ pub enum PrepareError {
     NoTensors { file: PathBuf },
     #[error("{file}: none of the containers {containers:?} that mapping table {table} unwraps holds tensors")]
     NoContainer { file: PathBuf, table: String, containers: Vec<String> },
+}
+
+impl From<crate::mapping::table::TableError> for PrepareError {
+    fn from(e: crate::mapping::table::TableError) -> Self {
+        PrepareError::Table(Box::new(e))
+    }
 }
 
 /// `spec` is a built-in table name or a path to a TOML file; `None` detects the table from
@@ -64,7 +70,7 @@ pub fn choose_table(spec: Option<&str>, ckpt: &Checkpoint) -> Result<TableChoice
                 let file = ckpt.path().to_path_buf();
                 match mmseg_layout_key(&names) {
                     Some(example) => PrepareError::AlreadyConverted { file, example },
-                    None => PrepareError::Detect { file, source },
+                    None => PrepareError::Detect { file, source: Box::new(source) },
                 }
             })
         }
@@ -147,7 +153,7 @@ pub fn prepare<'c>(
         file: ckpt.path().to_path_buf(),
         // A user's table by its path; a built-in one as `builtin:NAME`.
         table: table.origin().to_string(),
-        source,
+        source: Box::new(source),
     })?;
     Ok((root.to_string(), entries, plan))
 }

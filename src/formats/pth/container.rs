@@ -98,7 +98,7 @@ fn read_zip(file: &mut File) -> Result<ParsedFile, FormatError> {
         if entry.method != 0 {
             return Err(FormatError::Compressed(name, entry.method_name()));
         }
-        let expected = (s.numel as u64).checked_mul(s.dtype.size() as u64).unwrap_or(u64::MAX);
+        let expected = (s.numel as u64).saturating_mul(s.dtype.size() as u64);
         if entry.size < expected || entry.compressed_size != entry.size {
             return Err(FormatError::StorageSize { key: s.key.clone(), expected, actual: entry.size });
         }

@@ -170,7 +170,7 @@ impl<'a> Vm<'a> {
         Ok(s)
     }
 
-    fn new(&mut self, node: Node) -> Id {
+    fn alloc(&mut self, node: Node) -> Id {
         self.weight = self.weight.saturating_add(node_weight(&node));
         self.arena.push(node);
         self.arena.len() - 1
@@ -195,7 +195,7 @@ impl<'a> Vm<'a> {
     }
 
     fn push(&mut self, node: Node) {
-        let id = self.new(node);
+        let id = self.alloc(node);
         self.stack.push(Slot::Obj(id));
     }
 
@@ -487,7 +487,7 @@ impl<'a> Vm<'a> {
                 }
                 b'P' => {
                     let s = self.line()?.to_string();
-                    let pid = self.new(Node::Str(s));
+                    let pid = self.alloc(Node::Str(s));
                     let node = self.persistent_load(pid)?;
                     self.push(node);
                 }
@@ -605,7 +605,7 @@ impl<'a> Vm<'a> {
             }
             _ => self.reduce_new(&name, args)?,
         };
-        Ok(self.new(node))
+        Ok(self.alloc(node))
     }
 
     /// A REDUCE that builds a new object.
@@ -877,7 +877,7 @@ impl<'a> Vm<'a> {
 }
 
 fn pairs(items: Vec<Id>) -> Result<Vec<(Id, Id)>, FormatError> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err(bad("odd number of items for a dict"));
     }
     Ok(items.chunks(2).map(|c| (c[0], c[1])).collect())
