@@ -1,8 +1,9 @@
 //! ckptmap: rewrite MAE / BEiT PyTorch checkpoints into the MMSegmentation backbone layout,
 //! and check the result by running the backbone forward pass in candle.
 //!
-//! The flow runs one way: `fetch` → `pth` (read) → `mapping` (plan) → `convert` (execute,
-//! write) → `verify`; `batch` drives many of them.
+//! The flow runs one way: `fetch` → `formats` (read) → `mapping` (plan) → `write` (execute)
+//! → `verify`; [`job::run`] is one conversion through all of them, and `batch` runs many.
+//! ARCHITECTURE.md has the map.
 
 pub mod batch;
 pub mod dtype;
