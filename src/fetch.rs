@@ -147,6 +147,20 @@ pub enum FetchError {
         actual: String,
         source_of: HashSource,
     },
+    /// The cached copy is intact (it still has the sha256 recorded when it was downloaded)
+    /// but not the expected one: the expectation is more likely wrong than the file, so the
+    /// copy is kept and nothing is downloaded.
+    #[error("sha256 mismatch for {url}: expected {expected} ({source_of}) but the cached copy {} (intact: it has the sha256 recorded when it was downloaded) has {actual}; kept it and downloaded nothing. Check the expected hash; if the file on the server changed, run `ckptmap cache clean {url}` and try again", path.display())]
+    CachedSha256Mismatch {
+        url: String,
+        path: PathBuf,
+        expected: String,
+        actual: String,
+        source_of: HashSource,
+    },
+    /// The server's TLS certificate was rejected: retrying cannot change that.
+    #[error("TLS certificate of {url} rejected: {message}. If a proxy or private CA signs it, add that CA to the system trust store or point SSL_CERT_FILE at a PEM bundle that includes it")]
+    Certificate { url: String, message: String },
     /// Every attempt failed with a retryable error.
     #[error("gave up on {url} after {attempts} attempts: last error: {last}")]
     GaveUp {
@@ -223,10 +237,13 @@ pub fn name_embedded_hash(url_or_path: &str) -> Option<String> {
 }
 
 /// The sha256 of a file, lowercase hex, read with a fixed-size buffer.
-pub fn sha256_file(path: impl AsRef<Path>) -> io::Result<String> {
+pub fn sha256_file(path: impl AsRef<Path>, progress: &dyn Progress) -> io::Result<String> {
     let mut file = File::open(path)?;
+    progress.begin("hashing", file.metadata().map(|m| m.len()).ok());
     let mut hasher = Sha256::new();
-    hash_prefix(&mut file, u64::MAX, &mut hasher, &mut |_| {})?;
+    let done = hash_prefix(&mut file, u64::MAX, &mut hasher, &mut |n| progress.advance(n));
+    progress.end();
+    done?;
     Ok(hex::encode(hasher.finalize()))
 }
 
@@ -272,8 +289,18 @@ pub fn fetch(
     entry.create_dir()?;
     let _lock = entry.lock()?;
 
-    if let Some(hit) = entry.reuse(&expected, progress)? {
-        return Ok(hit);
+    match entry.reuse(&expected, progress)? {
+        Reuse::Hit(hit) => return Ok(hit),
+        Reuse::IntactButUnexpected { path, actual, bad } => {
+            return Err(FetchError::CachedSha256Mismatch {
+                url: url.to_string(),
+                path,
+                expected: bad.hex.clone(),
+                actual,
+                source_of: bad.source,
+            })
+        }
+        Reuse::Miss => {}
     }
     entry.forget_finished()?;
 
@@ -398,6 +425,34 @@ fn error_chain(e: &dyn StdError) -> String {
     text
 }
 
+/// What the cache holds for a URL.
+enum Reuse<'e> {
+    /// Nothing usable (absent, incomplete, or changed since it was recorded).
+    Miss,
+    /// An intact copy with the expected hashes.
+    Hit(Fetched),
+    /// An intact copy (its recorded sha256) that does not have an expected hash.
+    IntactButUnexpected { path: PathBuf, actual: String, bad: &'e ExpectedHash },
+}
+
+/// The certificate error in a failed request's causes, if that is why it failed (rustls
+/// reports it as `invalid peer certificate: ...`, possibly inside an `io::Error`).
+fn certificate_problem(e: &(dyn StdError + 'static)) -> Option<String> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let tls = err
+            .downcast_ref::<rustls::Error>()
+            .or_else(|| err.downcast_ref::<io::Error>().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref::<rustls::Error>()));
+        if let Some(t @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented | rustls::Error::UnsupportedNameType)) = tls {
+            return Some(t.to_string());
+        }
+        next = err.source();
+    }
+    // Some layers between reqwest and rustls keep only the message.
+    let text = error_chain(e);
+    text.find("invalid peer certificate").map(|at| text[at..].to_string())
+}
+
 /// How one attempt went wrong.
 enum Failure {
     /// Try again after a pause (network trouble, 5xx, truncated body).
@@ -449,6 +504,101 @@ impl PartRecord {
             _ => self.last_modified.as_deref(),
         }
     }
+}
+
+/// One URL's files in the cache, as [`list_cache`] finds them.
+#[derive(Debug, Clone, Serialize)]
+pub struct CachedFile {
+    /// The URL it was downloaded from.
+    pub url: String,
+    /// The file: the finished download, or the `.part` of an unfinished one.
+    pub path: PathBuf,
+    /// Its size on disk.
+    pub bytes: u64,
+    /// The sha256 recorded when it finished (none for an unfinished download).
+    pub sha256: Option<String>,
+    /// True for a finished download, false for a `.part` a later fetch resumes.
+    pub complete: bool,
+}
+
+/// Whether `name` is a cache entry's folder name (the sha256 of a URL): only such folders
+/// are ever listed or removed, whatever else the cache root holds.
+fn is_entry_folder(name: &std::ffi::OsStr) -> bool {
+    name.to_str().is_some_and(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Every download in the cache at `root` (finished ones and `.part`s), sorted by URL. A
+/// missing root is an empty cache.
+pub fn list_cache(root: &Path) -> io::Result<Vec<CachedFile>> {
+    let mut found = Vec::new();
+    let folders = match fs::read_dir(root) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(e),
+    };
+    for folder in folders {
+        let folder = folder?;
+        if !is_entry_folder(&folder.file_name()) || !folder.file_type()?.is_dir() {
+            continue;
+        }
+        for file in fs::read_dir(folder.path())? {
+            let file = file?.path();
+            let Some(name) = file.file_name().and_then(|n| n.to_str()) else { continue };
+            let size = |p: &Path| fs::metadata(p).map(|m| m.len()).ok();
+            if let Some(stem) = name.strip_suffix(".part.json") {
+                let part = file.with_file_name(format!("{stem}.part"));
+                if let (Some(rec), Some(bytes)) = (read_json::<PartRecord>(&file), size(&part)) {
+                    found.push(CachedFile { url: rec.url, path: part, bytes, sha256: None, complete: false });
+                }
+            } else if let Some(stem) = name.strip_suffix(".json") {
+                let done = file.with_file_name(stem);
+                if let (Some(rec), Some(bytes)) = (read_json::<FinishedRecord>(&file), size(&done)) {
+                    found.push(CachedFile { url: rec.url, path: done, bytes, sha256: Some(rec.sha256), complete: true });
+                }
+            }
+        }
+    }
+    found.sort_by(|a, b| (&a.url, a.complete).cmp(&(&b.url, b.complete)));
+    Ok(found)
+}
+
+/// Removes the cache entries of `urls` (every entry when `urls` is empty) from the cache at
+/// `root` and returns what was removed. Only entry folders are touched; an entry another
+/// process is downloading into is an error, and nothing of it is removed.
+pub fn clean_cache(root: &Path, urls: &[String]) -> Result<Vec<CachedFile>, FetchError> {
+    let all = list_cache(root).map_err(|source| FetchError::Cache { url: String::new(), path: root.to_path_buf(), source })?;
+    let folders: Vec<(String, PathBuf)> = if urls.is_empty() {
+        let mut dirs: Vec<(String, PathBuf)> = Vec::new();
+        let rd = match fs::read_dir(root) {
+            Ok(rd) => rd.filter_map(|e| e.ok()).collect::<Vec<_>>(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => return Err(FetchError::Cache { url: String::new(), path: root.to_path_buf(), source }),
+        };
+        for e in rd {
+            if is_entry_folder(&e.file_name()) && e.file_type().is_ok_and(|t| t.is_dir()) {
+                let url = all.iter().find(|f| f.path.parent() == Some(&e.path())).map(|f| f.url.clone()).unwrap_or_default();
+                dirs.push((url, e.path()));
+            }
+        }
+        dirs
+    } else {
+        urls.iter().map(|u| (u.clone(), CacheEntry::new(root, u).dir)).collect()
+    };
+    let mut removed = Vec::new();
+    for (url, dir) in folders {
+        if !dir.is_dir() {
+            continue;
+        }
+        let err = |path: &Path, source: io::Error| FetchError::Cache { url: url.clone(), path: path.to_path_buf(), source };
+        let lock_path = dir.join(".lock");
+        let lock = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&lock_path).map_err(|e| err(&lock_path, e))?;
+        if lock.try_lock().is_err() {
+            return Err(err(&dir, io::Error::other("another ckptmap is downloading into it; try again when it has finished")));
+        }
+        fs::remove_dir_all(&dir).map_err(|e| err(&dir, e))?;
+        removed.extend(all.iter().filter(|f| f.path.parent() == Some(dir.as_path())).cloned());
+    }
+    Ok(removed)
 }
 
 /// Calls `Progress::end` when dropped, so every `begin` gets its `end`.
@@ -536,25 +686,25 @@ impl CacheEntry {
     }
 
     /// The cached file, if its record matches it (re-hashed) and the expected hashes.
-    fn reuse(
+    fn reuse<'e>(
         &self,
-        expected: &[ExpectedHash],
+        expected: &'e [ExpectedHash],
         progress: &dyn Progress,
-    ) -> Result<Option<Fetched>, FetchError> {
+    ) -> Result<Reuse<'e>, FetchError> {
         let Some(record) = read_json::<FinishedRecord>(&self.finished_record()) else {
-            return Ok(None);
+            return Ok(Reuse::Miss);
         };
         let path = self.finished();
         let size = match fs::metadata(&path) {
             Ok(meta) if meta.is_file() => meta.len(),
-            _ => return Ok(None),
+            _ => return Ok(Reuse::Miss),
         };
         if record.url != self.url || record.size != size {
-            return Ok(None);
+            return Ok(Reuse::Miss);
         }
         let mut file = match File::open(&path) {
             Ok(file) => file,
-            Err(_) => return Ok(None),
+            Err(_) => return Ok(Reuse::Miss),
         };
         let mut hasher = Sha256::new();
         {
@@ -565,10 +715,13 @@ impl CacheEntry {
             .map_err(|e| self.cache_err(&path, e))?;
         }
         let actual = hex::encode(hasher.finalize());
-        if actual != record.sha256 || first_mismatch(expected, &actual).is_some() {
-            return Ok(None);
+        if actual != record.sha256 {
+            return Ok(Reuse::Miss);
         }
-        Ok(Some(Fetched {
+        if let Some(bad) = first_mismatch(expected, &actual) {
+            return Ok(Reuse::IntactButUnexpected { path, actual, bad });
+        }
+        Ok(Reuse::Hit(Fetched {
             path,
             sha256: actual,
             bytes: size,
@@ -781,6 +934,9 @@ impl CacheEntry {
     fn classify(&self, e: reqwest::Error) -> Failure {
         // The error names the URL already carried by every FetchError.
         let e = e.without_url();
+        if let Some(message) = certificate_problem(&e) {
+            return Failure::Fatal(FetchError::Certificate { url: self.url.clone(), message });
+        }
         if e.is_builder() || e.is_redirect() {
             Failure::Fatal(FetchError::Request {
                 url: self.url.clone(),

@@ -31,6 +31,9 @@ pub struct RootInfo {
 
 #[derive(Serialize)]
 pub struct InspectReport {
+    /// The URL the file was downloaded from (set by the caller; `file` is the cached copy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     pub file: String,
     pub container: &'static str,
     /// `recorded`, `absent` (zip saved with CRC computation off: nothing was checked) or
@@ -42,6 +45,8 @@ pub struct InspectReport {
     pub roots: Vec<RootInfo>,
     /// Top-level entries without tensors, summarised (`epoch: 3`).
     pub other: Vec<(String, String)>,
+    /// Safetensors `__metadata__` (string keys and values), sorted by key; empty for `.pth`.
+    pub metadata: std::collections::BTreeMap<String, String>,
     pub tensors: Vec<TensorInfo>,
     pub total_params: usize,
     pub total_bytes: usize,
@@ -96,7 +101,9 @@ pub fn inspect(ckpt: &Checkpoint) -> InspectReport {
         }),
     }
     InspectReport {
+        url: None,
         file: ckpt.path().display().to_string(),
+        metadata: ckpt.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         container: ckpt.kind().name(),
         crc32: ckpt.crc32_status(),
         state_dict: find_state_dict(ckpt).map(str::to_string),
@@ -111,7 +118,21 @@ pub fn inspect(ckpt: &Checkpoint) -> InspectReport {
 #[derive(Serialize)]
 pub struct ValueDiff {
     pub name: String,
+    /// max |a - b| after casting both to f64.
     pub max_abs_diff: f64,
+    /// `max_abs_diff / max |a|` (infinite when A is all zeros and B is not).
+    pub max_rel_diff: f64,
+}
+
+/// A shared name of equal shape stored in two dtypes: its values compared after casting
+/// both to f64.
+#[derive(Serialize)]
+pub struct DtypeDiff {
+    pub name: String,
+    pub dtype_a: String,
+    pub dtype_b: String,
+    pub max_abs_diff: f64,
+    pub max_rel_diff: f64,
 }
 
 #[derive(Serialize)]
@@ -120,16 +141,18 @@ pub struct DiffReport {
     pub b: String,
     pub only_in_a: Vec<String>,
     pub only_in_b: Vec<String>,
-    /// Shared names whose shape or dtype differ: (name, A's, B's).
+    /// Shared names whose shape differs: (name, A's dtype and shape, B's).
     pub mismatched: Vec<(String, String, String)>,
-    /// Shared names of equal shape whose values differ.
+    /// Shared names of equal shape and dtype whose values differ.
     pub value_diffs: Vec<ValueDiff>,
+    /// Shared names of equal shape in different dtypes, with their value differences.
+    pub dtype_diffs: Vec<DtypeDiff>,
     pub compared: usize,
 }
 
 impl DiffReport {
     pub fn same(&self) -> bool {
-        self.only_in_a.is_empty() && self.only_in_b.is_empty() && self.mismatched.is_empty() && self.value_diffs.is_empty()
+        self.only_in_a.is_empty() && self.only_in_b.is_empty() && self.mismatched.is_empty() && self.value_diffs.is_empty() && self.dtype_diffs.is_empty()
     }
 }
 
@@ -153,6 +176,7 @@ pub fn diff(a: &Checkpoint, b: &Checkpoint, root_a: Option<&str>, root_b: Option
         only_in_b: tb.iter().filter(|t| !names_a.contains(t.name.as_str())).map(|t| t.name.clone()).collect(),
         mismatched: Vec::new(),
         value_diffs: Vec::new(),
+        dtype_diffs: Vec::new(),
         compared: 0,
     };
     for t in &ta {
@@ -160,7 +184,7 @@ pub fn diff(a: &Checkpoint, b: &Checkpoint, root_a: Option<&str>, root_b: Option
             report.only_in_a.push(t.name.clone());
             continue;
         };
-        if t.view.shape != u.view.shape || t.view.dtype != u.view.dtype {
+        if t.view.shape != u.view.shape {
             let desc = |e: &TensorEntry| format!("{} {:?}", e.view.dtype, e.view.shape);
             report.mismatched.push((t.name.clone(), desc(t), desc(u)));
             continue;
@@ -169,12 +193,31 @@ pub fn diff(a: &Checkpoint, b: &Checkpoint, root_a: Option<&str>, root_b: Option
         let va = decode_f64(&a.read(t.view)?, t.view.dtype);
         let vb = decode_f64(&b.read(u.view)?, u.view.dtype);
         let mut max = 0.0f64;
+        let mut scale = 0.0f64;
         for (x, y) in va.iter().zip(&vb) {
             let d = if x == y || (x.is_nan() && y.is_nan()) { 0.0 } else { (x - y).abs() };
             max = max.max(if d.is_nan() { f64::INFINITY } else { d });
+            if x.is_finite() {
+                scale = scale.max(x.abs());
+            }
         }
-        if max > 0.0 {
-            report.value_diffs.push(ValueDiff { name: t.name.clone(), max_abs_diff: max });
+        let rel = if max == 0.0 {
+            0.0
+        } else if scale > 0.0 {
+            max / scale
+        } else {
+            f64::INFINITY
+        };
+        if t.view.dtype != u.view.dtype {
+            report.dtype_diffs.push(DtypeDiff {
+                name: t.name.clone(),
+                dtype_a: t.view.dtype.name().to_string(),
+                dtype_b: u.view.dtype.name().to_string(),
+                max_abs_diff: max,
+                max_rel_diff: rel,
+            });
+        } else if max > 0.0 {
+            report.value_diffs.push(ValueDiff { name: t.name.clone(), max_abs_diff: max, max_rel_diff: rel });
         }
     }
     Ok(report)

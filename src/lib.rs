@@ -4,13 +4,12 @@
 //! The flow runs one way: `fetch` → `pth` (read) → `mapping` (plan) → `convert` (execute,
 //! write) → `verify`; `batch` drives many of them.
 
-pub mod atomic;
 pub mod batch;
-pub mod convert;
 pub mod dtype;
 pub mod fetch;
 pub mod formats;
 pub mod inspect;
+pub mod job;
 pub mod mapping;
 pub mod progress;
 pub mod synth;

@@ -8,39 +8,44 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use ckptmap::formats::checkpoint::Checkpoint;
-use ckptmap::convert::{self, choose_table, prepare, write_plan_uncommitted};
+use ckptmap::write::execute as convert;
 use ckptmap::inspect;
 use ckptmap::mapping::plan::{Fate, Plan, PlanOptions};
 use ckptmap::progress::Progress;
 use ckptmap::DType;
 
+const CACHE_NOTE: &str = "Downloads are cached in --cache-dir, else $CKPTMAP_CACHE, else $XDG_CACHE_HOME/ckptmap, else ~/.cache/ckptmap; `ckptmap cache list` shows them, `ckptmap cache clean` removes them.";
+
 #[derive(Parser)]
-#[command(name = "ckptmap", version, about = "Convert MAE / BEiT PyTorch checkpoints to the MMSegmentation backbone layout, and check the result with a forward pass", long_about = None)]
+#[command(name = "ckptmap", version, about = "Convert MAE / BEiT PyTorch checkpoints to the MMSegmentation backbone layout, and check the result with a forward pass", long_about = None, after_help = CACHE_NOTE)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    #[command(flatten)]
-    download: DownloadArgs,
+    /// Print nothing but errors (and the documents --json asks for): no progress, no
+    /// summaries or notes; the exit code tells the outcome.
+    #[arg(long, short, global = true)]
+    quiet: bool,
 }
 
-/// How http(s) sources are fetched (for any command that takes a checkpoint).
+/// How http(s) sources are fetched (for the commands that take a URL).
 #[derive(clap::Args, Clone)]
 struct DownloadArgs {
-    /// Download cache folder (default: $CKPTMAP_CACHE, else ~/.cache/ckptmap).
-    #[arg(long, global = true, value_name = "DIR")]
+    /// Download cache folder (default: $CKPTMAP_CACHE, else $XDG_CACHE_HOME/ckptmap, else
+    /// ~/.cache/ckptmap; see `ckptmap cache list`).
+    #[arg(long, value_name = "DIR", help_heading = "Download options (http(s) sources)")]
     cache_dir: Option<PathBuf>,
     /// Expected sha256 of a downloaded source (a `-<hex>` suffix in the file name is
     /// checked automatically).
-    #[arg(long, global = true, value_name = "HEX")]
+    #[arg(long, value_name = "HEX", help_heading = "Download options (http(s) sources)")]
     sha256: Option<String>,
-    /// Retries on connection errors, timeouts and HTTP 5xx.
-    #[arg(long, global = true, default_value_t = 4)]
+    /// Retries on connection errors, timeouts and HTTP 5xx (not on 4xx or certificate errors).
+    #[arg(long, value_name = "N", default_value_t = 4, help_heading = "Download options (http(s) sources)")]
     retries: u32,
     /// Seconds without data before a download attempt is abandoned.
-    #[arg(long, global = true, default_value_t = 60)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, help_heading = "Download options (http(s) sources)")]
     timeout: u64,
-    /// No progress bars.
-    #[arg(long, short, global = true)]
+    /// Set from the global --quiet after parsing.
+    #[arg(skip)]
     quiet: bool,
 }
 
@@ -75,37 +80,19 @@ enum Command {
         /// Source checkpoint: a path or an http(s) URL (.pth zip or legacy, or .safetensors).
         src: String,
         /// Output file: .pth (torch.load(weights_only=True) reads it) or .safetensors.
+        /// Missing folders are created; it cannot be SRC itself.
         dst: PathBuf,
-        /// Mapping table: a built-in name (see `ckptmap mappings`) or a TOML file.
-        /// Default: detected from the checkpoint's keys.
-        #[arg(long, short)]
-        mapping: Option<String>,
-        /// Make the output load-ready for MMSeg's backbone at this input size (e.g. 512, 640).
-        #[arg(long)]
-        img_size: Option<usize>,
-        /// Attention heads, when the checkpoint cannot tell (MAE widths without a preset).
-        #[arg(long)]
-        num_heads: Option<usize>,
-        /// Value for filled layer-scale gammas (MAE load-ready; default: the table's, 1.0).
-        #[arg(long)]
-        init_values: Option<f64>,
-        /// Cast floating-point tensors to this dtype (f32, f16, bf16). Default: keep each
-        /// tensor's source dtype and, for renames, its exact bytes.
-        #[arg(long, value_parser = parse_float_dtype)]
-        dtype: Option<DType>,
-        /// Pass keys the table drops (decoder, head, norm, ...) through unchanged instead
-        /// (beit2mmseg's behaviour).
-        #[arg(long)]
-        keep_unused: bool,
+        #[command(flatten)]
+        conversion: ConversionArgs,
         /// Print the plan (every source key's fate, every target's origin) and write nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Print a JSON report (the plan, input/output sha256, figures) instead of text.
+        /// Print one JSON report (input and output sha256, the plan, what was written, the
+        /// check when --verify) on stdout instead of text.
         #[arg(long)]
         json: bool,
-        /// After writing, run the forward-pass check against the original (verify --against).
-        #[arg(long)]
-        verify: bool,
+        #[command(flatten)]
+        download: DownloadArgs,
     },
     /// Check converted weights by running the MMSeg backbone forward pass (candle, fp32).
     ///
@@ -117,17 +104,20 @@ enum Command {
     Verify {
         /// The converted checkpoint (MMSeg layout).
         converted: PathBuf,
-        /// A .safetensors reference: 'input' and 'out.<index>' tensors.
-        #[arg(long, conflicts_with = "against", required_unless_present = "against")]
+        /// A .safetensors reference made by PyTorch: 'input' and 'out.<index>' tensors
+        /// (one of --reference and --against is needed).
+        #[arg(long, value_name = "REF.safetensors", conflicts_with = "against")]
         reference: Option<PathBuf>,
         /// The original checkpoint the conversion came from (a path or an http(s) URL).
-        #[arg(long)]
+        #[arg(long, value_name = "ORIGINAL")]
         against: Option<String>,
         #[command(flatten)]
         check: CheckArgs,
         /// Print one JSON document instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        download: DownloadArgs,
     },
     /// List the built-in mapping tables, or print one's TOML text.
     Mappings {
@@ -141,16 +131,23 @@ enum Command {
         /// Print one JSON document instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        download: DownloadArgs,
     },
     /// Compare two checkpoints' state dicts: names, shapes, dtypes, values (exit 1 if they differ).
+    ///
+    /// Tensors of one shape are compared by value, also across dtypes (both cast to f64:
+    /// max abs and max relative difference).
     Diff {
+        /// The first checkpoint (.pth or .safetensors), e.g. the original.
         a: PathBuf,
+        /// The second checkpoint, compared with A, e.g. a conversion or a cast of it.
         b: PathBuf,
         /// Dotted path of A's state dict (default: state_dict, model, module or top level).
-        #[arg(long)]
+        #[arg(long, value_name = "PATH")]
         root_a: Option<String>,
         /// Dotted path of B's state dict.
-        #[arg(long)]
+        #[arg(long, value_name = "PATH")]
         root_b: Option<String>,
         /// Print one JSON document instead of text.
         #[arg(long)]
@@ -171,24 +168,93 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: PathBuf,
         /// Downloads at once.
-        #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+        #[arg(long, short = 'j', value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
         jobs: u16,
-        /// Check each output against its original with the forward pass (as convert --verify).
-        #[arg(long)]
-        verify: bool,
-        /// Make every output load-ready for MMSeg at this input size.
-        #[arg(long)]
-        img_size: Option<usize>,
-        /// Attention heads, when a checkpoint cannot tell (MAE widths without a preset).
-        #[arg(long)]
-        num_heads: Option<usize>,
-        /// Mapping table for lines without mapping= (default: detected per checkpoint).
-        #[arg(long, short)]
-        mapping: Option<String>,
+        /// How every item is converted (a line's mapping= wins over --mapping).
+        #[command(flatten)]
+        conversion: ConversionArgs,
         /// Print the report (as in DIR/report.json) instead of the table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        download: DownloadArgs,
     },
+    /// List or remove cached downloads.
+    #[command(after_help = CACHE_NOTE)]
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+    /// Print a shell completion script to stdout.
+    ///
+    /// bash: `ckptmap completions bash > ~/.local/share/bash-completion/completions/ckptmap`;
+    /// zsh: `ckptmap completions zsh > ~/.zfunc/_ckptmap`; fish:
+    /// `ckptmap completions fish > ~/.config/fish/completions/ckptmap.fish`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `ckptmap man > ckptmap.1; man ./ckptmap.1`.
+    Man,
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Show the cache folder and every cached download: URL, size, file.
+    List {
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The cache folder (default: $CKPTMAP_CACHE, else $XDG_CACHE_HOME/ckptmap, else ~/.cache/ckptmap).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Remove the cached downloads of these URLs, or every cached download when none is given.
+    Clean {
+        /// URLs whose downloads to remove (default: all).
+        urls: Vec<String>,
+        /// The cache folder (default: $CKPTMAP_CACHE, else $XDG_CACHE_HOME/ckptmap, else ~/.cache/ckptmap).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
+/// How a checkpoint is converted: the options `convert` and `batch` share.
+#[derive(clap::Args, Clone)]
+struct ConversionArgs {
+    /// Mapping table: a built-in name (see `ckptmap mappings`) or a TOML file.
+    /// Default: detected from the checkpoint's keys.
+    #[arg(long, short, value_name = "NAME|FILE")]
+    mapping: Option<String>,
+    /// Make the output load-ready for MMSeg's backbone at this input size in pixels, a
+    /// multiple of the patch size (e.g. 512, 640).
+    #[arg(long, value_name = "PIXELS")]
+    img_size: Option<usize>,
+    /// Attention heads, when the checkpoint cannot tell (MAE widths without a preset).
+    #[arg(long, value_name = "N")]
+    num_heads: Option<usize>,
+    /// Value for filled layer-scale gammas (MAE load-ready; default: the table's, 1.0).
+    #[arg(long, value_name = "VALUE")]
+    init_values: Option<f64>,
+    /// Cast floating-point tensors to this dtype: float32 (fp32, float, f32), float16
+    /// (fp16, half, f16), bfloat16 (bf16). Default: keep each tensor's source dtype and,
+    /// for renames, its exact bytes.
+    #[arg(long, value_name = "DTYPE", value_parser = parse_float_dtype)]
+    dtype: Option<DType>,
+    /// Pass keys the table drops (decoder, head, norm, ...) through unchanged instead
+    /// (beit2mmseg's behaviour).
+    #[arg(long)]
+    keep_unused: bool,
+    /// Before the output is moved into place, run the forward-pass check against the
+    /// original (as verify --against); a failing output is not written (exit 1).
+    #[arg(long)]
+    verify: bool,
+}
+
+impl ConversionArgs {
+    fn plan_options(&self) -> PlanOptions {
+        PlanOptions { img_size: self.img_size, num_heads: self.num_heads, keep_unused: self.keep_unused, init_values: self.init_values }
+    }
 }
 
 extern "C" {
@@ -203,12 +269,25 @@ fn main() -> ExitCode {
         signal(13, 0);
     }
     let cli = Cli::parse();
+    // -q: nothing on stdout but the documents --json asks for (and what completions / man
+    // are for); errors still go to stderr.
+    if cli.quiet && !cli.command.prints_a_document() {
+        silence_stdout();
+    }
     // Ctrl-C / SIGTERM / SIGHUP remove unfinished outputs' temporary files (exit 130/143/129).
-    if let Err(e) = ckptmap::atomic::remove_temporaries_on_signal() {
+    let on_signal = |i: ckptmap::write::atomic::Interrupted| {
+        let what = match i.left_as_they_were.as_slice() {
+            [] => String::new(),
+            [one] => format!("; {} left as it was", one.display()),
+            many => format!("; {} outputs left as they were", many.len()),
+        };
+        eprintln!("error: interrupted by {}{what}", i.name);
+        std::process::exit(128 + i.signal);
+    };
+    if let Err(e) = ckptmap::write::atomic::remove_temporaries_on_signal(on_signal) {
         eprintln!("warning: cannot install signal handlers: {e}");
     }
-    let download = cli.download.clone();
-    match run(cli.command, &download) {
+    match run(cli.command, cli.quiet) {
         Ok(code) => code,
         Err(e) => {
             // One line: each cause once (many errors already quote their source).
@@ -227,21 +306,21 @@ fn main() -> ExitCode {
 /// Options of the forward-pass check.
 #[derive(clap::Args, Clone)]
 struct CheckArgs {
-    /// Input size to run at (default: the reference's, or the original's native size).
-    #[arg(long = "img-size")]
+    /// Input size in pixels to run at (default: the reference's, or the original's native size).
+    #[arg(long = "img-size", value_name = "PIXELS")]
     check_img_size: Option<usize>,
     /// Attention heads, when the weights cannot tell.
-    #[arg(long = "num-heads")]
+    #[arg(long = "num-heads", value_name = "N")]
     check_num_heads: Option<usize>,
     /// Blocks whose outputs are compared, e.g. 3,5,7,11 (default: the reference's, or
     /// MMSeg's defaults for the depth).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_name = "BLOCKS", value_delimiter = ',')]
     out_indices: Option<Vec<usize>>,
     /// Largest allowed max|ours-ref| / max|ref| per output.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, value_name = "RATIO", default_value_t = 1e-4)]
     tolerance: f64,
     /// cpu, or cuda / cuda:N in a binary built with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     device: String,
 }
 
@@ -286,91 +365,30 @@ fn print_outcome(o: &ckptmap::verify::VerifyOutcome) {
     }
 }
 
-/// `convert --verify`: the forward-pass check of a just-written output (`out_path`) against
-/// its original. A load-ready output at another size cannot run next to the original at its
-/// native size: then the same table applied without resizing is checked (the resizes
-/// themselves are tested against PyTorch/SciPy numbers in the test suite).
-fn check_converted(
-    ckpt: &Checkpoint,
-    table: &ckptmap::mapping::table::MappingTable,
-    plan: &ckptmap::mapping::plan::Plan,
-    plan_opts: &PlanOptions,
-    out_path: &std::path::Path,
-    dst: &std::path::Path,
-    json: bool,
-) -> Result<Checked> {
-    let opts = ckptmap::verify::VerifyOptions {
-        img_size: None,
-        num_heads: plan_opts.num_heads,
-        out_indices: None,
-        tolerance: ckptmap::verify::Tolerance::default(),
-        init_values: plan_opts.init_values.unwrap_or(1.0),
-    };
-    let resized = plan.outputs.iter().any(|t| {
-        matches!(
-            t.origin,
-            ckptmap::mapping::plan::Origin::ResizeAbsPosEmbed { .. } | ckptmap::mapping::plan::Origin::ResizeRelPosTable { .. }
-        )
-    });
-    // The clean conversion is never moved into place (next to DST, nameless): nothing of it
-    // is left whatever happens.
-    let clean = match resized {
-        true => {
-            let clean_opts = PlanOptions { img_size: None, ..opts_for_check(plan_opts) };
-            let (_, srcs, clean_plan) = prepare(ckpt, table, &clean_opts)?;
-            let clean_dest = dst.with_extension("unresized.pth");
-            if !json {
-                println!("note: the output is resized to img_size {}; checking the same mapping without resizing", plan.img_size.unwrap_or_default());
-            }
-            Some(write_plan_uncommitted(ckpt, &srcs, &clean_plan, &clean_dest, None, &ckptmap::progress::NoProgress)?)
-        }
-        false => None,
-    };
-    let checked = clean.as_ref().map(|c| c.read_path()).unwrap_or_else(|| out_path.to_path_buf());
-    let out = Checkpoint::open(&checked)?;
-    let outcome = ckptmap::verify::verify_against_original(&out, ckpt, &opts, &candle_core::Device::Cpu)?;
-    // Say what the pass did not cover: the resized numbers never ran through the forward pass.
-    let not_checked = resized.then(|| {
-        format!(
-            "the resize to img_size {} (pos_embed / relative position tables) was not checked by the forward pass, which ran on the same mapping without resizing; the resizes are tested against PyTorch/SciPy numbers in the test suite",
-            plan.img_size.unwrap_or_default()
-        )
-    });
-    Ok(Checked { outcome, not_checked })
-}
-
-/// A `convert --verify` result: the outcome, and what it leaves unchecked (resized outputs).
-struct Checked {
-    outcome: ckptmap::verify::VerifyOutcome,
-    not_checked: Option<String>,
-}
-
-fn show_outcome(c: &Checked, json: bool) -> Result<()> {
-    if json {
-        // `subject` uses batch's report.json words for the same two cases.
-        let mut v = serde_json::to_value(&c.outcome)?;
-        v["subject"] = if c.not_checked.is_some() { "clean conversion" } else { "output" }.into();
-        if let Some(n) = &c.not_checked {
-            v["not_checked"] = n.as_str().into();
-        }
-        eprintln!("{v}");
-    } else {
-        print_outcome(&c.outcome);
-        if let Some(n) = &c.not_checked {
-            println!("note: {n}");
-        }
+/// A `convert --verify` record: what it did not cover, then the outcome.
+fn print_verify_record(r: &ckptmap::job::VerifyRecord) {
+    if let Some(n) = &r.not_checked {
+        println!("note: {n}");
     }
-    Ok(())
+    match r.outcome() {
+        Some(o) => print_outcome(&o),
+        None => println!("{}", if r.passed { "PASS" } else { "FAIL" }),
+    }
 }
 
-fn opts_for_check(o: &PlanOptions) -> PlanOptions {
-    PlanOptions { img_size: o.img_size, num_heads: o.num_heads, keep_unused: false, init_values: o.init_values }
-}
-
+/// A floating-point dtype as torch users write it (`float16`, `fp16`, `half`, `torch.bfloat16`, ...).
 fn parse_float_dtype(s: &str) -> Result<DType, String> {
-    match DType::from_name(s) {
+    let lower = s.to_ascii_lowercase();
+    let canonical = match lower.strip_prefix("torch.").unwrap_or(&lower) {
+        "float32" | "fp32" | "float" | "f32" => "f32",
+        "float16" | "fp16" | "half" | "f16" => "f16",
+        "bfloat16" | "bf16" => "bf16",
+        "float64" | "fp64" | "double" | "f64" => "f64",
+        other => other,
+    };
+    match DType::from_name(canonical) {
         Some(d) if d.is_float() => Ok(d),
-        _ => Err(format!("{s:?} is not one of f32, f16, bf16, f64")),
+        _ => Err(format!("{s:?} is not a floating-point dtype: use float32 (fp32), float16 (fp16, half), bfloat16 (bf16) or float64")),
     }
 }
 
@@ -410,20 +428,96 @@ impl Progress for Bar {
     }
 }
 
-fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
+impl Command {
+    /// Whether this command's stdout is a document the user asked for (kept with -q).
+    fn prints_a_document(&self) -> bool {
+        match self {
+            Command::Convert { json, .. }
+            | Command::Verify { json, .. }
+            | Command::Inspect { json, .. }
+            | Command::Diff { json, .. }
+            | Command::Batch { json, .. } => *json,
+            Command::Cache { action: CacheAction::List { json, .. } } => *json,
+            Command::Cache { action: CacheAction::Clean { .. } } => false,
+            Command::Mappings { .. } | Command::Completions { .. } | Command::Man => true,
+        }
+    }
+}
+
+/// Points stdout at /dev/null (for -q), so no summary, note or table reaches the terminal.
+fn silence_stdout() {
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: dup2 on two valid descriptors, before anything is printed.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 1);
+        }
+    }
+}
+
+/// A spinner on an interactive stderr while a long step runs (the forward passes of
+/// `verify`: seconds for ViT-L); nothing with --json, -q or a redirected stderr.
+fn spinner(show: bool, message: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    (show && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_message(message.to_string());
+        b.enable_steady_tick(std::time::Duration::from_millis(120));
+        b
+    })
+}
+
+/// A spinner for a job stage without a byte count (the forward-pass check), drawn only on an
+/// interactive stderr.
+struct Spinner {
+    show: bool,
+    message: &'static str,
+    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+}
+
+impl Spinner {
+    fn new(show: bool, message: &'static str) -> Spinner {
+        Spinner { show, message, bar: std::sync::Mutex::new(None) }
+    }
+}
+
+impl Progress for Spinner {
+    fn begin(&self, _label: &str, _total: Option<u64>) {
+        *self.bar.lock().unwrap_or_else(|e| e.into_inner()) = spinner(self.show, self.message);
+    }
+    fn advance(&self, _bytes: u64) {}
+    fn end(&self) {
+        if let Some(b) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn run(command: Command, quiet: bool) -> Result<ExitCode> {
     match command {
-        Command::Verify { converted, reference, against, check, json } => {
+        Command::Verify { converted, reference, against, check, json, mut download } => {
+            download.quiet = quiet;
             let device = ckptmap::verify::device(&check.device)?;
             let conv = Checkpoint::open(&converted)?;
             let opts = check.options();
-            let outcome = match (reference, against) {
-                (Some(r), _) => ckptmap::verify::verify_with_reference(&conv, &r, &opts, &device)?,
-                (None, Some(a)) => {
-                    let orig = Checkpoint::open(&download.resolve(&a)?)?;
-                    ckptmap::verify::verify_against_original(&conv, &orig, &opts, &device)?
-                }
-                (None, None) => unreachable!("clap requires one"),
+            let orig = match (&reference, &against) {
+                (None, None) => anyhow::bail!(
+                    "verify needs something to compare {} with: --reference REF.safetensors (outputs PyTorch computed; fixtures/make_reference.py makes one) or --against ORIGINAL (the checkpoint it was converted from)",
+                    converted.display()
+                ),
+                (None, Some(a)) => Some(Checkpoint::open(&download.resolve(a)?)?),
+                (Some(_), _) => None,
             };
+            let spin = spinner(!json && !quiet, "running the forward passes");
+            let outcome = match (reference, orig) {
+                (Some(r), _) => ckptmap::verify::verify_with_reference(&conv, &r, &opts, &device),
+                (None, Some(orig)) => ckptmap::verify::verify_against_original(&conv, &orig, &opts, &device),
+                (None, None) => unreachable!("checked above"),
+            };
+            if let Some(b) = spin {
+                b.finish_and_clear();
+            }
+            let outcome = outcome?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&outcome)?);
             } else {
@@ -431,77 +525,69 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
             }
             Ok(if outcome.passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Convert { src: source, dst, mapping, img_size, num_heads, init_values, dtype, keep_unused, dry_run, json, verify } => {
-            let src = download.resolve(&source)?;
-            let ckpt = Checkpoint::open(&src)?;
-            let choice = choose_table(mapping.as_deref(), &ckpt)?;
-            let table = choice.table();
-            let plan_opts = PlanOptions { img_size, num_heads, keep_unused, init_values };
-            let (root, sources, plan) = prepare(&ckpt, table, &plan_opts)?;
+        Command::Convert { src: source, dst, conversion: c, dry_run, json, mut download } => {
+            download.quiet = quiet;
+            let dtype = c.dtype;
+            let req = ckptmap::job::Request {
+                input: download.resolve(&source)?,
+                source,
+                output: dst,
+                mapping: c.mapping.clone(),
+                plan: c.plan_options(),
+                dtype,
+                verify: c.verify,
+                hashes: json,
+                input_sha256: None,
+            };
+            let planned = ckptmap::job::plan(&req)?;
+            let table = planned.table.table();
             if dry_run {
                 if json {
-                    let doc = serde_json::json!({ "input": source, "container": root, "mapping": table.origin(), "plan": plan });
+                    let doc = serde_json::json!({ "input": req.source, "container": planned.container, "mapping": table.origin(), "plan": planned.plan });
                     println!("{}", serde_json::to_string_pretty(&doc)?);
                 } else {
-                    print_plan(&plan, table.origin(), &root, dtype);
+                    print_plan(&planned.plan, table.origin(), &planned.container, dtype);
                 }
                 return Ok(ExitCode::SUCCESS);
             }
             // Large files get a progress bar on a terminal (unless --json).
-            let total: u64 = sources.iter().map(|t| t.view.nbytes() as u64).sum();
-            let bar = Bar::new(!json && !download.quiet && total > 64 << 20);
-            // With --verify the forward-pass check runs on the finished output before it is
-            // moved into place: a conversion that fails it never replaces anything.
-            let written = write_plan_uncommitted(&ckpt, &sources, &plan, &dst, dtype, &bar)?;
-            let outcome = match verify {
-                true => Some(check_converted(&ckpt, table, &plan, &plan_opts, &written.read_path(), &dst, json)?),
-                false => None,
+            let bar = Bar::new(!json && !download.quiet && planned.source_bytes() > 64 << 20);
+            let report = match ckptmap::job::run_planned(&req, &planned, &bar, &Spinner::new(!json && !quiet, "checking the output with the forward pass")) {
+                Err(ckptmap::job::JobError::CheckFailed { output, record }) => {
+                    // The check failed: nothing was moved into place.
+                    if json {
+                        let doc = serde_json::json!({ "input": req.source, "output": null, "written": false, "verify": record });
+                        println!("{}", serde_json::to_string_pretty(&doc)?);
+                    } else {
+                        print_verify_record(&record);
+                    }
+                    eprintln!("error: {}: not written: the converted weights fail the forward-pass check", output.display());
+                    return Ok(ExitCode::from(1));
+                }
+                other => other?,
             };
-            if let Some(o) = outcome.as_ref().filter(|o| !o.outcome.passed) {
-                show_outcome(o, json)?;
-                eprintln!("error: {}: not written: the converted weights fail the forward-pass check", dst.display());
-                return Ok(ExitCode::from(1));
-            }
-            let summary = written.commit()?;
             if json {
-                let (in_hash, out_hash) = std::thread::scope(|s| {
-                    let a = s.spawn(|| convert::sha256_file(&src));
-                    let b = s.spawn(|| convert::sha256_file(&dst));
-                    (a.join().unwrap(), b.join().unwrap())
-                });
-                let doc = serde_json::json!({
-                    "input": source,
-                    "input_file": src.display().to_string(),
-                    "input_sha256": in_hash?,
-                    "input_crc32": ckpt.crc32_status(),
-                    "container": root,
-                    "mapping": table.origin(),
-                    "output": summary,
-                    "output_sha256": out_hash?,
-                    "plan": plan,
-                });
-                println!("{}", serde_json::to_string_pretty(&doc)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                let dropped = plan.dropped.len();
-                let generated = plan.generated().count();
+                let plan = &report.plan;
                 println!(
                     "{} -> {}: {} tensors ({} generated), {} source keys dropped, {:.1} MB in {:.2} s [mapping {}{}]",
-                    source,
-                    dst.display(),
-                    summary.tensors,
-                    generated,
-                    dropped,
-                    summary.bytes as f64 / 1e6,
-                    summary.seconds,
+                    report.input,
+                    report.output.output,
+                    report.output.tensors,
+                    plan.generated().count(),
+                    plan.dropped.len(),
+                    report.output.bytes as f64 / 1e6,
+                    report.output.seconds,
                     table.name(),
                     plan.img_size.map(|n| format!(", load-ready at {n}")).unwrap_or_default()
                 );
                 for note in &plan.notes {
                     println!("note: {note}");
                 }
-            }
-            if let Some(o) = &outcome {
-                show_outcome(o, json)?;
+                if let Some(r) = &report.verify {
+                    print_verify_record(r);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -520,9 +606,11 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Inspect { file, json } => {
+        Command::Inspect { file, json, mut download } => {
+            download.quiet = quiet;
             let ckpt = Checkpoint::open(&download.resolve(&file)?)?;
-            let report = inspect::inspect(&ckpt);
+            let mut report = inspect::inspect(&ckpt);
+            report.url = ckptmap::fetch::is_url(&file).then(|| file.clone());
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -541,8 +629,20 @@ fn run(command: Command, download: &DownloadArgs) -> Result<ExitCode> {
             }
             Ok(if report.same() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Batch { list, out_dir, jobs, verify, img_size, num_heads, mapping, json } => {
-            run_batch_command(list, out_dir, jobs, verify, img_size, num_heads, mapping, json, download)
+        Command::Batch { list, out_dir, jobs, conversion, json, mut download } => {
+            download.quiet = quiet;
+            run_batch_command(list, out_dir, jobs, conversion, json, &download)
+        }
+        Command::Cache { action } => run_cache_command(action),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "ckptmap", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -599,6 +699,9 @@ fn human_bytes(n: usize) -> String {
 }
 
 fn print_inspect(r: &inspect::InspectReport) {
+    if let Some(url) = &r.url {
+        println!("url:        {url}");
+    }
     println!("file:       {}", r.file);
     println!("container:  {}", r.container);
     match r.crc32 {
@@ -617,6 +720,12 @@ fn print_inspect(r: &inspect::InspectReport) {
     }
     for (k, v) in &r.other {
         println!("  {k}: {v}");
+    }
+    if !r.metadata.is_empty() {
+        println!("metadata:   (safetensors __metadata__)");
+        for (k, v) in &r.metadata {
+            println!("  {k}: {v}");
+        }
     }
     println!();
     let width = r.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
@@ -640,16 +749,23 @@ fn print_diff(r: &inspect::DiffReport) {
         println!("differs:   {n}: {a} vs {b}");
     }
     for d in &r.value_diffs {
-        println!("values:    {}: max abs diff {:e}", d.name, d.max_abs_diff);
+        println!("values:    {}: max abs diff {:e}, max rel {:.3e}", d.name, d.max_abs_diff, d.max_rel_diff);
+    }
+    for d in &r.dtype_diffs {
+        println!(
+            "dtype:     {}: {} vs {}; values as f64: max abs diff {:.3e}, max rel {:.3e}",
+            d.name, d.dtype_a, d.dtype_b, d.max_abs_diff, d.max_rel_diff
+        );
     }
     if r.same() {
         println!("same: {} tensors compared, identical names, shapes, dtypes and values", r.compared);
     } else {
         println!(
-            "different: {} only in A, {} only in B, {} shape/dtype mismatches, {} of {} compared tensors differ in value",
+            "different: {} only in A, {} only in B, {} shape mismatches, {} in another dtype, {} of {} compared tensors differ in value",
             r.only_in_a.len(),
             r.only_in_b.len(),
             r.mismatched.len(),
+            r.dtype_diffs.len(),
             r.value_diffs.len(),
             r.compared
         );
@@ -657,20 +773,43 @@ fn print_diff(r: &inspect::DiffReport) {
 }
 
 // ---------------------------------------------------------------------------------------
+// cache
+
+fn run_cache_command(action: CacheAction) -> Result<ExitCode> {
+    let root = |dir: Option<PathBuf>| ckptmap::fetch::cache_dir(&ckptmap::fetch::FetchOptions { cache_dir: dir, ..Default::default() });
+    match action {
+        CacheAction::List { json, cache_dir } => {
+            let root = root(cache_dir);
+            let files = ckptmap::fetch::list_cache(&root).with_context(|| format!("cannot read the cache folder {}", root.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "cache_dir": root, "files": files }))?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("cache: {}", root.display());
+            for f in &files {
+                let state = if f.complete { "" } else { " (unfinished; resumed by the next download)" };
+                println!("  {}  {}{state}\n    {}", human_bytes(f.bytes as usize), f.url, f.path.display());
+            }
+            let total: u64 = files.iter().map(|f| f.bytes).sum();
+            println!("{} files, {}", files.len(), human_bytes(total as usize));
+        }
+        CacheAction::Clean { urls, cache_dir } => {
+            let root = root(cache_dir);
+            let removed = ckptmap::fetch::clean_cache(&root, &urls)?;
+            for f in &removed {
+                println!("removed {} ({})", f.url, human_bytes(f.bytes as usize));
+            }
+            let total: u64 = removed.iter().map(|f| f.bytes).sum();
+            println!("{} files removed from {}, {} freed", removed.len(), root.display(), human_bytes(total as usize));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------------
 // batch
 
-#[allow(clippy::too_many_arguments)]
-fn run_batch_command(
-    list: PathBuf,
-    out_dir: PathBuf,
-    jobs: u16,
-    verify: bool,
-    img_size: Option<usize>,
-    num_heads: Option<usize>,
-    mapping: Option<String>,
-    json: bool,
-    download: &DownloadArgs,
-) -> Result<ExitCode> {
+fn run_batch_command(list: PathBuf, out_dir: PathBuf, jobs: u16, c: ConversionArgs, json: bool, download: &DownloadArgs) -> Result<ExitCode> {
     use ckptmap::batch;
     if download.sha256.is_some() {
         anyhow::bail!("--sha256 does not apply to batch: put sha256=HEX on the list's lines");
@@ -679,10 +818,10 @@ fn run_batch_command(
     let opts = batch::BatchOptions {
         out_dir,
         jobs: jobs as usize,
-        verify,
-        img_size,
-        num_heads,
-        mapping,
+        verify: c.verify,
+        plan: c.plan_options(),
+        dtype: c.dtype,
+        mapping: c.mapping.clone(),
         fetch: ckptmap::fetch::FetchOptions {
             cache_dir: download.cache_dir.clone(),
             retries: download.retries,

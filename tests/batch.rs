@@ -438,7 +438,7 @@ fn resized_outputs_are_verified_through_a_clean_conversion() {
         assert_eq!(it["plan"]["img_size"], 224);
         assert_eq!(it["verify"]["subject"], "clean conversion", "{it:#}");
         assert_eq!(it["verify"]["passed"], true);
-        assert!(it["verify"]["note"].as_str().unwrap().contains("img_size 224"));
+        assert!(it["verify"]["not_checked"].as_str().unwrap().contains("img_size 224"));
         let back = Checkpoint::open(&out.join(name)).unwrap();
         let pos = back.tensors().into_iter().find(|t| t.name.ends_with("relative_position_bias_table")).unwrap();
         assert_eq!(pos.view.shape[0], 27 * 27 + 3, "{name}: tables sized for 224/16 = 14x14 patches");
@@ -520,7 +520,8 @@ fn a_killed_batch_claims_only_finished_outputs_and_the_next_run_resumes() {
     type When = Box<dyn Fn(u32) -> bool>;
     let out2 = out.clone();
     let out3 = out.clone();
-    let out4 = out.join(".ckptmap-staging");
+    // Outputs are nameless (O_TMPFILE) files in the output folder until committed.
+    let out4 = out.clone();
     let points: Vec<(&str, When)> = vec![
         ("after the first report", Box::new(move |_| report_now(&out2).is_some_and(|r| count_status(&r, "pending") == 6))),
         ("after two items", Box::new(move |_| report_now(&out3).is_some_and(|r| count_status(&r, "converted") >= 2))),
@@ -568,4 +569,40 @@ fn a_killed_batch_claims_only_finished_outputs_and_the_next_run_resumes() {
     expected.extend([".ckptmap-batch.lock".into(), "report.json".into()]);
     expected.sort();
     assert_eq!(names_in(&out), expected, "no staging folder or temporaries left");
+}
+
+#[test]
+fn batch_takes_every_convert_option_and_embeds_convert_s_report() {
+    // The same options as `convert` (one shared group): --dtype, --keep-unused,
+    // --init-values, and each item carries the report `convert --json` prints.
+    let tmp = tempfile::tempdir().unwrap();
+    let list = tmp.path().join("list.txt");
+    fs::write(&list, format!("{} name=mae.pth\n", fixture("mae_tiny_full.pth").display())).unwrap();
+    let out = tmp.path().join("out");
+    let run = ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--dtype", "f16", "--keep-unused", "--num-heads", "2", "--quiet"]);
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run));
+    let r = report(&out);
+    let it = item(&r, "mae.pth");
+    assert_eq!(it["settings"]["dtype"], "f16", "{it:#}");
+    assert_eq!(it["settings"]["keep_unused"], true);
+    let back = Checkpoint::open(&out.join("mae.pth")).unwrap();
+    let tensors = back.tensors();
+    assert!(tensors.iter().all(|t| t.view.dtype == ckptmap::DType::F16), "every float tensor cast");
+    assert!(tensors.iter().any(|t| t.name.starts_with("decoder_")), "keep_unused passed the decoder through");
+    // The embedded report is convert's: same fields, same output hash as the item's.
+    let conv = &it["report"];
+    assert_eq!(conv["output_sha256"], it["output_sha256"], "{conv:#}");
+    assert_eq!(conv["mapping"], "builtin:mae");
+    assert_eq!(conv["output"]["tensors"].as_u64(), Some(tensors.len() as u64));
+    assert!(conv["plan"]["outputs"].as_array().is_some_and(|o| !o.is_empty()));
+    // convert --json prints the same document shape.
+    // (Same file name: a .pth archive's inner folder is named after it.)
+    fs::create_dir(tmp.path().join("one")).unwrap();
+    let dst = tmp.path().join("one").join("mae.pth");
+    let one = ckptmap(&["convert", fixture("mae_tiny_full.pth").to_str().unwrap(), dst.to_str().unwrap(), "--dtype", "f16", "--keep-unused", "--json"]);
+    assert!(one.status.success(), "{}", text(&one));
+    let doc: Value = serde_json::from_slice(&one.stdout).unwrap();
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&doc), keys(conv));
+    assert_eq!(doc["output_sha256"], conv["output_sha256"], "the same conversion gives the same bytes");
 }

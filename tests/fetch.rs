@@ -407,20 +407,31 @@ fn corrupted_cache_file_is_downloaded_again() {
 }
 
 #[test]
-fn cached_file_not_matching_a_new_expected_sha256_is_fetched_again() {
+/// A wrong `--sha256` for a cached copy that is intact (it has the sha256 recorded when it
+/// was downloaded) is the expectation's fault: the copy is kept and nothing is requested.
+fn cached_intact_file_not_matching_a_wrong_expected_sha256_is_kept() {
     let data = data();
     let body = data.clone();
     let server = Server::start(move |_, r| ranged(r, &body, vec![]));
     let cache = tempfile::tempdir().unwrap();
     let url = server.url("/m.pth");
-    fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+    let first = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
+    let before = names_under(cache.path());
 
     let mut opts = options(cache.path());
     opts.sha256 = Some("0".repeat(64));
     let err = fetch(&url, &opts, &NoProgress).unwrap_err();
-    assert!(matches!(err, FetchError::Sha256Mismatch { .. }), "{err}");
-    assert_eq!(server.count(), 2);
-    assert_eq!(names_under(cache.path()), vec![".lock"]);
+    assert!(matches!(err, FetchError::CachedSha256Mismatch { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("kept") && text.contains("cache clean") && text.contains(&first.sha256), "{text}");
+    assert_eq!(server.count(), 1);
+    assert_eq!(names_under(cache.path()), before);
+    assert_eq!(fs::read(&first.path).unwrap(), *data);
+    // The right hash still finds it, without a request.
+    let mut opts = options(cache.path());
+    opts.sha256 = Some(first.sha256.clone());
+    assert!(fetch(&url, &opts, &NoProgress).unwrap().from_cache);
+    assert_eq!(server.count(), 1);
 }
 
 #[test]
@@ -1045,11 +1056,11 @@ fn sha256_file_matches_a_known_digest() {
     let path = dir.path().join("abc");
     fs::write(&path, b"abc").unwrap();
     assert_eq!(
-        sha256_file(&path).unwrap(),
+        sha256_file(&path, &ckptmap::progress::NoProgress).unwrap(),
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
     let data = data();
     fs::write(&path, &*data).unwrap();
-    assert_eq!(sha256_file(&path).unwrap(), sha256_hex(&data));
-    assert!(sha256_file(dir.path().join("missing")).is_err());
+    assert_eq!(sha256_file(&path, &ckptmap::progress::NoProgress).unwrap(), sha256_hex(&data));
+    assert!(sha256_file(dir.path().join("missing"), &ckptmap::progress::NoProgress).is_err());
 }

@@ -196,7 +196,7 @@ fn sigterm_and_sigint_mid_write_leave_the_previous_file_and_no_temporary() {
 #[test]
 fn sigkill_mid_write_leaves_the_previous_file_and_nothing_else() {
     let (_dir, src, out_dir) = big_source_and_out_dir();
-    if !ckptmap::atomic::anonymous_supported(&out_dir) {
+    if !ckptmap::write::atomic::anonymous_supported(&out_dir) {
         eprintln!("SKIPPED: {} cannot hold O_TMPFILE files; a SIGKILL there leaves a .tmp file", out_dir.display());
         return;
     }

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ckptmap::formats::checkpoint::Checkpoint;
-use ckptmap::convert::{choose_table, prepare, write_plan};
+use ckptmap::job::{choose_table, prepare};
+use ckptmap::write::execute::write_plan;
 use ckptmap::mapping::plan::PlanOptions;
 use ckptmap::progress::NoProgress;
 use ckptmap::formats::Value;

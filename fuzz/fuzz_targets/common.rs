@@ -38,7 +38,7 @@ pub fn open_and_walk(path: &std::path::Path, data: &[u8]) {
         assert!(e.to_string().contains("is corrupt: its bytes have CRC-32"), "CRC check error: {e}");
     }
     let _ = ckptmap::inspect::inspect(&ckpt);
-    if let Ok(choice) = ckptmap::convert::choose_table(None, &ckpt) {
-        let _ = ckptmap::convert::prepare(&ckpt, choice.table(), &Default::default());
+    if let Ok(choice) = ckptmap::job::choose_table(None, &ckpt) {
+        let _ = ckptmap::job::prepare(&ckpt, choice.table(), &Default::default());
     }
 }

@@ -36,7 +36,7 @@ impl Default for Tolerance {
 }
 
 /// How one output compares with its reference.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OutputReport {
     /// The block index (`out.<index>` in the reference).
     pub index: usize,

@@ -269,8 +269,10 @@ impl BackboneConfig {
             },
         };
         if num_heads == 0 || !embed_dim.is_multiple_of(num_heads) {
+            let divisors: Vec<String> = (1..=embed_dim).filter(|d| embed_dim % d == 0).take(16).map(|d| d.to_string()).collect();
             return Err(VerifyError::Config(format!(
-                "{num_heads} heads do not divide the width {embed_dim}"
+                "--num-heads {num_heads}: the width {embed_dim} must split evenly into the heads; numbers that divide it: {} (the official models use 64 channels per head)",
+                divisors.join(", ")
             )));
         }
 

@@ -101,7 +101,7 @@ pub fn add_load_time_defaults(
 }
 
 /// The outcome of one check.
-#[derive(Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VerifyOutcome {
     /// What the converted weights were compared with.
     pub against: String,
@@ -135,7 +135,7 @@ fn outcome(
     let passed = !outputs.is_empty() && outputs.iter().all(|o| o.passed);
     VerifyOutcome {
         against,
-        arch: format!("{:?}", cfg.arch),
+        arch: cfg.arch.to_string(),
         img_size: cfg.img_size,
         out_indices: cfg.out_indices.clone(),
         tolerance: tol,

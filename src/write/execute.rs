@@ -1,16 +1,15 @@
 //! Executes a mapping `Plan` against an open checkpoint and writes the result atomically:
 //! renamed tensors stream their bytes straight from the input; transformed ones are
-//! computed one at a time. Also the JSON report of a run.
+//! computed one at a time.
 
 use std::cell::RefCell;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
-use sha2::Digest;
 
-use crate::atomic::AtomicFile;
+use super::atomic::AtomicFile;
 use crate::formats::checkpoint::{Checkpoint, TensorEntry};
 use crate::mapping::plan::{Origin, Plan, PlannedTensor};
 use crate::mapping::transforms;
@@ -29,6 +28,8 @@ pub enum ConvertError {
     Transform { target: String, msg: String },
     #[error("{0}: output format must be .pth or .safetensors (by extension)")]
     UnknownFormat(PathBuf),
+    #[error("{}: is the input checkpoint itself (the same file{}); write the output to another path", dst.display(), if dst == src { String::new() } else { format!(" as {}", src.display()) })]
+    SameFile { dst: PathBuf, src: PathBuf },
     #[error(transparent)]
     Input(#[from] crate::formats::checkpoint::CheckpointError),
 }
@@ -292,7 +293,17 @@ pub fn write_plan_uncommitted(
     };
     let dtypes: Vec<DType> = plan.outputs.iter().map(|t| output_dtype(t, cast)).collect();
     let total: u64 = plan.outputs.iter().zip(&dtypes).map(|(t, d)| (t.shape.iter().product::<usize>() * d.size()) as u64).sum();
-    let mut atomic = AtomicFile::create(dest).map_err(|e| out_err(format!("cannot create a temporary file next to it: {e}")))?;
+    // Writing over the input would replace the only copy of the original (the rename at the
+    // end succeeds): refuse before anything is touched.
+    if super::atomic::same_file(ckpt.path(), dest) {
+        return Err(ConvertError::SameFile { dst: dest.to_path_buf(), src: ckpt.path().to_path_buf() });
+    }
+    let folder = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    super::atomic::create_parent_dirs(dest).map_err(|e| out_err(format!("cannot create the folder {}: {e}", folder.display())))?;
+    let mut atomic = AtomicFile::create(dest).map_err(|e| out_err(format!("cannot write into the folder {}: {e}", folder.display())))?;
     progress.begin("converting", Some(total));
     atomic.reserve(total).map_err(|e| out_err(format!("cannot reserve {total} bytes for it: {e}")))?;
 
@@ -399,107 +410,4 @@ fn write_outputs(
     }
 }
 
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
 
-/// A mapping table chosen by name, by file, or by detection.
-pub enum TableChoice {
-    Builtin(&'static MappingTable),
-    User(Box<MappingTable>),
-}
-
-impl TableChoice {
-    pub fn table(&self) -> &MappingTable {
-        match self {
-            TableChoice::Builtin(t) => t,
-            TableChoice::User(t) => t,
-        }
-    }
-}
-
-use crate::mapping::table::{self, MappingTable};
-use crate::mapping::plan::{plan, PlanOptions, SourceTensor};
-
-#[derive(Debug, thiserror::Error)]
-pub enum PrepareError {
-    #[error("{path}: cannot read mapping table: {source}")]
-    TableFile { path: PathBuf, source: io::Error },
-    #[error("{0}")]
-    Table(#[from] crate::mapping::table::TableError),
-    #[error("{file}: {source}")]
-    Detect { file: PathBuf, source: crate::mapping::table::TableError },
-    #[error("{file}: mapping table {table}: {source}")]
-    Plan { file: PathBuf, table: String, source: crate::mapping::plan::PlanError },
-    #[error("{file}: the checkpoint holds no tensors: nothing to convert")]
-    NoTensors { file: PathBuf },
-    #[error("{file}: none of the containers {containers:?} that mapping table {table} unwraps holds tensors")]
-    NoContainer { file: PathBuf, table: String, containers: Vec<String> },
-}
-
-/// `spec` is a built-in table name or a path to a TOML file; `None` detects the table from
-/// the checkpoint's key names.
-pub fn choose_table(spec: Option<&str>, ckpt: &Checkpoint) -> Result<TableChoice, PrepareError> {
-    if ckpt.tensors().is_empty() {
-        return Err(PrepareError::NoTensors { file: ckpt.path().to_path_buf() });
-    }
-    match spec {
-        Some(s) if s.ends_with(".toml") || Path::new(s).is_file() => {
-            let text = std::fs::read_to_string(s).map_err(|source| PrepareError::TableFile { path: s.into(), source })?;
-            Ok(TableChoice::User(Box::new(MappingTable::parse(&text, s)?)))
-        }
-        Some(name) => Ok(TableChoice::Builtin(MappingTable::builtin(name)?)),
-        None => {
-            let root = crate::inspect::find_state_dict(ckpt).unwrap_or("");
-            let names: Vec<String> = ckpt.tensors_under(root).unwrap_or_default().into_iter().map(|t| t.name).collect();
-            table::detect(&names)
-                .map(TableChoice::Builtin)
-                .map_err(|source| PrepareError::Detect { file: ckpt.path().to_path_buf(), source })
-        }
-    }
-}
-
-/// The container a table unwraps in this checkpoint: the first of its list that holds tensors.
-pub fn table_root<'t>(table: &'t MappingTable, ckpt: &Checkpoint) -> Option<&'t str> {
-    table
-        .containers()
-        .iter()
-        .map(String::as_str)
-        .find(|c| ckpt.tensors_under(c).is_some_and(|t| !t.is_empty()))
-}
-
-/// Plans a conversion of `ckpt` with `table`: returns the unwrapped container and the plan.
-pub fn prepare<'c>(
-    ckpt: &'c Checkpoint,
-    table: &MappingTable,
-    opts: &PlanOptions,
-) -> Result<(String, Vec<TensorEntry<'c>>, Plan), PrepareError> {
-    let root = table_root(table, ckpt).ok_or_else(|| PrepareError::NoContainer {
-        file: ckpt.path().to_path_buf(),
-        table: table.name().to_string(),
-        containers: table.containers().to_vec(),
-    })?;
-    let entries = ckpt.tensors_under(root).unwrap_or_default();
-    let sources: Vec<SourceTensor> = entries
-        .iter()
-        .map(|t| SourceTensor { name: t.name.clone(), shape: t.view.shape.clone(), dtype: t.view.dtype })
-        .collect();
-    let plan = plan(table, &sources, opts).map_err(|source| PrepareError::Plan {
-        file: ckpt.path().to_path_buf(),
-        // A user's table by its path; a built-in one as `builtin:NAME`.
-        table: table.origin().to_string(),
-        source,
-    })?;
-    Ok((root.to_string(), entries, plan))
-}

@@ -27,6 +27,25 @@ struct LiveEntry {
 static LIVE: Mutex<Option<HashMap<u64, LiveEntry>>> = Mutex::new(None);
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
+/// Whether `a` and `b` name one existing file (same device and inode: also through a
+/// symlink or a hard link). False when either cannot be looked up (the caller's next step
+/// reports why).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// Creates the folders above `dest` that do not exist yet (as `mkdir -p`).
+pub fn create_parent_dirs(dest: &Path) -> io::Result<()> {
+    match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() && !p.is_dir() => std::fs::create_dir_all(p),
+        _ => Ok(()),
+    }
+}
+
 fn live() -> MutexGuard<'static, Option<HashMap<u64, LiveEntry>>> {
     // A panic while the lock was held cannot leave the map half-updated: keep using it.
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
@@ -62,11 +81,23 @@ fn remove_live_temporaries(
     (guard, dests)
 }
 
-/// Installs handlers for SIGINT, SIGTERM and SIGHUP that remove every live temporary file,
-/// print one line on stderr and exit with 128 + the signal number (130, 143, 129). SIGXFSZ
-/// (a file-size limit reached) is ignored, so the write fails with an error instead of
-/// killing the process and leaving its temporary file behind. Call once, early in `main`.
-pub fn remove_temporaries_on_signal() -> io::Result<()> {
+/// An interrupting signal, after every live temporary file was removed.
+#[derive(Debug)]
+pub struct Interrupted {
+    /// The signal number (SIGINT 2, SIGTERM 15, SIGHUP 1).
+    pub signal: i32,
+    pub name: &'static str,
+    /// The destinations whose unfinished outputs were removed (each left as it was).
+    pub left_as_they_were: Vec<PathBuf>,
+}
+
+/// Installs handlers for SIGINT, SIGTERM and SIGHUP that remove every live temporary file
+/// and then call `on_signal`, which must end the process (the CLI prints one line and exits
+/// with 128 + the signal number). The registry stays locked while it runs, so no commit can
+/// start after the signal. SIGXFSZ (a file-size limit reached) is ignored, so the write fails
+/// with an error instead of killing the process and leaving its temporary file behind. Call
+/// once, early in `main`.
+pub fn remove_temporaries_on_signal(on_signal: impl Fn(Interrupted) + Send + 'static) -> io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
     // With a handler registered, the kernel no longer kills the process on SIGXFSZ; the
     // write that crossed the limit returns EFBIG.
@@ -81,15 +112,8 @@ pub fn remove_temporaries_on_signal() -> io::Result<()> {
                 SIGTERM => "SIGTERM",
                 _ => "SIGHUP",
             };
-            // Keep the registry locked until exit, so no commit can start after this.
             let (_guard, dests) = remove_live_temporaries(|_| true);
-            let what = match dests.as_slice() {
-                [] => String::new(),
-                [one] => format!("; {} left as it was", one.display()),
-                many => format!("; {} outputs left as they were", many.len()),
-            };
-            eprintln!("error: interrupted by {name}{what}");
-            std::process::exit(128 + sig);
+            on_signal(Interrupted { signal: sig, name, left_as_they_were: dests });
         }
     })?;
     Ok(())
