@@ -4,7 +4,7 @@
 //! conversion succeeds, renamed tensors are bit-identical, concatenated qkv is the byte
 //! concatenation of q, k, v, outputs follow MMSeg's state-dict order, and the MMSeg backbone
 //! on the converted weights computes what the source library computed (its own forward pass,
-//! `ref_*_112.safetensors`). Conversions broken on purpose (a user table with one change)
+//! `ref_*.safetensors`). Conversions broken on purpose (a user table with one change)
 //! fail that check. Also: the `concat` rule's compile- and plan-time errors, detection's
 //! nearest-miss messages, optional `relative_position_index` keys, and docs/sources.md.
 
@@ -12,7 +12,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ckptmap::convert::{choose_table, prepare, write_plan};
+use ckptmap::job::{choose_table, prepare};
+use ckptmap::write::execute::write_plan;
 use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::mapping::{detect, plan, MappingTable, Origin, Plan, PlanError, PlanOptions, SourceTensor, TableError};
 use ckptmap::verify::{verify_with_reference, Tolerance, VerifyOptions};
@@ -29,6 +30,21 @@ struct Fixture {
     reference: Option<String>,
     /// (name, dtype, shape) in file order, relative to the state-dict root.
     tensors: Vec<(String, String, Vec<usize>)>,
+}
+
+/// The sizes every layout fixture shares (manifest.json → common).
+struct Common {
+    img: usize,
+    patch: usize,
+    dim: usize,
+    depth: usize,
+    heads: usize,
+}
+
+fn common() -> Common {
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(layouts().join("manifest.json")).unwrap()).unwrap();
+    let n = |k: &str| j["common"][k].as_u64().unwrap_or_else(|| panic!("manifest common.{k}")) as usize;
+    Common { img: n("img_size"), patch: n("patch_size"), dim: n("embed_dim"), depth: n("depth"), heads: n("num_heads") }
 }
 
 fn manifest() -> Vec<Fixture> {
@@ -51,7 +67,10 @@ fn manifest() -> Vec<Fixture> {
             .collect();
         out.push(Fixture { name: name.clone(), family: family.to_string(), reference: f["reference"].as_str().map(String::from), tensors });
     }
-    assert!(out.len() >= 29, "manifest lists {} checkpoints", out.len());
+    // Every family of the issue is there.
+    for family in ["hf-vitmae", "hf-beit", "hf-data2vec", "mmpretrain-mae", "mmpretrain-beit", "mmseg0-segmentor", "mmseg1-segmentor", "mmseg-mae", "mmseg-beit"] {
+        assert!(out.iter().any(|f| f.family.starts_with(family)), "no {family} fixture in the manifest");
+    }
     out
 }
 
@@ -196,19 +215,21 @@ fn every_layout_is_detected_converted_bit_exact_in_mmseg_order_and_computes_the_
 #[test]
 fn load_ready_outputs_of_every_layout_compute_the_reference_and_resize() {
     let dir = tmp();
+    let c = common();
     for f in manifest() {
         let src = layouts().join(&f.name);
         let reference = layouts().join(f.reference.as_deref().unwrap());
-        let dest = dir.path().join(format!("{}.112.safetensors", f.name));
-        let opts = PlanOptions { img_size: Some(112), num_heads: Some(2), ..Default::default() };
+        let dest = dir.path().join(format!("{}.native.safetensors", f.name));
+        let opts = PlanOptions { img_size: Some(c.img), num_heads: Some(c.heads), ..Default::default() };
         let plan = convert(&src, None, &opts, &dest).unwrap_or_else(|e| panic!("{}: {e}", f.name));
-        assert_eq!(plan.outputs.iter().filter(|t| t.target.ends_with("relative_position_index")).count(), 4, "{}", f.name);
-        assert!(verify(&dest, &reference).passed, "{}: load-ready at 112", f.name);
-        let big = dir.path().join(format!("{}.224.pth", f.name));
-        let opts = PlanOptions { img_size: Some(224), num_heads: Some(2), ..Default::default() };
+        assert_eq!(plan.outputs.iter().filter(|t| t.target.ends_with("relative_position_index")).count(), c.depth, "{}", f.name);
+        assert!(verify(&dest, &reference).passed, "{}: load-ready at {}", f.name, c.img);
+        let big = dir.path().join(format!("{}.big.pth", f.name));
+        let opts = PlanOptions { img_size: Some(2 * c.img), num_heads: Some(c.heads), ..Default::default() };
         let plan = convert(&src, None, &opts, &big).unwrap_or_else(|e| panic!("{}: {e}", f.name));
         let table = plan.outputs.iter().find(|t| t.target == "layers.0.attn.relative_position_bias_table").unwrap();
-        assert_eq!(table.shape, [(2 * 14 - 1) * (2 * 14 - 1) + 3, 2], "{}", f.name);
+        let w = 2 * c.img / c.patch;
+        assert_eq!(table.shape, [(2 * w - 1) * (2 * w - 1) + 3, c.heads], "{}", f.name);
     }
 }
 
@@ -219,10 +240,10 @@ fn segmentors_keep_their_trained_backbone_and_drop_the_rest_with_reasons() {
         let f = fixture(name);
         let src = layouts().join(name);
         let dest = dir.path().join(name);
-        let plan = convert(&src, None, &PlanOptions { img_size: Some(112), ..Default::default() }, &dest).unwrap();
+        let plan = convert(&src, None, &PlanOptions { img_size: Some(common().img), ..Default::default() }, &dest).unwrap();
         let src_bytes = source_bytes(&src);
         let out: HashMap<String, Vec<u8>> = output(&dest).into_iter().map(|(n, _, b)| (n, b)).collect();
-        for i in 0..4 {
+        for i in 0..common().depth {
             for k in ["gamma_1", "gamma_2", "attn.relative_position_bias_table"] {
                 let key = format!("layers.{i}.{k}");
                 let trained = &src_bytes[&format!("backbone.{key}")];
@@ -285,7 +306,7 @@ fn an_already_mmseg_file_is_recognised_and_can_be_made_load_ready_cast_and_clean
             }
         }
         let lr = dir.path().join(format!("{name}.lr.pth"));
-        convert(&src, None, &PlanOptions { img_size: Some(112), num_heads: Some(2), ..Default::default() }, &lr).unwrap();
+        convert(&src, None, &PlanOptions { img_size: Some(common().img), num_heads: Some(common().heads), ..Default::default() }, &lr).unwrap();
         let reference = layouts().join(fixture(name).reference.unwrap());
         assert!(verify(&lr, &reference).passed, "{name}");
     }
@@ -331,7 +352,7 @@ fn broken_tables_fail_the_reference_check() {
     let dir = tmp();
     let d = dir.path();
     let rename_only = PlanOptions::default();
-    let load_ready = PlanOptions { img_size: Some(112), num_heads: Some(2), ..Default::default() };
+    let load_ready = PlanOptions { img_size: Some(common().img), num_heads: Some(common().heads), ..Default::default() };
     let cases: Vec<(&str, &str, PathBuf, &PlanOptions)> = vec![
         ("control: unchanged copy", "hf5_vitmae_pretraining.safetensors", user_table(d, "hf-vitmae", &[]), &rename_only),
         (
@@ -475,10 +496,11 @@ fn hf_concat_names_the_rule_and_the_key_when_a_part_is_missing() {
     assert!(e.contains("rule 'qkv'") && e.contains("'encoder.layer.2.attention.attention.key.bias' is not in the checkpoint") && e.contains("layers.2.attn.qkv.bias"), "{e}");
     let mut s = sources(&f);
     for t in s.iter_mut().filter(|t| t.name == "encoder.layer.1.attention.attention.value.weight") {
-        t.shape = vec![32, 16];
+        t.shape = vec![t.shape[0], t.shape[1] + 1];
     }
+    let d = common().dim;
     let e = plan(MappingTable::builtin("hf-vitmae").unwrap(), &s, &PlanOptions::default()).unwrap_err().to_string();
-    assert!(e.contains("layers.1.attn.qkv.weight") && e.contains("[32, 16]"), "{e}");
+    assert!(e.contains("layers.1.attn.qkv.weight") && e.contains(&format!("[{d}, {}]", d + 1)), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -487,23 +509,25 @@ fn hf_concat_names_the_rule_and_the_key_when_a_part_is_missing() {
 #[test]
 fn relative_position_index_is_optional_in_hf_files() {
     let table = MappingTable::builtin("hf-beit").unwrap();
+    let c = common();
+    let (window, tokens) = (c.img / c.patch, (c.img / c.patch).pow(2) + 1);
     for (name, index_keys) in [
-        ("hf5_beit_cls.safetensors", (0..4).map(|i| format!("beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_index")).collect::<Vec<_>>()),
+        ("hf5_beit_cls.safetensors", (0..c.depth).map(|i| format!("beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_index")).collect::<Vec<_>>()),
         ("hf5_beit_mim.safetensors", vec!["beit.encoder.relative_position_bias.relative_position_index".to_string()]),
         ("hf5_data2vec_model.safetensors", vec!["encoder.relative_position_bias.relative_position_index".to_string()]),
     ] {
         let without = sources(&fixture(name));
         let mut with = without.clone();
         for k in &index_keys {
-            with.push(SourceTensor { name: k.clone(), shape: vec![50, 50], dtype: DType::I64 });
+            with.push(SourceTensor { name: k.clone(), shape: vec![tokens, tokens], dtype: DType::I64 });
         }
         for s in [&without, &with] {
             let clean = plan(table, s, &PlanOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(clean.outputs.iter().all(|o| !o.target.ends_with("relative_position_index")), "{name}");
-            let ready = plan(table, s, &PlanOptions { img_size: Some(112), ..Default::default() }).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let ready = plan(table, s, &PlanOptions { img_size: Some(c.img), ..Default::default() }).unwrap_or_else(|e| panic!("{name}: {e}"));
             let made: Vec<_> = ready.outputs.iter().filter(|o| o.target.ends_with("relative_position_index")).collect();
-            assert_eq!(made.len(), 4);
-            assert!(made.iter().all(|o| o.origin == Origin::RelPosIndex { window: 7 }));
+            assert_eq!(made.len(), c.depth);
+            assert!(made.iter().all(|o| o.origin == Origin::RelPosIndex { window }));
             for p in [&clean, &ready] {
                 for k in &index_keys {
                     if s.len() > without.len() {
@@ -578,19 +602,22 @@ fn every_table_is_listed_with_a_one_line_description_of_where_files_come_from() 
 #[test]
 fn docs_sources_commands_run_as_written() {
     let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/sources.md")).unwrap();
-    // (table cell, input file in the command) → (fixture, reference), relative to fixtures/.
-    let fixtures: HashMap<(&str, &str), (&str, &str)> = HashMap::from([
-        (("`hf-vitmae`", "model.safetensors"), ("layouts/hf5_vitmae_pretraining.safetensors", "layouts/ref_hf5_vitmae_pretraining_112.safetensors")),
-        (("`hf-beit`", "pytorch_model.bin"), ("layouts/hf4_beit_mim.bin", "layouts/ref_hf5_beit_mim_112.safetensors")),
-        (("`hf-beit`", "model.safetensors"), ("layouts/hf5_data2vec_model.safetensors", "layouts/ref_hf5_data2vec_model_112.safetensors")),
-        (("`mae`", "model.safetensors"), ("mae_tiny.safetensors", "ref_mae_tiny_112.safetensors")),
-        (("`mae`", "mae_pretrain_vit_base.pth"), ("mae_tiny.pth", "ref_mae_tiny_112.safetensors")),
-        (("`beit`", "beit_base_patch16_224_pt22k.pth"), ("beit_tiny_pt.pth", "ref_beit_tiny_pt_112.safetensors")),
-        (("`mmpretrain-mae`", "mae_vit-base-p16_8xb512-coslr-300e_in1k.pth"), ("layouts/mmpretrain_mae.pth", "layouts/ref_mmpretrain_mae_112.safetensors")),
-        (("`mmpretrain-beit`", "beitv2_vit-base-p16_8xb256-amp-coslr-300e_in1k.pth"), ("layouts/mmpretrain_beitv2.pth", "layouts/ref_mmpretrain_beitv2_112.safetensors")),
-        (("`mmseg-mae`", "upernet_mae-base_fp16_8x2_512x512_160k_ade20k.pth"), ("layouts/mmseg0_segmentor_mae.pth", "layouts/ref_mmseg_segmentor_mae_112.safetensors")),
-        (("`mmseg-beit`", "upernet_beit-base_8x2_640x640_160k_ade20k.pth"), ("layouts/mmseg1_segmentor_beit.pth", "layouts/ref_mmseg_segmentor_beit_112.safetensors")),
-        (("`mmseg-mae` / `mmseg-beit`", "beit2mmseg_out.pth"), ("layouts/mmseg_beit.pth", "layouts/ref_mmseg_beit_112.safetensors")),
+    // (table cell, input file in the command) → (fixture, reference), relative to fixtures/;
+    // a layouts/ fixture's reference is the manifest's.
+    let layout = |name: &str| (format!("layouts/{name}"), format!("layouts/{}", fixture(name).reference.unwrap()));
+    let official = |name: &str, reference: &str| (name.to_string(), reference.to_string());
+    let fixtures: HashMap<(&str, &str), (String, String)> = HashMap::from([
+        (("`hf-vitmae`", "model.safetensors"), layout("hf5_vitmae_pretraining.safetensors")),
+        (("`hf-beit`", "pytorch_model.bin"), layout("hf4_beit_mim.bin")),
+        (("`hf-beit`", "model.safetensors"), layout("hf5_data2vec_model.safetensors")),
+        (("`mae`", "model.safetensors"), official("mae_tiny.safetensors", "ref_mae_tiny_112.safetensors")),
+        (("`mae`", "mae_pretrain_vit_base.pth"), official("mae_tiny.pth", "ref_mae_tiny_112.safetensors")),
+        (("`beit`", "beit_base_patch16_224_pt22k.pth"), official("beit_tiny_pt.pth", "ref_beit_tiny_pt_112.safetensors")),
+        (("`mmpretrain-mae`", "mae_vit-base-p16_8xb512-coslr-300e_in1k.pth"), layout("mmpretrain_mae.pth")),
+        (("`mmpretrain-beit`", "beitv2_vit-base-p16_8xb256-amp-coslr-300e_in1k.pth"), layout("mmpretrain_beitv2.pth")),
+        (("`mmseg-mae`", "upernet_mae-base_fp16_8x2_512x512_160k_ade20k.pth"), layout("mmseg0_segmentor_mae.pth")),
+        (("`mmseg-beit`", "upernet_beit-base_8x2_640x640_160k_ade20k.pth"), layout("mmseg1_segmentor_beit.pth")),
+        (("`mmseg-mae` / `mmseg-beit`", "beit2mmseg_out.pth"), layout("mmseg_beit.pth")),
     ]);
     let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
     let dir = tmp();
