@@ -187,9 +187,10 @@ fn an_already_converted_file_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let conv = dir.path().join("conv.pth");
     ok(&["convert", s(&fixture("mae_tiny.pth")), s(&conv), "--num-heads", "2"]);
-    let err = fails(&["convert", s(&conv), s(&dir.path().join("again.pth"))]);
-    assert!(err.contains("already in the MMSeg layout") && err.contains("layers.0.ln1.weight"), "{err}");
-    assert!(!err.contains("--mapping"), "{err}");
+    // Issue 15: an already-MMSeg file is recognised (table mmseg-mae) and still converts
+    // (clean / cast / load-ready), saying that it is already in the MMSeg layout.
+    let out = ok(&["convert", s(&conv), s(&dir.path().join("again.pth"))]);
+    assert!(out.contains("already in the MMSeg MAE layout") && out.contains("layers.0.ln1.weight") && out.contains("mmseg-mae"), "{out}");
 }
 
 fn help(args: &[&str]) -> String {

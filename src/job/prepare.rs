@@ -91,7 +91,10 @@ fn mmseg_layout_key(names: &[String]) -> Option<String> {
 /// passed, what is wrong, what would work) rather than by the table expression it breaks.
 fn check_options(sources: &[SourceTensor], opts: &PlanOptions) -> Result<(), String> {
     let find = |suffix: &str| sources.iter().find(|t| t.name == suffix || t.name.ends_with(&format!(".{suffix}")));
-    let proj = find("patch_embed.proj.weight").filter(|t| t.shape.len() == 4);
+    // The patch-embedding conv under its unilm/timm, MMSeg/mmpretrain or HF name.
+    let proj = ["patch_embed.proj.weight", "patch_embed.projection.weight", "embeddings.patch_embeddings.projection.weight"]
+        .into_iter()
+        .find_map(|k| find(k).filter(|t| t.shape.len() == 4));
     if let Some(n) = opts.img_size {
         let patch = proj.map(|t| t.shape[2]).unwrap_or(16);
         let fits = n > 0 && n % patch == 0;

@@ -76,10 +76,21 @@ struct RawRule {
     keep: Option<bool>,
     drop: Option<String>,
     expand: Option<String>,
+    concat: Option<RawConcat>,
     transform: Option<toml::Table>,
     #[serde(default)]
     when: When,
     note: Option<String>,
+}
+
+/// `concat = { into = "…", parts = ["…", …], dim = 0 }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConcat {
+    into: String,
+    parts: Vec<String>,
+    #[serde(default)]
+    dim: i64,
 }
 
 #[derive(Deserialize)]
@@ -342,9 +353,13 @@ impl Compiler<'_> {
             r.keep.is_some(),
             r.drop.is_some(),
             r.expand.is_some(),
+            r.concat.is_some(),
         ];
         if actions.iter().filter(|&&a| a).count() != 1 {
-            return Err(self.invalid(&place, "needs exactly one of rename, keep, drop, expand"));
+            return Err(self.invalid(
+                &place,
+                "needs exactly one of rename, keep, drop, expand, concat",
+            ));
         }
         let action = if let Some(t) = &r.rename {
             Action::Rename(self.template(&place, t, true, false)?)
@@ -361,6 +376,8 @@ impl Compiler<'_> {
                 return Err(self.invalid(&place, "drop needs a reason (it is shown in the report)"));
             }
             Action::Drop(reason.clone())
+        } else if let Some(c) = &r.concat {
+            Action::Concat(self.concat(&id, &place, &pattern, c)?)
         } else {
             let t = self.template(&place, r.expand.as_deref().unwrap_or_default(), true, true)?;
             if !t.has_layer() {
@@ -379,10 +396,10 @@ impl Compiler<'_> {
         let transform = match r.transform {
             None => None,
             Some(t) => {
-                if matches!(action, Action::Drop(_) | Action::Keep) {
+                if matches!(action, Action::Drop(_) | Action::Keep | Action::Concat(_)) {
                     return Err(self.invalid(
                         &place,
-                        "a transform needs rename or expand (its output key)",
+                        "a transform needs rename or expand (its output key); concat and keep copy bytes unchanged",
                     ));
                 }
                 Some(self.rule_transform(&place, &t)?)
@@ -396,6 +413,44 @@ impl Compiler<'_> {
             when: r.when,
             note: r.note,
         })
+    }
+
+    /// A `concat` action: `into` and every part are capture templates (no `{i}`); at least two
+    /// distinct parts; `dim` a non-negative axis.
+    fn concat(
+        &self,
+        id: &str,
+        place: &str,
+        pattern: &Pattern,
+        c: &RawConcat,
+    ) -> Result<ConcatSpec, TableError> {
+        let into = self.template(&format!("{place}: concat.into"), &c.into, true, false)?;
+        self.check_captures(id, pattern, &into)?;
+        if c.parts.len() < 2 {
+            return Err(self.invalid(
+                place,
+                format!(
+                    "concat needs at least two parts, found {} (a single part is a rename)",
+                    c.parts.len()
+                ),
+            ));
+        }
+        let mut parts = Vec::new();
+        for (n, text) in c.parts.iter().enumerate() {
+            if c.parts[..n].contains(text) {
+                return Err(self.invalid(
+                    place,
+                    format!("concat part '{text}' is listed twice (each part is consumed once)"),
+                ));
+            }
+            let t = self.template(&format!("{place}: concat part {}", n + 1), text, true, false)?;
+            self.check_captures(id, pattern, &t)?;
+            parts.push(t);
+        }
+        let dim = usize::try_from(c.dim).map_err(|_| {
+            self.invalid(place, format!("concat dim {} is negative; give the axis from 0", c.dim))
+        })?;
+        Ok(ConcatSpec { into, parts, dim })
     }
 
     fn check_captures(

@@ -19,4 +19,6 @@ pub use plan::{
     plan, DroppedKey, Fate, Origin, Plan, PlanError, PlanOptions, PlannedTensor, SourceFate,
     SourceTensor,
 };
-pub use table::{builtin_table_text, builtin_tables, detect, detect_among, MappingTable, TableError};
+pub use table::{
+    builtin_table_text, builtin_tables, detect, detect_among, Fingerprint, MappingTable, TableError,
+};

@@ -117,10 +117,15 @@ pub enum Origin {
     Fill { value: f64 },
     /// The source tensor, bit-exact, under its (prefix-stripped) source name.
     Keep { source: String },
+    /// Several source tensors concatenated along axis `dim`, in `sources` order (HF
+    /// `query`/`key`/`value` → `qkv`). Bytes are copied unchanged: along axis 0 the output is
+    /// the byte concatenation of the sources.
+    Concat { sources: Vec<String>, dim: usize },
 }
 
 impl Origin {
-    /// The source tensor this output reads, if any.
+    /// The single source tensor this output reads, if it reads exactly one (a concatenation
+    /// reads several: see [`Origin::sources`]).
     pub fn source(&self) -> Option<&str> {
         match self {
             Origin::Rename { source }
@@ -128,7 +133,15 @@ impl Origin {
             | Origin::ResizeAbsPosEmbed { source, .. }
             | Origin::ResizeRelPosTable { source, .. }
             | Origin::Keep { source } => Some(source),
-            Origin::RelPosIndex { .. } | Origin::Fill { .. } => None,
+            Origin::RelPosIndex { .. } | Origin::Fill { .. } | Origin::Concat { .. } => None,
+        }
+    }
+
+    /// Every source tensor this output reads (none for fills and generated indices).
+    pub fn sources(&self) -> Vec<&str> {
+        match self {
+            Origin::Concat { sources, .. } => sources.iter().map(String::as_str).collect(),
+            other => other.source().into_iter().collect(),
         }
     }
 }
@@ -160,6 +173,9 @@ impl fmt::Display for Origin {
             Origin::RelPosIndex { window } => write!(f, "index generated for window {window}"),
             Origin::Fill { value } => write!(f, "filled with {value}"),
             Origin::Keep { source } => write!(f, "{source} kept"),
+            Origin::Concat { sources, dim } => {
+                write!(f, "concatenation of {} along dim {dim}", sources.join(", "))
+            }
         }
     }
 }
@@ -197,7 +213,7 @@ impl Plan {
         let mut feeds: HashMap<&str, Vec<&PlannedTensor>> = HashMap::new();
         let mut order: Vec<&str> = Vec::new();
         for o in &self.outputs {
-            if let Some(s) = o.origin.source() {
+            for s in o.origin.sources() {
                 let entry = feeds.entry(s).or_default();
                 if entry.is_empty() {
                     order.push(s);
@@ -228,7 +244,7 @@ impl Plan {
 
     /// Outputs made from nothing (fills, generated indices).
     pub fn generated(&self) -> impl Iterator<Item = &PlannedTensor> {
-        self.outputs.iter().filter(|o| o.origin.source().is_none())
+        self.outputs.iter().filter(|o| o.origin.sources().is_empty())
     }
 }
 
@@ -293,6 +309,29 @@ pub enum PlanError {
         table: String,
         check: String,
         values: String,
+    },
+    #[error("rule '{rule}' matches '{key}', but '{key}' is not one of the parts it renders for '{target}' ({parts}): make the parts name the matched keys")]
+    ConcatNotAPart {
+        rule: String,
+        key: String,
+        target: String,
+        parts: String,
+    },
+    #[error("rule '{rule}' concatenates {parts} into '{target}', but part '{part}' {why}")]
+    ConcatPart {
+        rule: String,
+        target: String,
+        parts: String,
+        part: String,
+        why: String,
+    },
+    #[error("rule '{rule}' cannot concatenate {parts} into '{target}' along dim {dim}: {why}")]
+    ConcatShapes {
+        rule: String,
+        target: String,
+        parts: String,
+        dim: usize,
+        why: String,
     },
     #[error(
         "keep_unused: '{key}' would pass through as '{target}', which the table already produces"
@@ -427,7 +466,8 @@ fn apply_rules(
 ) -> Result<(Vec<Produced>, Vec<DroppedKey>), PlanError> {
     let mut produced: Vec<Produced> = Vec::new();
     let mut dropped: Vec<DroppedKey> = Vec::new();
-    for (src, &key) in sources.iter().zip(stripped) {
+    let mut groups: Vec<ConcatGroup> = Vec::new();
+    for (index, (src, &key)) in sources.iter().zip(stripped).enumerate() {
         let hit = table
             .rules
             .iter()
@@ -473,6 +513,50 @@ fn apply_rules(
                     source: src.name.clone(),
                 },
             )),
+            Action::Concat(spec) => {
+                let target = spec.into.render(Some(&caps), None);
+                let parts: Vec<String> =
+                    spec.parts.iter().map(|p| p.render(Some(&caps), None)).collect();
+                if !parts.iter().any(|p| p == key) {
+                    return Err(PlanError::ConcatNotAPart {
+                        rule: rule.id.clone(),
+                        key: key.into(),
+                        target,
+                        parts: quoted(&parts),
+                    });
+                }
+                let group = match groups
+                    .iter()
+                    .position(|g| g.rule == rule.id && g.target == target)
+                {
+                    Some(g) => g,
+                    None => {
+                        groups.push(ConcatGroup {
+                            rule: rule.id.clone(),
+                            target: target.clone(),
+                            parts: parts.clone(),
+                            dim: spec.dim,
+                            members: HashMap::new(),
+                            at: produced.len(),
+                        });
+                        groups.len() - 1
+                    }
+                };
+                let g = &mut groups[group];
+                if g.parts != parts {
+                    return Err(PlanError::ConcatPart {
+                        rule: rule.id.clone(),
+                        target,
+                        parts: quoted(&g.parts),
+                        part: key.into(),
+                        why: format!(
+                            "renders other parts ({}) for the same target; the parts must follow from the captures the group shares",
+                            quoted(&parts)
+                        ),
+                    });
+                }
+                g.members.insert(key.to_string(), index);
+            }
             Action::Rename(template) | Action::Expand(template) => {
                 let expand = matches!(rule.action, Action::Expand(_));
                 let (applied, shape) = match &rule.transform {
@@ -523,7 +607,129 @@ fn apply_rules(
         }
     }
 
+    // Each group becomes one output, at the place of its first member (source order for a
+    // table without targets). Inserted back to front so that earlier places stay valid.
+    let mut made = Vec::with_capacity(groups.len());
+    for g in &groups {
+        made.push((g.at, concat_group(table, sources, stripped, load_ready, g, &groups)?));
+    }
+    for (at, p) in made.into_iter().rev() {
+        produced.insert(at, p);
+    }
+
     Ok((produced, dropped))
+}
+
+/// The source keys one `concat` rule gathered for one target.
+struct ConcatGroup {
+    rule: String,
+    target: String,
+    /// Stripped part names, in concatenation order.
+    parts: Vec<String>,
+    dim: usize,
+    /// Stripped key → source index, for the parts found so far.
+    members: HashMap<String, usize>,
+    /// Where the output goes among the produced tensors.
+    at: usize,
+}
+
+fn quoted(keys: &[String]) -> String {
+    keys.iter()
+        .map(|k| format!("'{k}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Checks one concat group (every part present, taken by this group only, dtypes equal,
+/// shapes equal except along `dim`) and plans its output.
+fn concat_group(
+    table: &MappingTable,
+    sources: &[SourceTensor],
+    stripped: &[&str],
+    load_ready: bool,
+    g: &ConcatGroup,
+    groups: &[ConcatGroup],
+) -> Result<Produced, PlanError> {
+    let part_error = |part: &str, why: String| PlanError::ConcatPart {
+        rule: g.rule.clone(),
+        target: g.target.clone(),
+        parts: quoted(&g.parts),
+        part: part.into(),
+        why,
+    };
+    let mut members = Vec::with_capacity(g.parts.len());
+    for part in &g.parts {
+        if let Some(&i) = g.members.get(part) {
+            members.push(&sources[i]);
+            continue;
+        }
+        let why = if !stripped.contains(&part.as_str()) {
+            "is not in the checkpoint".to_string()
+        } else if let Some(other) = groups
+            .iter()
+            .find(|o| o.members.contains_key(part.as_str()))
+        {
+            format!(
+                "is already a part of '{}' (each source key is consumed once)",
+                other.target
+            )
+        } else {
+            match table
+                .rules
+                .iter()
+                .filter(|r| r.when.active(load_ready))
+                .find(|r| r.pattern.regex.is_match(part))
+            {
+                Some(r) => format!("is taken by rule '{}', which comes first", r.id),
+                None => "matches no rule".to_string(),
+            }
+        };
+        return Err(part_error(part, why));
+    }
+    let shapes_err = |why: String| PlanError::ConcatShapes {
+        rule: g.rule.clone(),
+        target: g.target.clone(),
+        parts: quoted(&g.parts),
+        dim: g.dim,
+        why,
+    };
+    let first = members[0];
+    let rank = first.shape.len();
+    if g.dim >= rank {
+        return Err(shapes_err(format!(
+            "'{}' has shape {:?}, which has no axis {}",
+            g.parts[0], first.shape, g.dim
+        )));
+    }
+    let mut shape = first.shape.clone();
+    for (m, part) in members.iter().zip(&g.parts).skip(1) {
+        if m.dtype != first.dtype {
+            return Err(shapes_err(format!(
+                "'{part}' is {} but '{}' is {}",
+                m.dtype, g.parts[0], first.dtype
+            )));
+        }
+        let same_elsewhere = m.shape.len() == rank
+            && (0..rank).all(|a| a == g.dim || m.shape[a] == first.shape[a]);
+        if !same_elsewhere {
+            return Err(shapes_err(format!(
+                "'{part}' has shape {:?} and '{}' has {:?}; they must agree on every axis but {}",
+                m.shape, g.parts[0], first.shape, g.dim
+            )));
+        }
+        shape[g.dim] += m.shape[g.dim];
+    }
+    Ok(Produced {
+        target: g.target.clone(),
+        origin: Origin::Concat {
+            sources: members.iter().map(|m| m.name.clone()).collect(),
+            dim: g.dim,
+        },
+        rule: g.rule.clone(),
+        shape,
+        dtype: first.dtype,
+        key: g.parts.join(" + "),
+    })
 }
 
 /// No target may be produced twice.

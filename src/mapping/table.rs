@@ -26,9 +26,15 @@ pub const FORMAT_VERSION: i64 = 1;
 pub const DEFAULT_CONTAINERS: [&str; 4] = ["state_dict", "model", "module", ""];
 
 /// The tables compiled into the binary: (name, TOML text).
-const BUILTIN_SOURCES: [(&str, &str); 2] = [
+const BUILTIN_SOURCES: [(&str, &str); 8] = [
     ("mae", include_str!("../../mappings/mae.toml")),
     ("beit", include_str!("../../mappings/beit.toml")),
+    ("hf-vitmae", include_str!("../../mappings/hf_vitmae.toml")),
+    ("hf-beit", include_str!("../../mappings/hf_beit.toml")),
+    ("mmpretrain-mae", include_str!("../../mappings/mmpretrain_mae.toml")),
+    ("mmpretrain-beit", include_str!("../../mappings/mmpretrain_beit.toml")),
+    ("mmseg-mae", include_str!("../../mappings/mmseg_mae.toml")),
+    ("mmseg-beit", include_str!("../../mappings/mmseg_beit.toml")),
 ];
 
 /// Everything that can be wrong with a table, or with choosing one. Each message is one line
@@ -92,12 +98,12 @@ pub enum TableError {
         "unknown mapping table '{name}' (built in: {known}); pass the path of a table file instead"
     )]
     UnknownTable { name: String, known: String },
-    #[error("no mapping table recognises this checkpoint ({reasons}); choose one with --mapping")]
+    #[error("no mapping table recognises this checkpoint; nearest first: {reasons}; choose a table with --mapping (a built-in name or a TOML file, see mappings/README.md)")]
     NoTableMatches { reasons: String },
     #[error(
-        "several mapping tables recognise this checkpoint ({names}); choose one with --mapping"
+        "several mapping tables recognise this checkpoint ({names}): {reasons}; choose one with --mapping"
     )]
-    SeveralTablesMatch { names: String },
+    SeveralTablesMatch { names: String, reasons: String },
 }
 
 /// What happens to a source key that no rule matches.
@@ -186,34 +192,115 @@ pub fn detect<S: AsRef<str>>(names: &[S]) -> Result<&'static MappingTable, Table
 }
 
 /// [`detect`] over any set of tables.
+///
+/// When no table or several match, the error is one paragraph that shows, for each table,
+/// which fingerprints matched and which did not (tables nearest to matching first), so that a
+/// user can see at a glance which family the checkpoint almost is.
 pub fn detect_among<'t, S: AsRef<str>>(
     tables: impl IntoIterator<Item = &'t MappingTable>,
     names: &[S],
 ) -> Result<&'t MappingTable, TableError> {
     let mut matched = Vec::new();
-    let mut reasons = Vec::new();
+    let mut missed = Vec::new();
     for table in tables {
-        match table.recognises(names) {
-            Ok(()) => matched.push(table),
-            Err(why) => reasons.push(format!("{}: {why}", table.name)),
+        let f = table.fingerprint(names);
+        if f.matches() {
+            matched.push((table, f));
+        } else {
+            missed.push((table, f));
         }
     }
     match matched.len() {
-        1 => Ok(matched[0]),
-        0 => Err(TableError::NoTableMatches {
-            reasons: if reasons.is_empty() {
-                "no tables".into()
-            } else {
-                reasons.join("; ")
-            },
-        }),
+        1 => Ok(matched.remove(0).0),
+        0 => {
+            // Nearest miss first: most required patterns matched, fewest forbidden hits.
+            missed.sort_by_key(|(_, f)| std::cmp::Reverse(f.score()));
+            Err(TableError::NoTableMatches {
+                reasons: if missed.is_empty() {
+                    "no tables".into()
+                } else {
+                    missed
+                        .iter()
+                        .map(|(t, f)| format!("{}: {}", t.name, f.describe()))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                },
+            })
+        }
         _ => Err(TableError::SeveralTablesMatch {
             names: matched
                 .iter()
-                .map(|t| t.name.as_str())
+                .map(|(t, _)| t.name.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
+            reasons: matched
+                .iter()
+                .map(|(t, f)| format!("{}: {}", t.name, f.describe()))
+                .collect::<Vec<_>>()
+                .join("; "),
         }),
+    }
+}
+
+/// How a table's `[detect]` fingerprint fares on a checkpoint's keys.
+#[derive(Debug, Clone)]
+pub struct Fingerprint {
+    /// Whether the table has any `require` pattern (a table without one is never detected).
+    pub detectable: bool,
+    /// Each `require` pattern with a (stripped) key it matches, if any.
+    pub required: Vec<(String, Option<String>)>,
+    /// Each `forbid` pattern that some (stripped) key matches, with that key.
+    pub forbidden: Vec<(String, String)>,
+}
+
+impl Fingerprint {
+    pub fn matches(&self) -> bool {
+        self.detectable && self.required.iter().all(|(_, k)| k.is_some()) && self.forbidden.is_empty()
+    }
+
+    fn score(&self) -> i64 {
+        let hits = self.required.iter().filter(|(_, k)| k.is_some()).count() as i64;
+        let misses = self.required.len() as i64 - hits;
+        2 * hits - 2 * misses - 3 * self.forbidden.len() as i64 - if self.detectable { 0 } else { 100 }
+    }
+
+    /// One clause: "2 of 3 required fingerprints match ('a' as 'k', …); no key matches 'c';
+    /// key 'x' matches forbidden 'f'".
+    pub fn describe(&self) -> String {
+        if !self.detectable {
+            return "the table has no detect.require patterns (it is only used by name)".into();
+        }
+        let hit: Vec<String> = self
+            .required
+            .iter()
+            .filter_map(|(p, k)| k.as_ref().map(|k| format!("'{p}' as '{k}'")))
+            .collect();
+        let miss: Vec<String> = self
+            .required
+            .iter()
+            .filter(|(_, k)| k.is_none())
+            .map(|(p, _)| format!("'{p}'"))
+            .collect();
+        let mut parts = vec![if hit.is_empty() {
+            format!("0 of {} required fingerprints match", self.required.len())
+        } else {
+            format!(
+                "{} of {} required fingerprints match ({})",
+                hit.len(),
+                self.required.len(),
+                hit.join(", ")
+            )
+        }];
+        if !miss.is_empty() {
+            parts.push(format!("no key matches {}", miss.join(", ")));
+        }
+        for (p, k) in &self.forbidden {
+            parts.push(format!("key '{k}' matches forbidden '{p}'"));
+        }
+        if self.matches() {
+            parts.push("nothing forbidden".into());
+        }
+        parts.join(", ")
     }
 }
 
@@ -278,21 +365,37 @@ impl MappingTable {
     /// `Ok` when this table's fingerprint matches the (unstripped) names; otherwise why not.
     /// A table without `detect.require` patterns is never detected (only chosen by name).
     pub fn recognises<S: AsRef<str>>(&self, names: &[S]) -> Result<(), String> {
-        if self.require.is_empty() {
-            return Err("the table has no detect.require patterns".into());
+        let f = self.fingerprint(names);
+        if f.matches() {
+            Ok(())
+        } else {
+            Err(f.describe())
         }
+    }
+
+    /// Which of this table's `[detect]` patterns the (unstripped) names match.
+    pub fn fingerprint<S: AsRef<str>>(&self, names: &[S]) -> Fingerprint {
         let keys: Vec<&str> = names.iter().map(|n| self.strip(n.as_ref())).collect();
-        for p in &self.require {
-            if !keys.iter().any(|k| p.regex.is_match(k)) {
-                return Err(format!("no key matches '{}'", p.text));
-            }
+        Fingerprint {
+            detectable: !self.require.is_empty(),
+            required: self
+                .require
+                .iter()
+                .map(|p| {
+                    let hit = keys.iter().find(|k| p.regex.is_match(k)).map(|k| k.to_string());
+                    (p.text.clone(), hit)
+                })
+                .collect(),
+            forbidden: self
+                .forbid
+                .iter()
+                .filter_map(|p| {
+                    keys.iter()
+                        .find(|k| p.regex.is_match(k))
+                        .map(|k| (p.text.clone(), k.to_string()))
+                })
+                .collect(),
         }
-        for p in &self.forbid {
-            if let Some(k) = keys.iter().find(|k| p.regex.is_match(k)) {
-                return Err(format!("key '{k}' matches forbidden '{}'", p.text));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -323,6 +426,17 @@ pub(crate) enum Action {
     Drop(String),
     /// One source to every layer: the template holds `{i}`, which runs over 0..depth.
     Expand(Template),
+    /// Several source keys into one target, concatenated along `dim` in `parts` order. Every
+    /// key the rule matches renders `into` and `parts` from its own captures; keys that
+    /// render the same `into` form one group, which must hold exactly the rendered parts.
+    Concat(ConcatSpec),
+}
+
+#[derive(Debug)]
+pub(crate) struct ConcatSpec {
+    pub into: Template,
+    pub parts: Vec<Template>,
+    pub dim: usize,
 }
 
 #[derive(Debug)]

@@ -54,6 +54,8 @@ pub enum TransformError {
     },
     #[error("cannot cast {from} to {to}: only f64, f32, f16 and bf16 tensors can be cast")]
     NotFloat { from: DType, to: DType },
+    #[error("cannot concatenate along dim {dim}: {why}")]
+    Concat { dim: usize, why: String },
 }
 
 /// Rows of a relative position bias table that are not on the (2w-1)² grid: cls→token,
@@ -577,10 +579,104 @@ pub fn cast(bytes: &[u8], from: DType, to: DType) -> Result<Vec<u8>> {
     f32_to_bytes(&f32_from_bytes(bytes, from)?, to)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Concatenation (HF query/key/value → qkv)
+
+/// One source tensor of a concatenation: its little-endian bytes, dtype and shape.
+#[derive(Debug, Clone)]
+pub struct ConcatPart {
+    pub bytes: Vec<u8>,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// `torch.cat(parts, dim)` on raw bytes, then a cast to `to` (only when `to` differs, and
+/// then only between float dtypes). Without a cast the bytes are copied unchanged: along
+/// axis 0 the output is the byte concatenation of the parts, in order. Parts must share the
+/// dtype and every axis but `dim`.
+pub fn concat(parts: &[ConcatPart], dim: usize, to: DType) -> Result<Vec<u8>> {
+    let err = |why: String| TransformError::Concat { dim, why };
+    let Some(first) = parts.first() else {
+        return Err(err("no parts".into()));
+    };
+    if dim >= first.shape.len() {
+        return Err(err(format!("the first part has shape {:?}", first.shape)));
+    }
+    let size = first.dtype.size();
+    for (n, p) in parts.iter().enumerate() {
+        if p.dtype != first.dtype {
+            return Err(err(format!("part {} is {}, part 1 is {}", n + 1, p.dtype, first.dtype)));
+        }
+        let agree = p.shape.len() == first.shape.len()
+            && (0..p.shape.len()).all(|a| a == dim || p.shape[a] == first.shape[a]);
+        if !agree {
+            return Err(err(format!(
+                "part {} has shape {:?}, part 1 {:?}",
+                n + 1,
+                p.shape,
+                first.shape
+            )));
+        }
+        let expected = p.shape.iter().product::<usize>() * size;
+        if p.bytes.len() != expected {
+            return Err(err(format!(
+                "part {} has {} bytes, expected {expected} for shape {:?}",
+                n + 1,
+                p.bytes.len(),
+                p.shape
+            )));
+        }
+    }
+    // Rows of the axes before `dim`; each part contributes a contiguous run per row.
+    let outer: usize = first.shape[..dim].iter().product();
+    let runs: Vec<usize> = parts
+        .iter()
+        .map(|p| p.shape[dim..].iter().product::<usize>() * size)
+        .collect();
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.bytes.len()).sum());
+    for row in 0..outer {
+        for (p, &run) in parts.iter().zip(&runs) {
+            out.extend_from_slice(&p.bytes[row * run..(row + 1) * run]);
+        }
+    }
+    if to == first.dtype {
+        Ok(out)
+    } else {
+        cast(&out, first.dtype, to)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use safetensors::SafeTensors;
+
+    #[test]
+    fn concat_along_dim_0_is_byte_concatenation_and_dim_1_interleaves_rows() {
+        let part = |vals: &[f32], shape: &[usize]| ConcatPart {
+            bytes: f32_to_bytes(vals, DType::F32).unwrap(),
+            dtype: DType::F32,
+            shape: shape.to_vec(),
+        };
+        let a = part(&[1.0, 2.0, 3.0, 4.0], &[2, 2]);
+        let b = part(&[5.0, 6.0], &[1, 2]);
+        let out = concat(&[a.clone(), b.clone()], 0, DType::F32).unwrap();
+        assert_eq!(out, [a.bytes.clone(), b.bytes.clone()].concat());
+        let c = part(&[7.0, 8.0], &[2, 1]);
+        let out = concat(&[a.clone(), c], 1, DType::F32).unwrap();
+        assert_eq!(
+            f32_from_bytes(&out, DType::F32).unwrap(),
+            [1.0, 2.0, 7.0, 3.0, 4.0, 8.0]
+        );
+        // A shape that disagrees off the axis, a dtype mix and a missing axis are errors.
+        assert!(concat(&[a.clone(), b.clone()], 1, DType::F32).is_err());
+        let h = ConcatPart { dtype: DType::F16, bytes: vec![0; 4], shape: vec![1, 2] };
+        assert!(concat(&[a.clone(), h], 0, DType::F32).is_err());
+        assert!(concat(&[a.clone(), b.clone()], 2, DType::F32).is_err());
+        // A cast applies to the concatenated values.
+        let out = concat(&[a, b], 0, DType::F16).unwrap();
+        assert_eq!(out.len(), 6 * 2);
+    }
 
     const FIXTURE: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),

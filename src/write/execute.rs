@@ -218,6 +218,10 @@ impl<'a> Producer<'a> {
                 let (bytes, _, _) = self.index_for(*window);
                 return out.write_all(&bytes).map_err(|e| Self::terr(t, e));
             }
+            Origin::Concat { sources, dim } => {
+                let parts = sources.iter().map(|s| self.source(s).and_then(|e| Ok(transforms::ConcatPart { bytes: self.ckpt.read(e.view).map_err(|err| Self::terr(t, err))?, dtype: e.view.dtype, shape: e.view.shape.clone() }))).collect::<Result<Vec<_>, _>>()?;
+                transforms::concat(&parts, *dim, to).map_err(|e| Self::terr(t, e))?
+            }
             Origin::Fill { value } => {
                 let n: usize = t.shape.iter().product();
                 transforms::f32_to_bytes(&vec![*value as f32; n], to).map_err(|e| Self::terr(t, e))?
@@ -308,7 +312,7 @@ pub fn write_plan_uncommitted(
     // this process, so this is where corruption is caught). The output is committed only
     // if they match.
     let mut used = Vec::new();
-    for src in plan.outputs.iter().filter_map(|t| t.origin.source()) {
+    for src in plan.outputs.iter().flat_map(|t| t.origin.sources()) {
         used.push(producer.source(src)?);
     }
     let (result, crc_check) = std::thread::scope(|scope| {
