@@ -147,8 +147,10 @@ pub(crate) fn run(command: Command, quiet: bool) -> Result<ExitCode> {
                     print!("{text}");
                 }
                 None => {
-                    for (n, d) in ckptmap::mapping::table::builtin_tables() {
-                        println!("{n:<8} {d}");
+                    let tables = ckptmap::mapping::table::builtin_tables();
+                    let width = tables.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+                    for (n, d) in tables {
+                        println!("{n:<width$}  {d}");
                     }
                 }
             }
