@@ -1,8 +1,11 @@
 //! The ViT backbone of MMSeg's `MAE` / `BEiT` (mmseg/models/backbones/beit.py, mae.py), built
 //! from weights in either layout. The computation is the same for both; only the names and
-//! which tensors may be absent differ:
+//! which tensors may be absent differ. The names come from the [`Layout`]; which tensors may
+//! be absent from the reading: strict for the converted weights ([`mmseg_forward`]), as stored
+//! for an original ([`original_forward`], and [`source_forward`] for sources in MMSeg names
+//! such as mmpretrain's):
 //!
-//! | | MMSeg layout | original layout |
+//! | | MMSeg layout (strict) | original layout (as stored) |
 //! |---|---|---|
 //! | relative table per block | required (MMSeg always adds one) | optional; else the shared `rel_pos_bias` table; else none |
 //! | `relative_position_index` | generated (MMSeg rebuilds it); a stored one must equal it | the stored one; else generated |
