@@ -1,8 +1,11 @@
 //! The ViT backbone of MMSeg's `MAE` / `BEiT` (mmseg/models/backbones/beit.py, mae.py), built
 //! from weights in either layout. The computation is the same for both; only the names and
-//! which tensors may be absent differ:
+//! which tensors may be absent differ. The names come from the [`Layout`]; which tensors may
+//! be absent from the reading: strict for the converted weights ([`mmseg_forward`]), as stored
+//! for an original ([`original_forward`], and [`source_forward`] for sources in MMSeg names
+//! such as mmpretrain's):
 //!
-//! | | MMSeg layout | original layout |
+//! | | MMSeg layout (strict) | original layout (as stored) |
 //! |---|---|---|
 //! | relative table per block | required (MMSeg always adds one) | optional; else the shared `rel_pos_bias` table; else none |
 //! | `relative_position_index` | generated (MMSeg rebuilds it); a stored one must equal it | the stored one; else generated |
@@ -30,14 +33,32 @@ use super::{Arch, BackboneConfig, Features, Result, VerifyError, WeightMap, LOAD
 /// Returns the patch tokens after each block in `cfg.out_indices`, as `[B, C, H/p, W/p]`.
 pub fn mmseg_forward(w: &WeightMap, cfg: &BackboneConfig, input: &Tensor) -> Result<Features> {
     keep_freed_memory();
-    Backbone::new(w, cfg, Layout::MMSeg, input.device())?.forward(input)
+    Backbone::new(w, cfg, Layout::MMSeg, Reading::Strict, input.device())?.forward(input)
 }
 
 /// Runs the same network on the official MAE (timm `VisionTransformer`) or BEiT (unilm)
 /// layout, at the checkpoint's native size (no resizing of `pos_embed` or tables).
 pub fn original_forward(w: &WeightMap, cfg: &BackboneConfig, input: &Tensor) -> Result<Features> {
     keep_freed_memory();
-    Backbone::new(w, cfg, Layout::Original, input.device())?.forward(input)
+    Backbone::new(w, cfg, Layout::Original, Reading::AsStored, input.device())?.forward(input)
+}
+
+/// Runs the network on a source checkpoint's weights in `layout`'s names, read as the source
+/// model reads them (the original-layout rules of the table above, whatever the names): a
+/// per-block table, else the shared `rel_pos_bias` table, else none; stored indexes as
+/// stored; absent gammas = 1; `pos_embed` used when present (required for MAE). This is how
+/// an mmpretrain checkpoint (MMSeg names, shared BEiT table, no MAE layer scale) runs.
+pub fn source_forward(w: &WeightMap, cfg: &BackboneConfig, layout: Layout, input: &Tensor) -> Result<Features> {
+    keep_freed_memory();
+    Backbone::new(w, cfg, layout, Reading::AsStored, input.device())?.forward(input)
+}
+
+/// How the weights are read: as MMSeg's backbone after `load_state_dict` (every tensor it
+/// holds required, its own relative index), or as the source model stored them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    Strict,
+    AsStored,
 }
 
 /// Tells glibc's allocator to keep large freed blocks for reuse instead of handing each back
@@ -226,6 +247,7 @@ struct MemoIndex {
 struct Build<'a> {
     cfg: &'a BackboneConfig,
     layout: Layout,
+    reading: Reading,
     device: &'a Device,
     /// The index MMSeg builds for this grid.
     generated: Vec<i64>,
@@ -301,13 +323,14 @@ impl Attention {
                 Tensor::cat(&[&q, &q.zeros_like()?, &v], 0)?
             }
         };
-        let table = match b.layout {
-            Layout::MMSeg => Some(w.req("relative_position_bias_table", LOAD_READY_HINT)?),
-            Layout::Original => w.opt("relative_position_bias_table")?,
+        let strict = b.reading == Reading::Strict;
+        let table = match b.reading {
+            Reading::Strict => Some(w.req("relative_position_bias_table", LOAD_READY_HINT)?),
+            Reading::AsStored => w.opt("relative_position_bias_table")?,
         };
         let rel = match table {
             // MMSeg rebuilds its index, so a stored one must be that one.
-            Some(table) => Some(b.rel_bias(w, table, "relative_position_index", b.layout == Layout::MMSeg)?),
+            Some(table) => Some(b.rel_bias(w, table, "relative_position_index", strict)?),
             None => None,
         };
         Ok(Attention {
@@ -325,9 +348,9 @@ impl Block {
     fn new(w: &Weights, b: &Build) -> Result<Self> {
         let (cfg, n, d) = (b.cfg, b.layout.names(), b.cfg.embed_dim);
         let gamma = |name: &str| -> Result<Option<Tensor>> {
-            match b.layout {
-                Layout::MMSeg => Ok(Some(w.req_shaped(name, &[d], LOAD_READY_HINT)?)),
-                Layout::Original => w.opt_shaped(name, &[d]),
+            match b.reading {
+                Reading::Strict => Ok(Some(w.req_shaped(name, &[d], LOAD_READY_HINT)?)),
+                Reading::AsStored => w.opt_shaped(name, &[d]),
             }
         };
         Ok(Block {
@@ -352,7 +375,7 @@ struct Backbone {
 }
 
 impl Backbone {
-    fn new(map: &WeightMap, cfg: &BackboneConfig, layout: Layout, device: &Device) -> Result<Self> {
+    fn new(map: &WeightMap, cfg: &BackboneConfig, layout: Layout, reading: Reading, device: &Device) -> Result<Self> {
         cfg.validate()?;
         let w = Weights::new(map, device);
         let n = layout.names();
@@ -360,6 +383,7 @@ impl Backbone {
         let b = Build {
             cfg,
             layout,
+            reading,
             device,
             generated: relative_position_index_vec(cfg.grid()),
             size_hint: format!(
@@ -372,18 +396,18 @@ impl Backbone {
 
         let patch_embed = PatchEmbed::new(&w.pp(n.patch), d, cfg.patch_size)?;
         let cls_token = w.req_shaped("cls_token", &[1, 1, d], "the cls token is prepended to the patches")?;
-        let pos_embed = match (layout, cfg.arch) {
-            (Layout::MMSeg, Arch::Beit) => None, // MMSeg's BEiT has no absolute positions
-            (Layout::MMSeg, Arch::Mae) => Some(w.req("pos_embed", "MMSeg's MAE adds an absolute position embedding")?),
-            (Layout::Original, Arch::Mae) => Some(w.req("pos_embed", "the MAE encoder adds an absolute position embedding")?),
-            (Layout::Original, Arch::Beit) => w.opt("pos_embed")?,
+        let pos_embed = match (reading, cfg.arch) {
+            (Reading::Strict, Arch::Beit) => None, // MMSeg's BEiT has no absolute positions
+            (Reading::Strict, Arch::Mae) => Some(w.req("pos_embed", "MMSeg's MAE adds an absolute position embedding")?),
+            (Reading::AsStored, Arch::Mae) => Some(w.req("pos_embed", "the MAE encoder adds an absolute position embedding")?),
+            (Reading::AsStored, Arch::Beit) => w.opt("pos_embed")?,
         };
         if let Some(pe) = &pos_embed {
             check_shape("pos_embed", pe, &[1, t, d], &b.size_hint)?;
         }
-        // The original BEiT pretraining layout shares one table among all blocks.
-        let shared = match (layout, w.opt(SHARED_TABLE)?) {
-            (Layout::Original, Some(table)) => {
+        // BEiT pretraining checkpoints (unilm, mmpretrain) share one table among all blocks.
+        let shared = match (reading, w.opt(SHARED_TABLE)?) {
+            (Reading::AsStored, Some(table)) => {
                 let rel = w.pp(SHARED_TABLE.rsplit_once('.').map_or("", |(p, _)| p));
                 let index_name = SHARED_INDEX.rsplit('.').next().unwrap_or(SHARED_INDEX);
                 Some(b.rel_bias(&rel, table, index_name, false)?)
@@ -552,7 +576,8 @@ mod tests {
         cases.push((c, Layout::Original, odd));
 
         for (n, (cfg, layout, w)) in cases.iter().enumerate() {
-            let bb = Backbone::new(w, cfg, *layout, &Device::Cpu).unwrap();
+            let reading = if *layout == Layout::MMSeg { Reading::Strict } else { Reading::AsStored };
+            let bb = Backbone::new(w, cfg, *layout, reading, &Device::Cpu).unwrap();
             let generic = bb.blocks(&input).unwrap();
             let fused = bb.blocks_t(&input).unwrap();
             assert_eq!(generic.len(), fused.len());

@@ -232,10 +232,9 @@ impl BackboneConfig {
         };
 
         // A relative-position table tells the head count and the window.
-        let mut tables = vec![format!("{}.0.attn.relative_position_bias_table", n.blocks)];
-        if layout == Layout::Original {
-            tables.push(SHARED_TABLE.to_string());
-        }
+        // The shared table of BEiT pretraining checkpoints (unilm, mmpretrain, HF) when the
+        // blocks have none.
+        let tables = [format!("{}.0.attn.relative_position_bias_table", n.blocks), SHARED_TABLE.to_string()];
         let table = tables
             .iter()
             .find_map(|k| w.get(k).map(|t| (k.clone(), t.dims().to_vec())));

@@ -4,7 +4,8 @@
 use candle_core::{DType as CDType, Device, Tensor};
 
 use super::{
-    compare, deterministic_input, mmseg_forward, original_forward, relative_position_index,
+    compare, deterministic_input, mmseg_forward, original_forward, relative_position_index, source_forward,
+    SourceFamily,
 };
 use super::{Arch, BackboneConfig, OutputReport, Reference, Tolerance, VerifyError, WeightMap};
 use crate::formats::checkpoint::Checkpoint;
@@ -14,11 +15,65 @@ use crate::DType;
 /// Reads the state dict of `ckpt` (found automatically) into a weight map: floats as f32,
 /// integers as i64. A `module.` prefix on every key is removed.
 pub fn weights_from_checkpoint(ckpt: &Checkpoint, device: &Device) -> super::Result<WeightMap> {
+    read_weights(ckpt, device, |_| None).map(|(w, _)| w)
+}
+
+/// Reads the original checkpoint `ckpt` in its own family's names (see [`SourceFamily`]):
+/// the weights renamed for the model that runs them, and the family. Only the tensors that
+/// model reads are read; official layouts are read exactly as [`weights_from_checkpoint`].
+pub fn original_weights(ckpt: &Checkpoint, device: &Device) -> super::Result<(WeightMap, SourceFamily)> {
+    let (mut w, family) = read_weights(ckpt, device, |names| {
+        let family = SourceFamily::recognise(names.iter().map(String::as_str)).ok_or_else(|| {
+            VerifyError::Config(format!(
+                "{}: cannot tell which layout the original is in: none of its keys is a patch embedding of a known family \
+                 (patch_embed.proj.weight: official MAE/BEiT; [vit.|beit.|data2vec_vision.]embeddings.patch_embeddings.projection.weight: \
+                 Hugging Face; backbone.patch_embed.projection.weight: mmpretrain / MMSeg segmentor; patch_embed.projection.weight: MMSeg)",
+                ckpt.path().display()
+            ))
+        });
+        Some(family)
+    })?;
+    let family = family.expect("read_weights returns the family it was given");
+    family.assemble(&mut w).map_err(|e| family.explain(e))?;
+    Ok((w, family))
+}
+
+/// The converted checkpoint's weights: the MMSeg layout, at the top level or under a
+/// segmentor's `backbone.` (then only the backbone is read).
+fn converted_weights(ckpt: &Checkpoint, device: &Device) -> super::Result<WeightMap> {
+    let (w, _) = read_weights(ckpt, device, |names| {
+        let top = names.iter().any(|n| n == "patch_embed.projection.weight");
+        let under = names.iter().any(|n| n == "backbone.patch_embed.projection.weight");
+        (!top && under).then_some(Ok(SourceFamily::Segmentor))
+    })?;
+    Ok(w)
+}
+
+/// Reads the tensors of `ckpt`'s state dict. `family` sees every name (after a common
+/// `module.` is removed) and may pick a family, whose [`SourceFamily::rename`] then says
+/// which tensors are read and under which names; with none every tensor is read as named.
+fn read_weights(
+    ckpt: &Checkpoint,
+    device: &Device,
+    family: impl FnOnce(&[String]) -> Option<super::Result<SourceFamily>>,
+) -> super::Result<(WeightMap, Option<SourceFamily>)> {
     let root = crate::inspect::find_state_dict(ckpt).unwrap_or("");
     let entries = ckpt.tensors_under(root).unwrap_or_default();
     let all_module = !entries.is_empty() && entries.iter().all(|t| t.name.starts_with("module."));
+    let names: Vec<String> = entries
+        .iter()
+        .map(|t| if all_module { t.name["module.".len()..].to_string() } else { t.name.clone() })
+        .collect();
+    let family = family(&names).transpose()?;
     let mut w = WeightMap::new();
-    for t in entries {
+    for (t, name) in entries.into_iter().zip(names) {
+        let name = match &family {
+            None => name,
+            Some(f) => match f.rename(&name) {
+                Some(n) => n,
+                None => continue,
+            },
+        };
         let io = |e: std::io::Error| VerifyError::Io {
             path: ckpt.path().display().to_string(),
             source: e,
@@ -48,14 +103,9 @@ pub fn weights_from_checkpoint(ckpt: &Checkpoint, device: &Device) -> super::Res
             }
         }
         .map_err(VerifyError::from)?;
-        let name = if all_module {
-            t.name["module.".len()..].to_string()
-        } else {
-            t.name
-        };
         w.insert(name, tensor);
     }
-    Ok(w)
+    Ok((w, family))
 }
 
 /// Adds what MMSeg's constructor creates and a clean conversion does not carry: for MAE, zero
@@ -154,7 +204,7 @@ pub fn verify_with_reference(
     device: &Device,
 ) -> super::Result<VerifyOutcome> {
     let r = Reference::load(reference, device)?;
-    let mut w = weights_from_checkpoint(converted, device)?;
+    let mut w = converted_weights(converted, device)?;
     let img = opts.img_size.unwrap_or(r.img_size());
     let heads = opts.num_heads.or(r.meta_usize("num_heads")?);
     let indices = opts.out_indices.clone().unwrap_or_else(|| r.out_indices());
@@ -171,15 +221,17 @@ pub fn verify_with_reference(
     ))
 }
 
-/// Runs the original-layout model on the original weights and the MMSeg backbone on the
-/// converted ones, on the same deterministic input, and compares.
+/// Runs the original in its own family's layout ([`original_weights`]: official, Hugging
+/// Face, mmpretrain, segmentor or MMSeg names, read by verify's own code, not the mapping
+/// tables) and the MMSeg backbone on the converted weights, on the same deterministic input,
+/// and compares.
 pub fn verify_against_original(
     converted: &Checkpoint,
     original: &Checkpoint,
     opts: &VerifyOptions,
     device: &Device,
 ) -> super::Result<VerifyOutcome> {
-    let mut wo = weights_from_checkpoint(original, device)?;
+    let (mut wo, family) = original_weights(original, device)?;
     // A conversion cast to a narrower float type is checked against the original rounded the
     // same way, so the check is about the mapping (which must be exact), not the rounding
     // (tested against torch's `.half()` in the test suite).
@@ -187,7 +239,8 @@ pub fn verify_against_original(
     if let Some(d) = narrowed {
         round_floats(&mut wo, d)?;
     }
-    let ocfg = BackboneConfig::infer_original(&wo, None, opts.num_heads, opts.out_indices.clone())?;
+    let ocfg = BackboneConfig::infer(family.layout(), &wo, None, opts.num_heads, opts.out_indices.clone())
+        .map_err(|e| family.explain(e))?;
     if let Some(n) = opts.img_size {
         if n != ocfg.img_size {
             return Err(VerifyError::Config(format!(
@@ -197,8 +250,17 @@ pub fn verify_against_original(
         }
     }
     let input = deterministic_input(ocfg.img_size, device)?;
-    let expected = original_forward(&wo, &ocfg, &input)?;
-    let mut w = weights_from_checkpoint(converted, device)?;
+    // What MMSeg itself loads (segmentors, MMSeg-layout files) gets what MMSeg's constructor
+    // adds, as the converted side does; other families run as their own model stored them.
+    if family.mmseg_semantics() {
+        add_load_time_defaults(&mut wo, &ocfg, opts.init_values)?;
+    }
+    let expected = match family {
+        SourceFamily::Official => original_forward(&wo, &ocfg, &input)?,
+        _ => source_forward(&wo, &ocfg, family.layout(), &input).map_err(|e| family.explain(e))?,
+    };
+    drop(wo);
+    let mut w = converted_weights(converted, device)?;
     let cfg = BackboneConfig::infer_mmseg(
         &w,
         Some(ocfg.img_size),
@@ -209,8 +271,12 @@ pub fn verify_against_original(
     let ours = mmseg_forward(&w, &cfg, &input)?;
     let reports = compare(&ours, &expected, &opts.tolerance)?;
     let rounded = narrowed.map(|d| format!(" (weights rounded to {})", d.name())).unwrap_or_default();
+    let layout = match family {
+        SourceFamily::Official => String::new(),
+        f => format!(", {}", f.describe()),
+    };
     Ok(outcome(
-        format!("original {}{rounded}", original.path().display()),
+        format!("original {}{rounded}{layout}", original.path().display()),
         &cfg,
         filled,
         reports,

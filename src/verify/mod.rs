@@ -8,7 +8,10 @@
 //!   ...), exactly as `mmseg/models/backbones/beit.py` computes it once the weights are loaded.
 //! * [`original_forward`] runs the same network on the official layout (MAE = timm
 //!   `VisionTransformer` names, BEiT = unilm names), so a conversion can be checked against
-//!   its own source with no PyTorch: same input, same outputs expected.
+//!   its own source with no PyTorch: same input, same outputs expected. Sources in other
+//!   families' names (Hugging Face, mmpretrain, segmentors, MMSeg files) are read by
+//!   `sources` ([`SourceFamily`], [`original_weights`]) with verify's own code, never the
+//!   mapping tables, and run by [`original_forward`] or [`source_forward`].
 //! * [`Reference`] holds outputs recorded by PyTorch (a `.safetensors` file), and [`compare`]
 //!   measures the difference per output against a [`Tolerance`].
 //!
@@ -27,15 +30,17 @@ mod layers;
 mod matmul;
 mod random;
 mod reference;
+mod sources;
 
 #[cfg(test)]
 mod tests;
 
-pub use backbone::{mmseg_forward, original_forward, relative_position_index};
+pub use backbone::{mmseg_forward, original_forward, relative_position_index, source_forward};
 pub use compare::{compare, OutputReport, Tolerance};
 pub use config::{Arch, BackboneConfig, Layout};
 pub use random::{deterministic_input, random_mmseg_weights, SplitMix64};
 pub use reference::{load_safetensors_f32, Reference};
+pub use sources::SourceFamily;
 
 /// Weight names → tensors, all on one device. Float tensors are f32.
 pub type WeightMap = std::collections::HashMap<String, candle_core::Tensor>;
@@ -143,6 +148,6 @@ fn cuda_device(name: &str, _ordinal: usize) -> Result<candle_core::Device> {
 
 mod from_checkpoint;
 pub use from_checkpoint::{
-    add_load_time_defaults, verify_against_original, verify_with_reference, weights_from_checkpoint, VerifyOptions,
+    add_load_time_defaults, original_weights, verify_against_original, verify_with_reference, weights_from_checkpoint, VerifyOptions,
     VerifyOutcome,
 };
