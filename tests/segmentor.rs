@@ -420,3 +420,12 @@ fn output_fields_are_checked_when_the_table_is_loaded() {
     let t = MappingTable::builtin("mmseg-segmentor").unwrap();
     assert_eq!((t.output_container(), t.keep_meta()), (Some("state_dict"), Some("meta")));
 }
+
+#[test]
+fn verify_of_a_whole_segmentor_says_how_to_check_the_backbone() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("seg.pth");
+    let err = convert(&fixture("mmseg1_segmentor_beit"), &out, &["--mapping", "mmseg-segmentor", "--verify"]).unwrap_err();
+    assert!(err.contains("--verify") && err.contains("backbone.pth --verify"), "{err}");
+    assert!(!out.exists());
+}
