@@ -159,6 +159,14 @@ pub fn run(req: &Request, write: &dyn Progress, verify: &dyn Progress) -> Result
 /// [`run`] on an already planned conversion.
 pub fn run_planned(req: &Request, planned: &Planned, write: &dyn Progress, verify: &dyn Progress) -> Result<Report, JobError> {
     let Planned { ckpt, table, container, plan } = planned;
+    if req.verify && !plan.layout.is_flat() {
+        let msg = format!(
+            "--verify runs the MMSeg backbone's forward pass on a backbone file; mapping table {} rewrites the whole file, every tensor a byte-for-byte copy (the input CRC-checked, the output re-read before it is moved into place); to check the backbone, extract it: ckptmap convert {} backbone.pth --verify",
+            plan.table,
+            req.source
+        );
+        return Err(JobError::Plan(PrepareError::BadOption { file: req.input.clone(), msg }));
+    }
     let sources = planned.entries();
     let written = write_plan_uncommitted(ckpt, &sources, plan, &req.output, req.dtype, write)?;
     let record = if req.verify {

@@ -6,6 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::formats::checkpoint::{Checkpoint, TensorEntry};
+use crate::formats::Value;
 use crate::mapping::plan::{plan, Plan, PlanOptions, SourceTensor};
 use crate::mapping::table::{self, MappingTable};
 
@@ -152,11 +153,60 @@ pub fn prepare<'c>(
         .map(|t| SourceTensor { name: t.name.clone(), shape: t.view.shape.clone(), dtype: t.view.dtype })
         .collect();
     check_options(&sources, opts).map_err(|msg| PrepareError::BadOption { file: ckpt.path().to_path_buf(), msg })?;
-    let plan = plan(table, &sources, opts).map_err(|source| PrepareError::Plan {
+    let mut plan = plan(table, &sources, opts).map_err(|source| PrepareError::Plan {
         file: ckpt.path().to_path_buf(),
         // A user's table by its path; a built-in one as `builtin:NAME`.
         table: table.origin().to_string(),
         source: Box::new(source),
     })?;
+    describe_layout(ckpt, root, &mut plan);
     Ok((root.to_string(), entries, plan))
+}
+
+/// For a table that writes a nested file (`output_container`, `keep_meta`): what of the
+/// source's kept values is left out, and which of its top-level keys the file does not carry,
+/// into the plan's layout and notes.
+fn describe_layout(ckpt: &Checkpoint, root: &str, plan: &mut Plan) {
+    if plan.layout.is_flat() {
+        return;
+    }
+    let mut notes = Vec::new();
+    if let Some(key) = plan.layout.meta.clone() {
+        match ckpt.root().get(&key) {
+            None => notes.push(format!("the source has no '{key}': an empty dict is written as '{key}'")),
+            Some(v) => {
+                let (_, dropped) = crate::write::meta::output_meta(ckpt.root(), &key);
+                if dropped.is_empty() {
+                    notes.push(format!("'{key}' ({}) is written whole: it holds only plain values", v.summary()));
+                } else {
+                    let list: Vec<String> = dropped.iter().map(|d| format!("{} ({})", d.path, d.what)).collect();
+                    notes.push(format!(
+                        "'{key}' is written with plain values only (str, int, float, bool, None, lists/tuples/dicts of them), so torch.load(weights_only=True) reads it; left out: {}",
+                        list.join("; ")
+                    ));
+                }
+                plan.layout.meta_dropped = dropped;
+            }
+        }
+    }
+    if !root.is_empty() {
+        if let Value::Dict(items) = ckpt.root() {
+            let carried = [Some(root), plan.layout.meta.as_deref()];
+            plan.layout.not_carried = items
+                .iter()
+                .map(|(k, _)| k.as_str().map(str::to_string).unwrap_or_else(|| k.summary()))
+                .filter(|k| !carried.contains(&Some(k.as_str())))
+                .collect();
+        }
+    }
+    if !plan.layout.not_carried.is_empty() {
+        notes.push(format!(
+            "not carried into the output: {} (training state: logs, schedulers, optimizer; MMSeg's init_model reads only meta and state_dict)",
+            plan.layout.not_carried.join(", ")
+        ));
+    }
+    if plan.layout.container.is_some() {
+        notes.push("an _metadata attribute of the source state dict (per-module versions, not a key) is not carried; load_state_dict loads without it".into());
+    }
+    plan.notes.extend(notes);
 }

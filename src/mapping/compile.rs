@@ -55,6 +55,8 @@ struct RawTable {
     rules: Vec<RawRule>,
     #[serde(default, rename = "target")]
     targets: Vec<RawTarget>,
+    output_container: Option<String>,
+    keep_meta: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -282,7 +284,10 @@ impl Compiler<'_> {
             targets.push(spec);
         }
 
+        let (output_container, keep_meta) = self.output_layout(raw.output_container, raw.keep_meta)?;
         let table = MappingTable {
+            output_container,
+            keep_meta,
             name: raw.name,
             description: raw.description,
             origin: self.origin.to_string(),
@@ -300,6 +305,27 @@ impl Compiler<'_> {
         };
         self.check_var_references(&table)?;
         Ok(table)
+    }
+
+    /// `output_container` and `keep_meta`: plain top-level key names (non-empty, no dots, as
+    /// they are written under exactly that name); `keep_meta` needs a container to sit next
+    /// to, and a different name.
+    fn output_layout(&self, container: Option<String>, meta: Option<String>) -> Result<(Option<String>, Option<String>), TableError> {
+        for (field, value) in [("output_container", &container), ("keep_meta", &meta)] {
+            if let Some(v) = value {
+                if v.trim().is_empty() {
+                    return Err(self.invalid(field, "an empty key; leave the field out to write a flat state dict"));
+                }
+                if v.contains('.') || v.trim() != v {
+                    return Err(self.invalid(field, format!("'{v}' must be one top-level key of the file (no dots, no surrounding spaces)")));
+                }
+            }
+        }
+        match (&container, &meta) {
+            (None, Some(m)) => Err(self.invalid("keep_meta", format!("keep_meta = \"{m}\" needs output_container (the key of the state dict it is written next to, e.g. \"state_dict\")"))),
+            (Some(c), Some(m)) if c == m => Err(self.invalid("keep_meta", format!("'{m}' is also the output_container; the two are different keys of the written file"))),
+            _ => Ok((container, meta)),
+        }
     }
 
     fn var(&self, name: &str, value: &toml::Value) -> Result<VarDef, TableError> {

@@ -74,6 +74,40 @@ pub struct Plan {
     /// Every source key (original names), in checkpoint order; orders [`Plan::source_fates`].
     #[serde(skip)]
     pub sources: Vec<String>,
+    /// What the file holds around the tensors (the table's `output_container` and
+    /// `keep_meta`); a flat state dict when both are absent.
+    #[serde(skip_serializing_if = "OutputLayout::is_flat")]
+    pub layout: OutputLayout,
+}
+
+/// The shape of the written file around its tensors. `plan` fills the names from the table;
+/// what is dropped from the kept values needs the checkpoint's values, so the job fills
+/// `meta_dropped` and `not_carried` (the mapping itself sees only names and shapes).
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct OutputLayout {
+    /// The top-level key the tensors are written under (`state_dict`); `None`: the file is
+    /// the state dict itself.
+    pub container: Option<String>,
+    /// The top-level source key written next to it as plain values (`meta`).
+    pub meta: Option<String>,
+    /// Values under `meta` that are not written (not plain values), by path.
+    pub meta_dropped: Vec<DroppedValue>,
+    /// Top-level keys of the source that the file does not carry (`message_hub`, `optimizer`).
+    pub not_carried: Vec<String>,
+}
+
+impl OutputLayout {
+    pub fn is_flat(&self) -> bool {
+        self.container.is_none() && self.meta.is_none()
+    }
+}
+
+/// A value left out of the written file: its path (`meta.dataset_meta.palette`,
+/// `message_hub.log_scalars['train/loss']`) and what it was.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct DroppedValue {
+    pub path: String,
+    pub what: String,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -400,6 +434,11 @@ pub fn plan(
         dropped,
         notes: notes.0,
         sources: sources.iter().map(|s| s.name.clone()).collect(),
+        layout: OutputLayout {
+            container: table.output_container().map(str::to_string),
+            meta: table.keep_meta().map(str::to_string),
+            ..OutputLayout::default()
+        },
     })
 }
 

@@ -26,7 +26,7 @@ pub const FORMAT_VERSION: i64 = 1;
 pub const DEFAULT_CONTAINERS: [&str; 4] = ["state_dict", "model", "module", ""];
 
 /// The tables compiled into the binary: (name, TOML text).
-const BUILTIN_SOURCES: [(&str, &str); 8] = [
+const BUILTIN_SOURCES: [(&str, &str); 9] = [
     ("mae", include_str!("../../mappings/mae.toml")),
     ("beit", include_str!("../../mappings/beit.toml")),
     ("hf-vitmae", include_str!("../../mappings/hf_vitmae.toml")),
@@ -35,6 +35,7 @@ const BUILTIN_SOURCES: [(&str, &str); 8] = [
     ("mmpretrain-beit", include_str!("../../mappings/mmpretrain_beit.toml")),
     ("mmseg-mae", include_str!("../../mappings/mmseg_mae.toml")),
     ("mmseg-beit", include_str!("../../mappings/mmseg_beit.toml")),
+    ("mmseg-segmentor", include_str!("../../mappings/mmseg_segmentor.toml")),
 ];
 
 /// Everything that can be wrong with a table, or with choosing one. Each message is one line
@@ -154,6 +155,12 @@ pub struct MappingTable {
     pub(crate) checks: Vec<Check>,
     pub(crate) rules: Vec<Rule>,
     pub(crate) targets: Vec<TargetSpec>,
+    /// `output_container`: the outputs are written as the dict under this top-level key
+    /// (`{'state_dict': OrderedDict(…)}`) instead of as the file's top level.
+    pub(crate) output_container: Option<String>,
+    /// `keep_meta`: this top-level key of the source is written next to the container,
+    /// reduced to plain values (needs `output_container`).
+    pub(crate) keep_meta: Option<String>,
 }
 
 /// The names and descriptions of the tables built into the binary.
@@ -345,6 +352,14 @@ impl MappingTable {
     }
     pub fn unknown_keys(&self) -> UnknownKeys {
         self.unknown_keys
+    }
+    /// The top-level key the outputs are written under (`None`: the file is the state dict).
+    pub fn output_container(&self) -> Option<&str> {
+        self.output_container.as_deref()
+    }
+    /// The top-level source key carried over as plain values (`meta`), if any.
+    pub fn keep_meta(&self) -> Option<&str> {
+        self.keep_meta.as_deref()
     }
 
     /// The key with the table's prefixes stripped: repeatedly, the first listed prefix the

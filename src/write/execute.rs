@@ -15,7 +15,8 @@ use crate::mapping::plan::{Origin, Plan, PlannedTensor};
 use crate::mapping::transforms;
 use crate::write::outfile::{OutFile, TensorSink};
 use crate::progress::Progress;
-use crate::write::pth::{write_pth, TensorToWrite};
+use crate::write::pth::{write_pth_nested, TensorToWrite, TopEntry};
+use crate::formats::Value;
 use crate::DType;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,8 @@ pub enum ConvertError {
     Transform { target: String, msg: String },
     #[error("{0}: output format must be .pth or .safetensors (by extension)")]
     UnknownFormat(PathBuf),
+    #[error("{}: mapping table {table} writes {layout}, which only a .pth file holds (safetensors is one flat dict of tensors, and MMSeg reads segmentors with torch.load); write a .pth, or extract the backbone into .safetensors with mmseg-mae / mmseg-beit", path.display())]
+    NestedSafetensors { path: PathBuf, table: String, layout: String },
     #[error("{}: is the input checkpoint itself (the same file{}); write the output to another path", dst.display(), if dst == src { String::new() } else { format!(" as {}", src.display()) })]
     SameFile { dst: PathBuf, src: PathBuf },
     #[error(transparent)]
@@ -283,6 +286,16 @@ pub fn write_plan_uncommitted(
 ) -> Result<Written, ConvertError> {
     let start = Instant::now();
     let format = OutputFormat::from_path(dest)?;
+    if format == OutputFormat::Safetensors && !plan.layout.is_flat() {
+        let mut keys: Vec<String> = plan.layout.meta.iter().map(|m| format!("'{m}': {{…}}")).collect();
+        keys.extend(plan.layout.container.iter().map(|c| format!("'{c}': {{tensors}}")));
+        let layout = format!("a nested file {{{}}}", keys.join(", "));
+        return Err(ConvertError::NestedSafetensors { path: dest.to_path_buf(), table: plan.table.clone(), layout });
+    }
+    // The plain values kept next to the state dict (a segmentor's meta), and the file's
+    // top-level entries in the source's order.
+    let meta: Option<(String, Value)> = plan.layout.meta.as_ref().map(|k| (k.clone(), super::meta::output_meta(ckpt.root(), k).0));
+    let top = top_entries(ckpt.root(), &plan.layout, meta.as_ref());
     let out_err = |msg: String| ConvertError::Output { path: dest.to_path_buf(), msg };
     let producer = Producer {
         ckpt,
@@ -317,7 +330,7 @@ pub fn write_plan_uncommitted(
     }
     let (result, crc_check) = std::thread::scope(|scope| {
         let checker = scope.spawn(|| ckpt.check_crcs(used.iter().copied()));
-        let result = write_outputs(&producer, plan, &dtypes, format, dest, &mut atomic, progress);
+        let result = write_outputs(&producer, plan, &dtypes, format, &top, dest, &mut atomic, progress);
         (result, checker.join())
     });
     progress.end();
@@ -331,7 +344,14 @@ pub fn write_plan_uncommitted(
     // Re-read what we wrote before it replaces anything: names, order and shapes must be
     // the plan's.
     let reread = Checkpoint::open(&atomic.read_path()).map_err(|e| out_err(format!("written file does not read back: {}", e.source)))?;
-    let written = reread.tensors();
+    let written = match &plan.layout.container {
+        Some(c) => reread.tensors_under(c).unwrap_or_default(),
+        None => reread.tensors(),
+    };
+    let others = written.len() != reread.tensors().len();
+    if others || meta.as_ref().is_some_and(|(k, v)| reread.root().get(k) != Some(v)) {
+        return Err(out_err("written file does not hold the planned layout (tensors outside the state dict, or the kept values changed)".into()));
+    }
     // (safetensors orders tensors its own way, so compare as sets of name and shape.)
     let written: std::collections::HashMap<&str, &[usize]> =
         written.iter().map(|w| (w.name.as_str(), w.view.shape.as_slice())).collect();
@@ -351,12 +371,38 @@ pub fn write_plan_uncommitted(
     Ok(Written { file: atomic, summary })
 }
 
+/// The top-level entries of a nested file, in the source's order of those keys (a key the
+/// source lacks goes first, as MMSeg writes `meta` before `state_dict`); empty for a flat one.
+fn top_entries<'a>(root: &Value, layout: &'a crate::mapping::plan::OutputLayout, meta: Option<&'a (String, Value)>) -> Vec<TopEntry<'a>> {
+    let Some(container) = layout.container.as_deref() else { return Vec::new() };
+    let mut top = vec![TopEntry::StateDict(container)];
+    if let Some((key, value)) = meta {
+        let position = |k: &str| match root {
+            Value::Dict(items) => items.iter().position(|(x, _)| x.as_str() == Some(k)),
+            _ => None,
+        };
+        let meta_first = match (position(key), position(container)) {
+            (Some(m), Some(c)) => m < c,
+            _ => true,
+        };
+        let entry = TopEntry::Plain(key, value);
+        if meta_first {
+            top.insert(0, entry);
+        } else {
+            top.push(entry);
+        }
+    }
+    top
+}
+
 /// Writes every planned tensor into the (temporary) output file in `format`.
+#[allow(clippy::too_many_arguments)]
 fn write_outputs(
     producer: &Producer,
     plan: &Plan,
     dtypes: &[DType],
     format: OutputFormat,
+    top: &[TopEntry],
     dest: &Path,
     atomic: &mut AtomicFile,
     progress: &dyn Progress,
@@ -374,7 +420,7 @@ fn write_outputs(
                 .map(|(t, &dtype)| TensorToWrite { name: &t.target, dtype, shape: &t.shape })
                 .collect();
             let mut failure: Option<ConvertError> = None;
-            let res = write_pth(file, &stem, &to_write, |i, w| {
+            let res = write_pth_nested(file, &stem, &to_write, top, |i, w| {
                 let r = producer.write_to_sink(&plan.outputs[i], w);
                 progress.advance(nbytes(i));
                 r.map_err(|e| {

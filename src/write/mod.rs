@@ -6,6 +6,7 @@
 
 pub mod atomic;
 pub mod execute;
+pub mod meta;
 pub mod outfile;
 pub mod pickle;
 pub mod pth;

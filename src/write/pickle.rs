@@ -1,10 +1,15 @@
 //! Emits the `data.pkl` that `torch.save` writes for a flat `OrderedDict` of tensors, byte
 //! for byte as CPython's protocol-2 pickler does (memo PUTs, GETs of repeated globals and
-//! strings, SETITEMS batches of 1000). Only opcodes and globals that
-//! `torch.load(weights_only=True)` accepts are used.
+//! strings, SETITEMS batches of 1000), or for a plain dict around one
+//! (`{'meta': {…}, 'state_dict': OrderedDict(…)}`, a segmentor) whose other values are plain
+//! (None, bools, ints, floats, strings, lists, tuples, dicts), pickled as CPython pickles
+//! them. Only opcodes and globals that `torch.load(weights_only=True)` accepts are used: the
+//! only globals are `collections.OrderedDict`, `torch._utils._rebuild_tensor_v2/v3`, the
+//! storage classes and dtypes; anything else is refused, never written.
 
 use std::collections::HashMap;
 
+use crate::formats::Value;
 use crate::DType;
 
 /// One entry of the state dict: storage `storage_key` holds exactly this tensor,
@@ -176,22 +181,131 @@ impl Emitter {
     }
 }
 
+impl Emitter {
+    /// The state dict: an `OrderedDict` whose i-th tensor lives in storage `"i"`.
+    fn state_dict(&mut self, tensors: &[PickledTensor]) {
+        self.empty_ordered_dict();
+        let mut next = 0usize;
+        for batch in tensors.chunks(BATCH) {
+            if batch.len() > 1 {
+                self.out.push(b'(');
+            }
+            for t in batch {
+                self.str(t.name);
+                self.tensor(t, &next.to_string());
+                next += 1;
+            }
+            self.out.push(if batch.len() > 1 { b'u' } else { b's' });
+        }
+    }
+
+    /// A plain value as CPython's protocol-2 pickler writes a fresh object of it (every
+    /// container and string memoized, never referenced again). `path` names it in the error
+    /// for anything that is not plain.
+    fn plain(&mut self, v: &Value, path: &str) -> Result<(), String> {
+        match v {
+            Value::None => self.out.push(b'N'),
+            Value::Bool(b) => self.out.push(if *b { 0x88 } else { 0x89 }),
+            Value::Int(i) => self.int(*i),
+            Value::Float(f) => {
+                self.out.push(b'G');
+                self.out.extend_from_slice(&f.to_be_bytes());
+            }
+            Value::Str(s) => self.str(s),
+            Value::List(items) => {
+                self.out.push(b']');
+                self.put();
+                for (n, batch) in items.chunks(BATCH).enumerate() {
+                    if batch.len() > 1 {
+                        self.out.push(b'(');
+                    }
+                    for (i, item) in batch.iter().enumerate() {
+                        self.plain(item, &format!("{path}[{}]", n * BATCH + i))?;
+                    }
+                    self.out.push(if batch.len() > 1 { b'e' } else { b'a' });
+                }
+            }
+            Value::Tuple(items) => match items.len() {
+                0 => self.out.push(b')'),
+                n => {
+                    if n > 3 {
+                        self.out.push(b'(');
+                    }
+                    for (i, item) in items.iter().enumerate() {
+                        self.plain(item, &format!("{path}[{i}]"))?;
+                    }
+                    self.out.push(if n > 3 { b't' } else { 0x84 + n as u8 });
+                    self.put();
+                }
+            },
+            Value::Dict(items) => {
+                self.out.push(b'}');
+                self.put();
+                for batch in items.chunks(BATCH) {
+                    if batch.len() > 1 {
+                        self.out.push(b'(');
+                    }
+                    for (k, item) in batch {
+                        let p = format!("{path}[{}]", k.summary());
+                        if !matches!(k, Value::None | Value::Bool(_) | Value::Int(_) | Value::Float(_) | Value::Str(_) | Value::Tuple(_)) {
+                            return Err(format!("{p}: a dict key that is not a plain value ({})", k.summary()));
+                        }
+                        self.plain(k, &p)?;
+                        self.plain(item, &p)?;
+                    }
+                    self.out.push(if batch.len() > 1 { b'u' } else { b's' });
+                }
+            }
+            other => return Err(format!("{path}: {} is not a plain value; torch.load(weights_only=True) would refuse it", other.summary())),
+        }
+        Ok(())
+    }
+}
+
 /// The `data.pkl` of a flat state dict whose i-th tensor lives in storage `"i"`.
 pub fn state_dict_pickle(tensors: &[PickledTensor]) -> Vec<u8> {
+    checkpoint_pickle(tensors, &[]).expect("a flat state dict has no values to refuse")
+}
+
+/// One entry of a nested file's top-level dict.
+pub enum TopEntry<'a> {
+    /// The state dict (the tensors), under this key.
+    StateDict(&'a str),
+    /// A plain value under this key (a segmentor's `meta`).
+    Plain(&'a str, &'a Value),
+}
+
+/// The `data.pkl` of a file: the flat state dict when `top` is empty, else a plain dict of
+/// `top`'s entries in order (`{'meta': …, 'state_dict': OrderedDict(…)}`). Refuses a value
+/// that is not plain (its path in the error): such a file would not load with
+/// `weights_only=True`.
+pub fn checkpoint_pickle(tensors: &[PickledTensor], top: &[TopEntry]) -> Result<Vec<u8>, String> {
     let mut e = Emitter { out: vec![0x80, 2], memo_len: 0, shared: HashMap::new() };
-    e.empty_ordered_dict();
-    let mut next = 0usize;
-    for batch in tensors.chunks(BATCH) {
-        if batch.len() > 1 {
+    if top.is_empty() {
+        e.state_dict(tensors);
+    } else {
+        if top.iter().filter(|t| matches!(t, TopEntry::StateDict(_))).count() != 1 {
+            return Err("a nested file holds exactly one state dict".into());
+        }
+        e.out.push(b'}');
+        e.put();
+        if top.len() > 1 {
             e.out.push(b'(');
         }
-        for t in batch {
-            e.str(t.name);
-            e.tensor(t, &next.to_string());
-            next += 1;
+        for entry in top {
+            match entry {
+                TopEntry::StateDict(key) => {
+                    e.str(key);
+                    e.state_dict(tensors);
+                }
+                TopEntry::Plain(key, v) => {
+                    e.str(key);
+                    e.plain(v, key)?;
+                }
+            }
         }
-        e.out.push(if batch.len() > 1 { b'u' } else { b's' });
+        e.out.push(if top.len() > 1 { b'u' } else { b's' });
     }
     e.out.push(b'.');
-    e.out
+    Ok(e.out)
 }

@@ -5,7 +5,8 @@
 
 use std::io::{self, Write};
 
-use super::pickle::{state_dict_pickle, PickledTensor};
+use super::pickle::{checkpoint_pickle, PickledTensor};
+pub use super::pickle::TopEntry;
 pub use super::zip::{EntryWriter, ZipSink};
 use super::zip::ZipOut;
 use crate::DType;
@@ -30,13 +31,27 @@ pub fn write_pth<S: ZipSink>(
     out: S,
     folder: &str,
     tensors: &[TensorToWrite],
+    fill: impl FnMut(usize, &mut EntryWriter<S>) -> io::Result<()>,
+) -> io::Result<S> {
+    write_pth_nested(out, folder, tensors, &[], fill)
+}
+
+/// [`write_pth`] of a file whose top level is a plain dict of `top`'s entries (the state dict
+/// under one key, plain values under the others: `{'meta': …, 'state_dict': …}`); empty
+/// `top`: the flat state dict. A value that is not plain is an `InvalidInput` error before
+/// anything is written.
+pub fn write_pth_nested<S: ZipSink>(
+    out: S,
+    folder: &str,
+    tensors: &[TensorToWrite],
+    top: &[TopEntry],
     mut fill: impl FnMut(usize, &mut EntryWriter<S>) -> io::Result<()>,
 ) -> io::Result<S> {
     let folder = sanitize_folder(folder);
-    let mut zip = ZipOut::new(out);
     let pickled: Vec<PickledTensor> =
         tensors.iter().map(|t| PickledTensor { name: t.name, dtype: t.dtype, shape: t.shape }).collect();
-    let pkl = state_dict_pickle(&pickled);
+    let pkl = checkpoint_pickle(&pickled, top).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut zip = ZipOut::new(out);
     zip.entry(&format!("{folder}/data.pkl"), pkl.len() as u64, |w| w.write_all(&pkl))?;
     zip.entry(&format!("{folder}/byteorder"), 6, |w| w.write_all(b"little"))?;
     for (i, t) in tensors.iter().enumerate() {
