@@ -931,7 +931,7 @@ fn builtin_tables_are_listed() {
     let names: Vec<&str> = builtin_tables().iter().map(|(n, _)| *n).collect();
     assert_eq!(
         names,
-        ["mae", "beit", "hf-vitmae", "hf-beit", "mmpretrain-mae", "mmpretrain-beit", "mmseg-mae", "mmseg-beit"]
+        ["mae", "beit", "hf-vitmae", "hf-beit", "mmpretrain-mae", "mmpretrain-beit", "mmseg-mae", "mmseg-beit", "mmseg-segmentor"]
     );
     assert!(builtin_tables().iter().all(|(_, d)| !d.is_empty()));
     let msg = MappingTable::builtin("vit").unwrap_err().to_string();
