@@ -1435,7 +1435,7 @@ fn load_ready_vit_b_512_matches_the_fixture_key_lists() {
 /// The worked example in mappings/README.md parses and does what the README says.
 #[test]
 fn readme_worked_example_works() {
-    let readme = include_str!("../mappings/README.md");
+    let readme = include_str!("../../mappings/README.md");
     let start = readme
         .find("```toml\nformat = 1\nname = \"deit3\"")
         .expect("worked example present")

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------
 // A loopback server: fixed routes, everything else 404; it records every request's path.
-// (std TcpListener, one request per connection, as in tests/fetch.rs.)
+// (std TcpListener, one request per connection, as in tests/suite/fetch.rs.)
 
 struct Server {
     addr: SocketAddr,

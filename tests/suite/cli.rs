@@ -382,4 +382,4 @@ fn convert_verify_failure_writes_nothing() {
     assert_ne!(std::fs::read(&dst).unwrap(), b"previous");
 }
 
-// README's commands (the main one included) run in tests/readme.rs.
+// README's commands (the main one included) run in tests/suite/readme.rs.

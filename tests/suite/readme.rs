@@ -54,7 +54,7 @@ fn skip_reason(block: &[String]) -> Option<&'static str> {
         return Some("the pip install block runs in scripts/test-wheel.sh (a step of .ci/run, where Python is present)");
     }
     if has("make_reference.py") {
-        return Some("needs PyTorch, timm and SciPy; verify --reference runs on the committed references in tests/cli.rs");
+        return Some("needs PyTorch, timm and SciPy; verify --reference runs on the committed references in tests/suite/cli.rs");
     }
     None
 }

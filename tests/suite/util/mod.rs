@@ -1,0 +1,1 @@
+//! Helpers the topics share.
