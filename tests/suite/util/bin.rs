@@ -14,11 +14,6 @@ pub fn ckptmap(args: &[&str]) -> Output {
     cmd().args(args).output().unwrap()
 }
 
-/// Runs the binary in `dir`.
-pub fn ckptmap_in(args: &[&str], dir: &Path) -> Output {
-    cmd().args(args).current_dir(dir).output().unwrap()
-}
-
 /// Success required; returns stdout.
 pub fn ok(args: &[&str]) -> String {
     let out = ckptmap(args);
