@@ -2,7 +2,6 @@
 //! their words, nothing they own is lost, and the conventions of CLI tools hold (help,
 //! dtype names, quiet mode, completions, man page, cache listing).
 
-
 use crate::util::bin::{ckptmap, cmd, fails, ok, s};
 use crate::util::{fixture, root};
 

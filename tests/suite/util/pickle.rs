@@ -4,9 +4,6 @@
 
 use std::io::Write;
 
-/// `PROTO 2`, the start of every pickle here.
-pub const PROTO2: [u8; 2] = [0x80, 2];
-
 /// `BINUNICODE s`.
 pub fn op_str(s: &str) -> Vec<u8> {
     let mut v = vec![b'X'];
@@ -75,8 +72,7 @@ pub fn tensor_ops(t: &Tensor) -> Vec<u8> {
 
 /// `{name: tensor, ...}` as a whole pickle.
 pub fn state_dict_pickle(tensors: &[Tensor]) -> Vec<u8> {
-    let mut p = PROTO2.to_vec();
-    p.extend_from_slice(b"}(");
+    let mut p = vec![0x80, 2, b'}', b'('];
     for t in tensors {
         p.extend(op_str(t.name));
         p.extend(tensor_ops(t));
