@@ -3,6 +3,7 @@
 //! dtype names, quiet mode, completions, man page, cache listing).
 
 use crate::util::bin::{ckptmap, cmd, fails, ok, s};
+use crate::util::http::serve_https;
 use crate::util::{fixture, root};
 
 #[test]
@@ -46,45 +47,6 @@ fn convert_creates_missing_output_folders() {
     let err = fails(&["convert", s(&fixture("mae_tiny.pth")), s(&blocker.join("out.pth")), "--num-heads", "2"]);
     assert!(err.contains("cannot create the folder") && err.contains("file"), "{err}");
     assert!(!err.contains(".out.pth"), "{err}");
-}
-
-/// An HTTPS server on 127.0.0.1 with a certificate signed by tests/data/tls's test CA,
-/// serving `body` to every connection that completes a handshake. Returns its base URL and
-/// a counter of TCP connections accepted.
-fn serve_https(body: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    use std::io::{Read, Write};
-    let tls = root().join("tests/data/tls");
-    let cert = CertificateDer::from(std::fs::read(tls.join("server.der")).unwrap());
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(std::fs::read(tls.join("server.key.der")).unwrap()));
-    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .unwrap();
-    let config = std::sync::Arc::new(config);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = count.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(tcp) = stream else { continue };
-            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
-            let mut s = rustls::StreamOwned::new(conn, tcp);
-            let mut req = [0u8; 4096];
-            if s.read(&mut req).unwrap_or(0) == 0 {
-                continue; // the client gave up during the handshake
-            }
-            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-            let _ = s.write_all(&body);
-            s.conn.send_close_notify();
-            let _ = s.flush();
-        }
-    });
-    (format!("https://127.0.0.1:{}", addr.port()), count)
 }
 
 /// A certificate the client does not trust cannot heal: one connection, a hint naming the

@@ -6,6 +6,9 @@
 //! faults need control of the socket: a body cut half-way needs the connection closed under
 //! the client, which tiny_http does not offer. One request per connection
 //! (`Connection: close`), each on its own thread; the server stops when dropped.
+//!
+//! [`serve_https`] is the TLS one, for certificate handling: it answers every request the
+//! same way and counts connections.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -224,4 +227,46 @@ fn serve_one(stream: TcpStream, seen: &Mutex<Vec<Seen>>, stop: &AtomicBool, hand
     };
     let _ = out.flush();
     let _ = out.shutdown(Shutdown::Both);
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTPS
+
+/// An HTTPS server on 127.0.0.1 with a certificate signed by tests/data/tls's test CA,
+/// serving `body` to every connection that completes a handshake. Returns its base URL and
+/// a counter of TCP connections accepted.
+pub fn serve_https(body: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use std::io::{Read, Write};
+    let tls = crate::util::root().join("tests/data/tls");
+    let cert = CertificateDer::from(std::fs::read(tls.join("server.der")).unwrap());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(std::fs::read(tls.join("server.key.der")).unwrap()));
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    let config = std::sync::Arc::new(config);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(tcp) = stream else { continue };
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            let mut req = [0u8; 4096];
+            if s.read(&mut req).unwrap_or(0) == 0 {
+                continue; // the client gave up during the handshake
+            }
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = s.write_all(&body);
+            s.conn.send_close_notify();
+            let _ = s.flush();
+        }
+    });
+    (format!("https://127.0.0.1:{}", addr.port()), count)
 }
