@@ -11,7 +11,13 @@ use crate::DType;
 /// Names and shapes of an MAE ViT encoder checkpoint (`mae_pretrain_vit_*.pth` layout) for
 /// width `dim`, `depth` blocks, `patch` size, at 224 px.
 pub fn mae_pretrain_layout(dim: usize, depth: usize, patch: usize) -> Vec<(String, Vec<usize>)> {
-    let tokens = (224 / patch) * (224 / patch) + 1;
+    mae_pretrain_layout_at(dim, depth, patch, 224)
+}
+
+/// [`mae_pretrain_layout`] for a model trained at `img_size` px (`pos_embed` holds
+/// `(img_size / patch)² + 1` tokens), e.g. the tiny test fixtures at 112.
+pub fn mae_pretrain_layout_at(dim: usize, depth: usize, patch: usize, img_size: usize) -> Vec<(String, Vec<usize>)> {
+    let tokens = (img_size / patch) * (img_size / patch) + 1;
     let mut specs: Vec<(String, Vec<usize>)> = vec![
         ("cls_token".into(), vec![1, 1, dim]),
         ("pos_embed".into(), vec![1, tokens, dim]),

@@ -3,7 +3,7 @@
 //! byte and round-trips every fixture.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::dtype::decode_f64;
@@ -11,12 +11,10 @@ use ckptmap::write::pth::{write_pth, TensorToWrite};
 use ckptmap::formats::Value;
 use serde_json::Value as Json;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
+use crate::util::fixture;
 
 fn manifest() -> Json {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture("manifest.json")).unwrap()).unwrap()
 }
 
 #[test]
@@ -25,7 +23,7 @@ fn every_fixture_matches_the_manifest() {
     let files = m["files"].as_object().unwrap();
     assert!(files.len() >= 15, "manifest lists only {} files", files.len());
     for (file, info) in files {
-        let ckpt = Checkpoint::open(&fixtures().join(file)).unwrap_or_else(|e| panic!("{e}"));
+        let ckpt = Checkpoint::open(&fixture(file)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(ckpt.kind().name(), info["container"].as_str().unwrap(), "{file}");
         let root = info["root"].as_str().unwrap();
         let tensors = ckpt.tensors_under(root).unwrap_or_else(|| panic!("{file}: no root {root:?}"));
@@ -70,7 +68,7 @@ fn every_fixture_matches_the_manifest() {
 
 #[test]
 fn shared_storage_views_read_correctly() {
-    let ckpt = Checkpoint::open(&fixtures().join("views.pth")).unwrap();
+    let ckpt = Checkpoint::open(&fixture("views.pth")).unwrap();
     let get = |n: &str| {
         let t = ckpt.tensors().into_iter().find(|t| t.name == n).unwrap();
         decode_f64(&ckpt.read(t.view).unwrap(), t.view.dtype)
@@ -113,7 +111,7 @@ fn rewrite(ckpt: &Checkpoint, root: &str, dest: &Path) {
 fn our_data_pkl_is_byte_identical_to_torch_save() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["small", "dtypes", "many", "single"] {
-        let golden = fixtures().join("golden").join(format!("{name}.pth"));
+        let golden = fixture(&format!("golden/{name}.pth"));
         let ckpt = Checkpoint::open(&golden).unwrap();
         let out = dir.path().join(format!("{name}.pth"));
         rewrite(&ckpt, "", &out);
@@ -129,7 +127,7 @@ fn our_data_pkl_is_byte_identical_to_torch_save() {
 #[test]
 fn golden_check_can_fail() {
     // The same comparison on a different state dict must see a difference.
-    assert_ne!(data_pkl(&fixtures().join("golden/small.pth")), data_pkl(&fixtures().join("golden/single.pth")));
+    assert_ne!(data_pkl(&fixture("golden/small.pth")), data_pkl(&fixture("golden/single.pth")));
 }
 
 #[test]
@@ -137,7 +135,7 @@ fn every_fixture_round_trips_through_our_writer() {
     let dir = tempfile::tempdir().unwrap();
     let m = manifest();
     for (file, info) in m["files"].as_object().unwrap() {
-        let src = fixtures().join(file);
+        let src = fixture(file);
         let ckpt = Checkpoint::open(&src).unwrap();
         let root = info["root"].as_str().unwrap();
         let out = dir.path().join("rt.pth");

@@ -7,12 +7,11 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::util::bin::cmd;
+use crate::util::fixture;
 
 const PREVIOUS: &[u8] = b"previous good file: must survive every failed conversion";
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
-}
 
 /// Every file in DST's folder but DST: temporaries of ours or of any library.
 fn others(dst: &Path) -> Vec<String> {
@@ -70,7 +69,7 @@ fn a_full_disk_leaves_the_previous_file_and_no_temporary() {
     for name in ["out.pth", "out.safetensors"] {
         let dst = disk.join(name);
         std::fs::write(&dst, PREVIOUS).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_ckptmap")).arg("convert").arg(fixture("mae_tiny.pth")).arg(&dst).output().unwrap();
+        let out = cmd().arg("convert").arg(fixture("mae_tiny.pth")).arg(&dst).output().unwrap();
         assert_nothing_lost(&format!("full tmpfs, {name}"), &out, 2, "No space left on device", &dst);
         std::fs::remove_file(&dst).unwrap();
     }
@@ -133,7 +132,7 @@ fn bytes_written(pid: u32) -> u64 {
 /// finished by the time it was frozen (then the caller tries again).
 fn interrupt(src: &Path, dst: &Path, signal: &str) -> Option<std::process::Output> {
     let dir = dst.parent().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_ckptmap"))
+    let child = cmd()
         .arg("convert")
         .arg(src)
         .arg(dst)

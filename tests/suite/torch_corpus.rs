@@ -6,8 +6,7 @@
 //! carried through a keep-everything table into `.pth` and `.safetensors` and read back.
 //! Files torch holds tensors in that ckptmap cannot carry must be refused by name.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::job::{choose_table, prepare};
@@ -17,8 +16,11 @@ use ckptmap::progress::NoProgress;
 use ckptmap::formats::Value;
 use serde_json::Value as Json;
 
+use crate::util::bin::ckptmap;
+use crate::util::fixture;
+
 fn corpus() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("torch_corpus")
+    fixture("torch_corpus")
 }
 
 fn expected() -> Json {
@@ -155,10 +157,6 @@ fn every_readable_file_round_trips_through_pth_and_safetensors() {
         carried += 1;
     }
     assert!(carried >= 40, "only {carried} corpus files were carried through");
-}
-
-fn ckptmap(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(args).output().unwrap()
 }
 
 #[test]

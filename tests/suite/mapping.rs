@@ -9,6 +9,8 @@ use ckptmap::mapping::{
 };
 use ckptmap::DType;
 
+use crate::util::{fixture, mmseg_vit_b_512_keys};
+
 fn t(name: &str, shape: &[usize]) -> SourceTensor {
     SourceTensor {
         name: name.to_string(),
@@ -25,7 +27,8 @@ fn ti64(name: &str, shape: &[usize]) -> SourceTensor {
     }
 }
 
-/// facebookresearch/mae encoder keys (pretrain, with the final `norm`).
+/// facebookresearch/mae encoder keys (pretrain, with the final `norm` when `final_norm`):
+/// `ckptmap::synth`'s layout, for a model trained on a `grid`×`grid` patch grid.
 fn mae_encoder(
     dim: usize,
     depth: usize,
@@ -33,33 +36,11 @@ fn mae_encoder(
     patch: usize,
     final_norm: bool,
 ) -> Vec<SourceTensor> {
-    let mlp = 4 * dim;
-    let mut v = vec![
-        t("cls_token", &[1, 1, dim]),
-        t("pos_embed", &[1, grid * grid + 1, dim]),
-        t("patch_embed.proj.weight", &[dim, 3, patch, patch]),
-        t("patch_embed.proj.bias", &[dim]),
-    ];
-    for i in 0..depth {
-        let b = format!("blocks.{i}");
-        v.push(t(&format!("{b}.norm1.weight"), &[dim]));
-        v.push(t(&format!("{b}.norm1.bias"), &[dim]));
-        v.push(t(&format!("{b}.attn.qkv.weight"), &[3 * dim, dim]));
-        v.push(t(&format!("{b}.attn.qkv.bias"), &[3 * dim]));
-        v.push(t(&format!("{b}.attn.proj.weight"), &[dim, dim]));
-        v.push(t(&format!("{b}.attn.proj.bias"), &[dim]));
-        v.push(t(&format!("{b}.norm2.weight"), &[dim]));
-        v.push(t(&format!("{b}.norm2.bias"), &[dim]));
-        v.push(t(&format!("{b}.mlp.fc1.weight"), &[mlp, dim]));
-        v.push(t(&format!("{b}.mlp.fc1.bias"), &[mlp]));
-        v.push(t(&format!("{b}.mlp.fc2.weight"), &[dim, mlp]));
-        v.push(t(&format!("{b}.mlp.fc2.bias"), &[dim]));
-    }
-    if final_norm {
-        v.push(t("norm.weight", &[dim]));
-        v.push(t("norm.bias", &[dim]));
-    }
-    v
+    ckptmap::synth::mae_pretrain_layout_at(dim, depth, patch, grid * patch)
+        .into_iter()
+        .filter(|(name, _)| final_norm || !name.starts_with("norm."))
+        .map(|(name, shape)| t(&name, &shape))
+        .collect()
 }
 
 fn mae_vit_b() -> Vec<SourceTensor> {
@@ -1212,94 +1193,30 @@ rename = "never"
 #[test]
 fn table_errors_name_the_rule() {
     let base = "name = \"t\"\ndescription = \"test\"\n";
-    let msg = table_err(&format!(
-        "{base}[[rule]]\nid = \"r1\"\nmatch = 'blocks\\.(\\d+'\nrename = \"x\"\n"
-    ));
-    assert!(
-        msg.contains("rule 'r1'") && msg.contains("invalid regex") && msg.contains("test.toml"),
-        "{msg}"
-    );
-
-    let msg = table_err(&format!(
-        "{base}[[rule]]\nid = \"r2\"\nmatch = 'x'\nrename = \"y\"\ntransform = {{ name = \"resize_everything\" }}\n"
-    ));
-    assert!(
-        msg.contains("rule 'r2'") && msg.contains("unknown transform 'resize_everything'"),
-        "{msg}"
-    );
-
-    let msg = table_err(&format!(
-        "{base}[[rule]]\nid = \"r3\"\nmatch = 'a\\.(\\d+)\\.(w)'\nrename = \"l.${{3}}\"\n"
-    ));
-    assert!(
-        msg.contains("rule 'r3'") && msg.contains("${3}") && msg.contains("2 capture group"),
-        "{msg}"
-    );
-
-    let msg = table_err(&format!(
-        "{base}[[rule]]\nid = \"r4\"\nmatch = 'a\\.(\\d+)'\nrename = \"l.$1x\"\n"
-    ));
-    assert!(msg.contains("rule 'r4'") && msg.contains("${1}"), "{msg}");
-
-    let msg = table_err(&format!(
-        "{base}[[rule]]\nid = \"r5\"\nmatch = 'a'\nrename = \"b\"\ndrop = \"c\"\n"
-    ));
-    assert!(
-        msg.contains("rule 'r5'") && msg.contains("exactly one"),
-        "{msg}"
-    );
-
-    let msg = table_err(&format!(
-        "{base}[[rule]]\nid = \"r6\"\nmatch = 'a'\ndrop = \"\"\n"
-    ));
-    assert!(msg.contains("rule 'r6'") && msg.contains("reason"), "{msg}");
-
-    let msg = table_err(&format!(
-        "{base}[[rule]]\nid = \"r7\"\nmatch = 'a'\nrename = \"b\"\ntransform = {{ name = \"resize_abs_pos_embed\", num_extra = 1, old_grid = 2 }}\n"
-    ));
-    assert!(
-        msg.contains("rule 'r7'") && msg.contains("missing parameter 'new_grid'"),
-        "{msg}"
-    );
-
-    let msg = table_err(&format!(
-        "{base}[[rule]]\nid = \"r8\"\nmatch = 'a'\nrename = \"b\"\ntransform = {{ name = \"fill\", value = 1.0 }}\n"
-    ));
-    assert!(msg.contains("rule 'r8'") && msg.contains("make"), "{msg}");
-
-    let msg = table_err(&format!("{base}[vars]\ndim = 'shape(\"x\", 0) * widht'\n"));
-    assert!(
-        msg.contains("variable 'dim'") && msg.contains("unknown variable 'widht'"),
-        "{msg}"
-    );
-
-    let msg = table_err(&format!("{base}[vars]\na = 'b + 1'\nb = ['3 * a']\n"));
-    assert!(
-        msg.contains("depend on themselves") && msg.contains("a -> b -> a"),
-        "{msg}"
-    );
-
-    let msg = table_err(&format!("{base}[vars]\na = 'shap(\"x\", 0)'\n"));
-    assert!(msg.contains("unknown function 'shap'"), "{msg}");
-
-    let msg = table_err(&format!("{base}[[rule]]\nmatch = 'a'\nrenam = \"b\"\n"));
-    assert!(msg.contains("line 5") && msg.contains("renam"), "{msg}");
-
-    let msg = table_err(&format!(
-        "{base}[[target]]\nkey = \"layers.{{i}}.w\"\nshape = [1]\n"
-    ));
-    assert!(msg.contains("depth"), "{msg}");
-
-    let msg = table_err(&format!(
-        "{base}[[target]]\nkey = \"w\"\nshape = [1]\nmake = {{ name = \"zeros\" }}\n"
-    ));
-    assert!(
-        msg.contains("target 'w'") && msg.contains("unknown transform 'zeros'"),
-        "{msg}"
-    );
-
-    let msg = table_err("format = 2\nname = \"t\"\ndescription = \"x\"\n");
-    assert!(msg.contains("format 2"), "{msg}");
+    // Each table, and what its one-line error must say (the rule, variable or line).
+    let cases: [(String, &[&str]); 15] = [
+        (format!("{base}[[rule]]\nid = \"r1\"\nmatch = 'blocks\\.(\\d+'\nrename = \"x\"\n"), &["rule 'r1'", "invalid regex", "test.toml"]),
+        (format!("{base}[[rule]]\nid = \"r2\"\nmatch = 'x'\nrename = \"y\"\ntransform = {{ name = \"resize_everything\" }}\n"), &["rule 'r2'", "unknown transform 'resize_everything'"]),
+        (format!("{base}[[rule]]\nid = \"r3\"\nmatch = 'a\\.(\\d+)\\.(w)'\nrename = \"l.${{3}}\"\n"), &["rule 'r3'", "${3}", "2 capture group"]),
+        (format!("{base}[[rule]]\nid = \"r4\"\nmatch = 'a\\.(\\d+)'\nrename = \"l.$1x\"\n"), &["rule 'r4'", "${1}"]),
+        (format!("{base}[[rule]]\nid = \"r5\"\nmatch = 'a'\nrename = \"b\"\ndrop = \"c\"\n"), &["rule 'r5'", "exactly one"]),
+        (format!("{base}[[rule]]\nid = \"r6\"\nmatch = 'a'\ndrop = \"\"\n"), &["rule 'r6'", "reason"]),
+        (format!("{base}[[rule]]\nid = \"r7\"\nmatch = 'a'\nrename = \"b\"\ntransform = {{ name = \"resize_abs_pos_embed\", num_extra = 1, old_grid = 2 }}\n"), &["rule 'r7'", "missing parameter 'new_grid'"]),
+        (format!("{base}[[rule]]\nid = \"r8\"\nmatch = 'a'\nrename = \"b\"\ntransform = {{ name = \"fill\", value = 1.0 }}\n"), &["rule 'r8'", "make"]),
+        (format!("{base}[vars]\ndim = 'shape(\"x\", 0) * widht'\n"), &["variable 'dim'", "unknown variable 'widht'"]),
+        (format!("{base}[vars]\na = 'b + 1'\nb = ['3 * a']\n"), &["depend on themselves", "a -> b -> a"]),
+        (format!("{base}[vars]\na = 'shap(\"x\", 0)'\n"), &["unknown function 'shap'"]),
+        (format!("{base}[[rule]]\nmatch = 'a'\nrenam = \"b\"\n"), &["line 5", "renam"]),
+        (format!("{base}[[target]]\nkey = \"layers.{{i}}.w\"\nshape = [1]\n"), &["depth"]),
+        (format!("{base}[[target]]\nkey = \"w\"\nshape = [1]\nmake = {{ name = \"zeros\" }}\n"), &["target 'w'", "unknown transform 'zeros'"]),
+        ("format = 2\nname = \"t\"\ndescription = \"x\"\n".to_string(), &["format 2"]),
+    ];
+    for (text, needles) in &cases {
+        let msg = table_err(text);
+        for n in *needles {
+            assert!(msg.contains(n), "no {n:?} in {msg}\n(table: {text:?})");
+        }
+    }
 }
 
 #[test]
@@ -1387,30 +1304,12 @@ fn plan_errors_are_typed() {
 /// names, shapes and order of the MMSeg MAE and BEiT ViT-B backbones at 512.
 #[test]
 fn load_ready_vit_b_512_matches_the_fixture_key_lists() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mmseg_vit_b_512_keys.json");
-    let Ok(text) = std::fs::read_to_string(&path) else {
+    let path = fixture("mmseg_vit_b_512_keys.json");
+    if !path.is_file() {
         eprintln!("skipped: {} not present", path.display());
         return;
-    };
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let expected = |arch: &str| -> Vec<(String, Vec<usize>)> {
-        json[arch]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                let name = e[0].as_str().unwrap().to_string();
-                let shape = e[1]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|d| d.as_u64().unwrap() as usize)
-                    .collect();
-                (name, shape)
-            })
-            .collect()
-    };
+    }
+    let expected = mmseg_vit_b_512_keys;
     let got = |p: &Plan| -> Vec<(String, Vec<usize>)> {
         p.outputs
             .iter()
@@ -1438,7 +1337,7 @@ fn load_ready_vit_b_512_matches_the_fixture_key_lists() {
 /// The worked example in mappings/README.md parses and does what the README says.
 #[test]
 fn readme_worked_example_works() {
-    let readme = include_str!("../mappings/README.md");
+    let readme = include_str!("../../mappings/README.md");
     let start = readme
         .find("```toml\nformat = 1\nname = \"deit3\"")
         .expect("worked example present")

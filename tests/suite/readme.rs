@@ -5,17 +5,14 @@
 //! release build, the wheel tools) are skipped with the reason printed; ```text blocks are
 //! synopses and not run.
 
-use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
+
+use crate::util::bin::cmd;
+use crate::util::http::Server;
+use crate::util::{fixture, root};
 
 /// The hosts README's URLs name, and the file each of their names is served from.
 const SERVED_PREFIXES: [&str; 2] = ["https://dl.fbaipublicfiles.com/mae/pretrain/", "https://unilm.blob.core.windows.net/beit/"];
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// The ```sh blocks of `text`: each a list of logical lines (continuations joined,
 /// comment lines dropped, trailing `# ...` comments cut).
@@ -54,41 +51,9 @@ fn skip_reason(block: &[String]) -> Option<&'static str> {
         return Some("the pip install block runs in scripts/test-wheel.sh (a step of .ci/run, where Python is present)");
     }
     if has("make_reference.py") {
-        return Some("needs PyTorch, timm and SciPy; verify --reference runs on the committed references in tests/cli.rs");
+        return Some("needs PyTorch, timm and SciPy; verify --reference runs on the committed references in tests/suite/cli.rs");
     }
     None
-}
-
-/// Serves `files` (name → bytes) at any path ending in that name; 404 otherwise.
-fn serve(files: Vec<(String, Arc<Vec<u8>>)>) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let files = Arc::new(files);
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { continue };
-            let files = files.clone();
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head).to_string();
-                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
-                match files.iter().find(|(name, _)| path.ends_with(&format!("/{name}"))) {
-                    Some((_, body)) => {
-                        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-                        let _ = s.write_all(body);
-                    }
-                    None => {
-                        let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-                    }
-                }
-            });
-        }
-    });
-    format!("http://{addr}")
 }
 
 #[test]
@@ -107,10 +72,11 @@ fn every_readme_sh_block_runs_as_written() {
     }
     let vit_b = dir.path().join("mae_pretrain_vit_base.pth");
     ckptmap::synth::write_synthetic(&vit_b, &ckptmap::synth::mae_pretrain_preset("base").unwrap(), false).unwrap();
-    let base = serve(vec![
+    let server = Server::files(vec![
         ("mae_pretrain_vit_base.pth".into(), Arc::new(std::fs::read(&vit_b).unwrap())),
-        ("beit_base_patch16_224_pt22k_ft22k.pth".into(), Arc::new(std::fs::read(root().join("fixtures/beit_tiny_ft.pth")).unwrap())),
+        ("beit_base_patch16_224_pt22k_ft22k.pth".into(), Arc::new(std::fs::read(fixture("beit_tiny_ft.pth")).unwrap())),
     ]);
+    let base = server.base();
 
     let mut ran = 0;
     for block in &blocks {
@@ -139,7 +105,7 @@ fn every_readme_sh_block_runs_as_written() {
                     a.replacen(p, &format!("{base}/"), 1)
                 })
                 .collect();
-            let out = Command::new(env!("CARGO_BIN_EXE_ckptmap"))
+            let out = cmd()
                 .args(&args)
                 .current_dir(&work)
                 .env("CKPTMAP_CACHE", dir.path().join("cache"))
@@ -166,7 +132,7 @@ fn every_readme_sh_block_runs_as_written() {
 #[test]
 fn readme_describes_the_tiny_mae_as_it_is() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let ckpt = ckptmap::formats::checkpoint::Checkpoint::open(&root().join("fixtures/mae_tiny.pth")).unwrap();
+    let ckpt = ckptmap::formats::checkpoint::Checkpoint::open(&fixture("mae_tiny.pth")).unwrap();
     let root_name = ckptmap::inspect::find_state_dict(&ckpt).unwrap();
     let names: Vec<String> = ckpt.tensors_under(root_name).unwrap().into_iter().map(|t| t.name).collect();
     let blocks = names.iter().filter(|n| n.starts_with("blocks.") && n.ends_with(".norm1.weight")).count();

@@ -2,7 +2,7 @@
 //! kind of bad file.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::formats::pth::unpickle::unpickle;
@@ -10,11 +10,8 @@ use ckptmap::write::pth::{write_pth, TensorToWrite};
 use ckptmap::formats::{FormatError, Value};
 use ckptmap::DType;
 
-fn temp_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, bytes).unwrap();
-    p
-}
+use crate::util::pickle::{op_str, tensor_ops, zip_stored as zip_with, Tensor};
+use crate::util::write_file as temp_file;
 
 fn open_err(path: &Path) -> String {
     match Checkpoint::open(path) {
@@ -23,45 +20,18 @@ fn open_err(path: &Path) -> String {
     }
 }
 
-/// A zip holding the given entries, stored.
-fn zip_with(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut buf = std::io::Cursor::new(Vec::new());
-    {
-        let mut z = zip::ZipWriter::new(&mut buf);
-        for (name, data) in entries {
-            let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-            z.start_file(*name, opts).unwrap();
-            z.write_all(data).unwrap();
-        }
-        z.finish().unwrap();
-    }
-    buf.into_inner()
-}
-
-/// The pickle of `{'w': tensor}` where the tensor has `shape` over a float storage of
-/// `numel` elements.
-fn tensor_pickle(shape: &[u8], numel: u8) -> Vec<u8> {
-    let mut p = vec![0x80, 2, b'}', b'X'];
-    p.extend_from_slice(&1u32.to_le_bytes());
-    p.push(b'w');
-    p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n(");
-    p.extend_from_slice(b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK");
-    p.push(numel);
-    p.extend_from_slice(b"tQK\x00(");
-    for &s in shape {
-        p.extend_from_slice(&[b'K', s]);
-    }
-    p.push(b't');
-    p.push(b'(');
+/// The pickle of `{'w': tensor}` where the tensor has `shape` (contiguous) over a float
+/// storage of `numel` elements.
+fn tensor_pickle(shape: &[i64], numel: i64) -> Vec<u8> {
     // contiguous strides
-    let mut strides = vec![1u8; shape.len()];
+    let mut stride = vec![1; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
+        stride[i] = stride[i + 1] * shape[i + 1];
     }
-    for s in strides {
-        p.extend_from_slice(&[b'K', s]);
-    }
-    p.extend_from_slice(b"t\x89}tRs.");
+    let mut p = vec![0x80, 2, b'}'];
+    p.extend(op_str("w"));
+    p.extend(tensor_ops(&Tensor { name: "w", key: "0", numel, offset: 0, shape, stride: &stride }));
+    p.extend_from_slice(b"s.");
     p
 }
 

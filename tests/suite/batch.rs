@@ -4,139 +4,16 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::path::Path;
 use std::time::Duration;
 
 use ckptmap::batch::{parse_list, ListItem, Source};
 use ckptmap::formats::checkpoint::Checkpoint;
 use serde_json::Value;
 
-// ---------------------------------------------------------------------------------------
-// A loopback server: fixed routes, everything else 404; it records every request's path.
-// (std TcpListener, one request per connection, as in tests/fetch.rs.)
-
-struct Server {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-    accept: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(routes: HashMap<String, Vec<u8>>) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let routes = Arc::new(routes);
-        let accept = {
-            let (seen, stop) = (seen.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut connections = Vec::new();
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    let (seen, routes) = (seen.clone(), routes.clone());
-                    connections.push(std::thread::spawn(move || serve_one(stream, &seen, &routes)));
-                }
-                for c in connections {
-                    let _ = c.join();
-                }
-            })
-        };
-        Server { addr, seen, stop, accept: Some(accept) }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    /// How many requests asked for `path`.
-    fn hits(&self, path: &str) -> usize {
-        self.seen.lock().unwrap().iter().filter(|p| *p == path).count()
-    }
-
-    fn total(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr); // wakes the accept loop
-        if let Some(accept) = self.accept.take() {
-            let _ = accept.join();
-        }
-    }
-}
-
-fn serve_one(stream: TcpStream, seen: &Mutex<Vec<String>>, routes: &HashMap<String, Vec<u8>>) {
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-        return; // the wake-up connection
-    }
-    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim_end().is_empty() {
-            break;
-        }
-    }
-    seen.lock().unwrap().push(path.clone());
-    let (status, body) = match routes.get(&path) {
-        Some(body) => (200, body.clone()),
-        None => (404, b"not found".to_vec()),
-    };
-    let mut out = stream;
-    let head = format!("HTTP/1.1 {status} Scripted\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-    let _ = out.write_all(head.as_bytes()).and_then(|_| out.write_all(&body));
-    let _ = out.flush();
-    let _ = out.shutdown(Shutdown::Both);
-}
-
-// ---------------------------------------------------------------------------------------
-// Helpers
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
-}
-
-fn ckptmap(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(args).output().unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(bytes))
-}
-
-/// Deterministic bytes that are no checkpoint.
-fn noise(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use crate::util::bin::{ckptmap, cmd, text};
+use crate::util::http::Server;
+use crate::util::{fixture, names_in, noise, sha256_hex, swapped_norm_table};
 
 fn report(dir: &Path) -> Value {
     serde_json::from_slice(&fs::read(dir.join("report.json")).unwrap()).unwrap()
@@ -144,25 +21,6 @@ fn report(dir: &Path) -> Value {
 
 fn item<'a>(report: &'a Value, output: &str) -> &'a Value {
     report["items"].as_array().unwrap().iter().find(|i| i["output"] == output).unwrap_or_else(|| panic!("no item {output} in {report:#}"))
-}
-
-/// The names in a folder, sorted (hidden ones included).
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    v.sort();
-    v
-}
-
-/// The built-in MAE table with norm1 and norm2 swapped: it plans fine (same shapes) and
-/// computes something else, so --verify must catch it.
-fn swapped_norm_table() -> String {
-    let table = ckptmap::mapping::table::builtin_table_text("mae").unwrap();
-    let rule = "match = 'blocks\\.(\\d+)\\.norm([12])\\.(weight|bias)'\nrename = \"layers.${1}.ln${2}.${3}\"";
-    assert!(table.contains(rule), "the built-in mae table changed; update this test's rule text");
-    table.replace(
-        rule,
-        "match = 'blocks\\.(\\d+)\\.norm1\\.(weight|bias)'\nrename = \"layers.${1}.ln2.${2}\"\n\n[[rule]]\nid = \"swapped-norm2\"\nmatch = 'blocks\\.(\\d+)\\.norm2\\.(weight|bias)'\nrename = \"layers.${1}.ln1.${2}\"",
-    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -241,11 +99,11 @@ fn mixed_list_reports_each_item_and_a_rerun_skips_the_good_ones() {
     let (dir, cache, out) = (tmp.path(), tmp.path().join("cache"), tmp.path().join("out"));
     let mae = fs::read(fixture("mae_tiny.pth")).unwrap();
     let beit = fs::read(fixture("beit_tiny_pt.pth")).unwrap();
-    let server = Server::start(HashMap::from([
+    let server = Server::routes(HashMap::from([
         ("/mae/mae_tiny.pth".to_string(), mae.clone()),
         ("/beit/beit_tiny_pt.pth".to_string(), beit.clone()),
         ("/beit/beit_copy.pth".to_string(), beit.clone()),
-        ("/corrupt.pth".to_string(), noise(100_000)),
+        ("/corrupt.pth".to_string(), noise(100_000, 0x2545_F491_4F6C_DD1D)),
     ]));
     fs::create_dir(dir.join("local")).unwrap();
     fs::write(dir.join("local/mae_copy.pth"), &mae).unwrap();
@@ -377,7 +235,7 @@ fn mixed_list_reports_each_item_and_a_rerun_skips_the_good_ones() {
     let full = fs::read_to_string(&list_path).unwrap();
     fs::write(&good_list, full.lines().take(4).collect::<Vec<_>>().join("\n")).unwrap();
     let args_good: Vec<&str> = args.iter().map(|a| if *a == list_path.to_str().unwrap() { good_list.to_str().unwrap() } else { a }).collect();
-    let requests = server.total();
+    let requests = server.count();
     let clean = ckptmap(&args_good);
     assert_eq!(clean.status.code(), Some(0), "{}", text(&clean));
     assert_eq!(report(&out)["summary"]["skipped"], 3);
@@ -394,13 +252,13 @@ fn mixed_list_reports_each_item_and_a_rerun_skips_the_good_ones() {
     assert_eq!(item(&r4, "beit_tiny_ft_mmseg.pth")["output_sha256"], sha256_hex(&fs::read(&damaged).unwrap()));
     assert_eq!(item(&r4, "beit_tiny_ft_mmseg.pth")["output_sha256"], item(&r, "beit_tiny_ft_mmseg.pth")["output_sha256"]);
     assert_eq!(item(&r4, "mae_tiny_mmseg.pth")["status"], "skipped");
-    assert_eq!(server.total(), requests, "nothing is fetched for done items");
+    assert_eq!(server.count(), requests, "nothing is fetched for done items");
 }
 
 #[test]
 fn a_malformed_line_is_exit_2_before_any_download() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(HashMap::from([("/mae_tiny.pth".to_string(), fs::read(fixture("mae_tiny.pth")).unwrap())]));
+    let server = Server::routes(HashMap::from([("/mae_tiny.pth".to_string(), fs::read(fixture("mae_tiny.pth")).unwrap())]));
     let list = tmp.path().join("list.txt");
     fs::write(&list, format!("{}\n\n{} name=x.pth mapping\n", server.url("/mae_tiny.pth"), server.url("/mae_tiny.pth"))).unwrap();
     let out = tmp.path().join("out");
@@ -409,7 +267,7 @@ fn a_malformed_line_is_exit_2_before_any_download() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains(&format!("{}:3: ", list.display())), "{stderr}");
     assert!(stderr.contains("\"mapping\" is not a key=value field"), "{stderr}");
-    assert_eq!(server.total(), 0);
+    assert_eq!(server.count(), 0);
     assert!(!out.exists());
 
     // A list that cannot be read, and a global --sha256, are exit 2 too.
@@ -418,7 +276,7 @@ fn a_malformed_line_is_exit_2_before_any_download() {
     fs::write(&list, format!("{}\n", server.url("/mae_tiny.pth"))).unwrap();
     let run = ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--sha256", &"0".repeat(64)]);
     assert_eq!(run.status.code(), Some(2), "{}", text(&run));
-    assert_eq!(server.total(), 0);
+    assert_eq!(server.count(), 0);
 }
 
 #[test]
@@ -528,7 +386,7 @@ fn a_killed_batch_claims_only_finished_outputs_and_the_next_run_resumes() {
         ("mid-write", Box::new(move |pid| writing_under(pid, &out4))),
     ];
     for (when, ready) in &points {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(args).env("RUST_BACKTRACE", "1").spawn().unwrap();
+        let mut child = cmd().args(args).env("RUST_BACKTRACE", "1").spawn().unwrap();
         let start = std::time::Instant::now();
         let mut caught = false;
         while child.try_wait().unwrap().is_none() {

@@ -2,39 +2,9 @@
 //! their words, nothing they own is lost, and the conventions of CLI tools hold (help,
 //! dtype names, quiet mode, completions, man page, cache listing).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
-}
-
-fn ckptmap(args: &[&str]) -> Output {
-    ckptmap_in(args, Path::new("."))
-}
-
-fn ckptmap_in(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(args).current_dir(dir).output().unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = ckptmap(args);
-    assert!(out.status.success(), "{args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Exit 2 and one line on stderr; returns that line.
-fn fails(args: &[&str]) -> String {
-    let out = ckptmap(args);
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(2), "{args:?}: {}{err}", String::from_utf8_lossy(&out.stdout));
-    assert_eq!(err.trim().lines().count(), 1, "{args:?}: not one line: {err}");
-    err
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use crate::util::bin::{ckptmap, cmd, fails, ok, s};
+use crate::util::http::serve_https;
+use crate::util::{fixture, root};
 
 #[test]
 fn convert_refuses_to_write_over_its_input() {
@@ -79,45 +49,6 @@ fn convert_creates_missing_output_folders() {
     assert!(!err.contains(".out.pth"), "{err}");
 }
 
-/// An HTTPS server on 127.0.0.1 with a certificate signed by tests/data/tls's test CA,
-/// serving `body` to every connection that completes a handshake. Returns its base URL and
-/// a counter of TCP connections accepted.
-fn serve_https(body: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    use std::io::{Read, Write};
-    let tls = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tls");
-    let cert = CertificateDer::from(std::fs::read(tls.join("server.der")).unwrap());
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(std::fs::read(tls.join("server.key.der")).unwrap()));
-    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .unwrap();
-    let config = std::sync::Arc::new(config);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = count.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(tcp) = stream else { continue };
-            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
-            let mut s = rustls::StreamOwned::new(conn, tcp);
-            let mut req = [0u8; 4096];
-            if s.read(&mut req).unwrap_or(0) == 0 {
-                continue; // the client gave up during the handshake
-            }
-            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-            let _ = s.write_all(&body);
-            s.conn.send_close_notify();
-            let _ = s.flush();
-        }
-    });
-    (format!("https://127.0.0.1:{}", addr.port()), count)
-}
-
 /// A certificate the client does not trust cannot heal: one connection, a hint naming the
 /// trust store and SSL_CERT_FILE, no retries; with SSL_CERT_FILE naming the CA it works.
 #[test]
@@ -127,7 +58,7 @@ fn untrusted_tls_certificate_fails_at_once_with_a_hint() {
     let url = format!("{base}/mae_tiny.pth");
     let cache = dir.path().join("cache");
     let start = std::time::Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_ckptmap"))
+    let out = cmd()
         .args(["inspect", &url, "--cache-dir", s(&cache)])
         .env_remove("SSL_CERT_FILE")
         .env_remove("SSL_CERT_DIR")
@@ -141,9 +72,9 @@ fn untrusted_tls_certificate_fails_at_once_with_a_hint() {
     assert!(start.elapsed() < std::time::Duration::from_secs(3), "took {:?}", start.elapsed());
     assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1, "retried a certificate error");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_ckptmap"))
+    let out = cmd()
         .args(["inspect", &url, "--cache-dir", s(&cache)])
-        .env("SSL_CERT_FILE", Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tls/ca.pem"))
+        .env("SSL_CERT_FILE", root().join("tests/data/tls/ca.pem"))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -304,7 +235,7 @@ fn no_spinner_when_stderr_is_not_a_terminal() {
 /// --json do not.
 #[test]
 fn spinner_on_a_terminal_unless_quiet_or_json() {
-    if Command::new("script").arg("--version").output().is_err() {
+    if std::process::Command::new("script").arg("--version").output().is_err() {
         eprintln!("skipped: `script` (util-linux) is not installed, so no terminal can be made");
         return;
     }
@@ -318,7 +249,7 @@ fn spinner_on_a_terminal_unless_quiet_or_json() {
             s(&out),
             s(&fixture("mae_tiny.pth"))
         );
-        let r = Command::new("script").args(["-qec", &cmd, "/dev/null"]).output().unwrap();
+        let r = std::process::Command::new("script").args(["-qec", &cmd, "/dev/null"]).output().unwrap();
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stdout));
         String::from_utf8_lossy(&r.stdout).to_string()
     };
@@ -336,12 +267,12 @@ fn inspect_shows_safetensors_metadata_and_the_url() {
     let dir = tempfile::tempdir().unwrap();
     let (base, _) = serve_https(std::fs::read(fixture("mae_tiny.pth")).unwrap());
     let url = format!("{base}/mae_tiny.pth");
-    let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tls/ca.pem");
-    let out = Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(["inspect", &url, "--cache-dir", s(dir.path())]).env("SSL_CERT_FILE", &ca).output().unwrap();
+    let ca = root().join("tests/data/tls/ca.pem");
+    let out = cmd().args(["inspect", &url, "--cache-dir", s(dir.path())]).env("SSL_CERT_FILE", &ca).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(&format!("url:        {url}")) && text.contains(s(dir.path())), "{text}");
-    let out = Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(["inspect", &url, "--cache-dir", s(dir.path()), "--json"]).env("SSL_CERT_FILE", &ca).output().unwrap();
+    let out = cmd().args(["inspect", &url, "--cache-dir", s(dir.path()), "--json"]).env("SSL_CERT_FILE", &ca).output().unwrap();
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["url"], url.as_str());
 

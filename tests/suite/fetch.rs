@@ -1,17 +1,10 @@
-//! Downloads against a loopback HTTP server with scripted faults (no internet).
-//!
-//! The server is a few lines over `std::net::TcpListener` rather than tiny_http because the
-//! faults need control of the socket: a body cut half-way needs the connection closed under
-//! the client, which tiny_http does not offer. One request per connection
-//! (`Connection: close`); the server stops when dropped.
+//! Downloads against a loopback HTTP server with scripted faults (no internet; the server
+//! is `util::http`).
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ckptmap::fetch::{
@@ -19,182 +12,8 @@ use ckptmap::fetch::{
 };
 use ckptmap::progress::{NoProgress, Progress};
 
-// ---------------------------------------------------------------------------------------
-// The scripted server
-
-/// A request as the server saw it.
-#[derive(Clone, Debug)]
-struct Seen {
-    path: String,
-    headers: Vec<(String, String)>,
-}
-
-impl Seen {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// What the server does with one request.
-enum Reply {
-    /// A complete answer.
-    Send {
-        status: u16,
-        headers: Vec<(String, String)>,
-        body: Vec<u8>,
-    },
-    /// Announces `len` body bytes, sends `body` (fewer), then closes the connection.
-    Cut {
-        headers: Vec<(String, String)>,
-        len: usize,
-        body: Vec<u8>,
-    },
-    /// Announces `len` body bytes, sends `body` (fewer), then goes silent for `pause`
-    /// (or until the server stops), then closes. `None`: not even the status line.
-    Stall {
-        head: Option<(usize, Vec<u8>)>,
-        pause: Duration,
-    },
-}
-
-type Handler = dyn Fn(usize, &Seen) -> Reply + Send + Sync;
-
-struct Server {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    stop: Arc<AtomicBool>,
-    accept: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    /// Serves on 127.0.0.1:0; `handler(i, request)` answers the i-th request (0-based).
-    fn start(handler: impl Fn(usize, &Seen) -> Reply + Send + Sync + 'static) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let handler: Arc<Handler> = Arc::new(handler);
-        let accept = {
-            let (seen, stop) = (seen.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut connections = Vec::new();
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    let (seen, stop, handler) = (seen.clone(), stop.clone(), handler.clone());
-                    connections.push(std::thread::spawn(move || {
-                        serve_one(stream, &seen, &stop, &*handler)
-                    }));
-                }
-                for c in connections {
-                    let _ = c.join();
-                }
-            })
-        };
-        Server {
-            addr,
-            seen,
-            stop,
-            accept: Some(accept),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    fn requests(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr); // wakes the accept loop
-        if let Some(accept) = self.accept.take() {
-            let _ = accept.join();
-        }
-    }
-}
-
-fn serve_one(stream: TcpStream, seen: &Mutex<Vec<Seen>>, stop: &AtomicBool, handler: &Handler) {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-        return; // the wake-up connection, or a client that gave up
-    }
-    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.push((k.trim().to_string(), v.trim().to_string()));
-        }
-    }
-    let request = Seen { path, headers };
-    let index = {
-        let mut seen = seen.lock().unwrap();
-        seen.push(request.clone());
-        seen.len() - 1
-    };
-    let mut out = stream;
-    let head = |status: u16, headers: &[(String, String)], len: usize| {
-        let mut text =
-            format!("HTTP/1.1 {status} Scripted\r\nContent-Length: {len}\r\nConnection: close\r\n");
-        for (k, v) in headers {
-            text.push_str(&format!("{k}: {v}\r\n"));
-        }
-        text.push_str("\r\n");
-        text.into_bytes()
-    };
-    let _ = match handler(index, &request) {
-        Reply::Send {
-            status,
-            headers,
-            body,
-        } => out
-            .write_all(&head(status, &headers, body.len()))
-            .and_then(|_| out.write_all(&body)),
-        Reply::Cut { headers, len, body } => out
-            .write_all(&head(200, &headers, len))
-            .and_then(|_| out.write_all(&body)),
-        Reply::Stall { head: first, pause } => {
-            if let Some((len, body)) = first {
-                let _ = out
-                    .write_all(&head(200, &[], len))
-                    .and_then(|_| out.write_all(&body));
-                let _ = out.flush();
-            }
-            let start = Instant::now();
-            while start.elapsed() < pause && !stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Ok(())
-        }
-    };
-    let _ = out.flush();
-    let _ = out.shutdown(Shutdown::Both);
-}
+use crate::util::http::{Reply, Server};
+use crate::util::sha256_hex;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -213,60 +32,6 @@ fn data() -> Arc<Vec<u8>> {
     }
     out.truncate(SIZE);
     Arc::new(out)
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(bytes))
-}
-
-fn ok(body: &[u8]) -> Reply {
-    Reply::Send {
-        status: 200,
-        headers: vec![],
-        body: body.to_vec(),
-    }
-}
-
-fn status(code: u16) -> Reply {
-    Reply::Send {
-        status: code,
-        headers: vec![],
-        body: format!("status {code}").into_bytes(),
-    }
-}
-
-/// Honours `Range: bytes=N-` with a 206, else answers 200 with the whole body.
-fn ranged(request: &Seen, body: &[u8], headers: Vec<(String, String)>) -> Reply {
-    let from = request
-        .header("range")
-        .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.strip_suffix('-'))
-        .and_then(|n| n.parse::<usize>().ok());
-    match from {
-        Some(from) if from < body.len() => {
-            let mut headers = headers;
-            headers.push((
-                "Content-Range".into(),
-                format!("bytes {from}-{}/{}", body.len() - 1, body.len()),
-            ));
-            Reply::Send {
-                status: 206,
-                headers,
-                body: body[from..].to_vec(),
-            }
-        }
-        Some(_) => Reply::Send {
-            status: 416,
-            headers: vec![("Content-Range".into(), format!("bytes */{}", body.len()))],
-            body: vec![],
-        },
-        None => Reply::Send {
-            status: 200,
-            headers,
-            body: body.to_vec(),
-        },
-    }
 }
 
 fn options(cache: &Path) -> FetchOptions {
@@ -326,14 +91,27 @@ fn part_of(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Serves `data` at every path, honouring `Range`.
+fn serving(data: &Arc<Vec<u8>>) -> Server {
+    let body = data.clone();
+    Server::start(move |_, r| Reply::ranged(r, &body, vec![]))
+}
+
+/// Simulates a run killed before `got` was finished: no finished file, no record, and a
+/// `.part` holding `part`.
+fn leave_only_a_part(got: &Path, part: &[u8]) {
+    fs::remove_file(got).unwrap();
+    fs::remove_file(got.with_extension("pth.json")).unwrap();
+    fs::write(part_of(got), part).unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // Plain downloads and the cache
 
 #[test]
 fn downloads_then_reuses_cache_without_a_request() {
     let data = data();
-    let body = data.clone();
-    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let server = serving(&data);
     let cache = tempfile::tempdir().unwrap();
     let url = server.url("/pretrain/mae_pretrain_vit_base.pth");
 
@@ -382,8 +160,7 @@ fn downloads_then_reuses_cache_without_a_request() {
 #[test]
 fn corrupted_cache_file_is_downloaded_again() {
     let data = data();
-    let body = data.clone();
-    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let server = serving(&data);
     let cache = tempfile::tempdir().unwrap();
     let url = server.url("/m.pth");
 
@@ -411,8 +188,7 @@ fn corrupted_cache_file_is_downloaded_again() {
 /// was downloaded) is the expectation's fault: the copy is kept and nothing is requested.
 fn cached_intact_file_not_matching_a_wrong_expected_sha256_is_kept() {
     let data = data();
-    let body = data.clone();
-    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let server = serving(&data);
     let cache = tempfile::tempdir().unwrap();
     let url = server.url("/m.pth");
     let first = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
@@ -437,8 +213,7 @@ fn cached_intact_file_not_matching_a_wrong_expected_sha256_is_kept() {
 #[test]
 fn concurrent_fetches_of_one_url_make_one_request() {
     let data = data();
-    let body = data.clone();
-    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let server = serving(&data);
     let cache = tempfile::tempdir().unwrap();
     let url = server.url("/m.pth");
     let results: Vec<_> = std::thread::scope(|s| {
@@ -466,7 +241,7 @@ fn redirect_is_followed_and_cached_under_the_original_url() {
                 body: vec![],
             }
         } else {
-            ranged(r, &body, vec![])
+            Reply::ranged(r, &body, vec![])
         }
     });
     let cache = tempfile::tempdir().unwrap();
@@ -487,7 +262,7 @@ fn redirect_is_followed_and_cached_under_the_original_url() {
 
 #[test]
 fn not_found_fails_at_once() {
-    let server = Server::start(|_, _| status(404));
+    let server = Server::start(|_, _| Reply::status(404));
     let cache = tempfile::tempdir().unwrap();
     let url = server.url("/missing.pth");
     let err = fetch(&url, &options(cache.path()), &NoProgress).unwrap_err();
@@ -507,7 +282,7 @@ fn not_found_fails_at_once() {
 
 #[test]
 fn forbidden_is_not_retried_either() {
-    let server = Server::start(|_, _| status(403));
+    let server = Server::start(|_, _| Reply::status(403));
     let cache = tempfile::tempdir().unwrap();
     let err = fetch(&server.url("/x.pth"), &options(cache.path()), &NoProgress).unwrap_err();
     assert!(
@@ -523,9 +298,9 @@ fn server_error_then_success_is_retried() {
     let body = data.clone();
     let server = Server::start(move |i, r| {
         if i == 0 {
-            status(500)
+            Reply::status(500)
         } else {
-            ranged(r, &body, vec![])
+            Reply::ranged(r, &body, vec![])
         }
     });
     let cache = tempfile::tempdir().unwrap();
@@ -536,7 +311,7 @@ fn server_error_then_success_is_retried() {
 
 #[test]
 fn persistent_server_errors_give_up_after_the_configured_attempts_with_backoff() {
-    let server = Server::start(|_, _| status(503));
+    let server = Server::start(|_, _| Reply::status(503));
     let cache = tempfile::tempdir().unwrap();
     let url = server.url("/m.pth");
     let mut opts = options(cache.path());
@@ -596,7 +371,7 @@ fn cut_connection_resumes_with_a_range_request() {
                 body: body[..half].to_vec(),
             }
         } else {
-            ranged(r, &body, headers)
+            Reply::ranged(r, &body, headers)
         }
     });
     let cache = tempfile::tempdir().unwrap();
@@ -631,7 +406,7 @@ fn server_ignoring_range_restarts_cleanly() {
                 body: body[..SIZE / 3].to_vec(),
             }
         } else {
-            ok(&body) // 200 with the whole body, whatever the Range
+            Reply::ok(&body) // 200 with the whole body, whatever the Range
         }
     });
     let cache = tempfile::tempdir().unwrap();
@@ -662,7 +437,7 @@ fn content_range_not_matching_the_request_restarts_from_zero() {
             )],
             body: body.to_vec(),
         },
-        _ => ranged(r, &body, vec![]),
+        _ => Reply::ranged(r, &body, vec![]),
     });
     let cache = tempfile::tempdir().unwrap();
     let got = fetch(&server.url("/m.pth"), &options(cache.path()), &NoProgress).unwrap();
@@ -677,17 +452,14 @@ fn content_range_not_matching_the_request_restarts_from_zero() {
 #[test]
 fn a_part_left_by_an_earlier_run_is_resumed_and_never_taken_as_finished() {
     let data = data();
-    let body = data.clone();
-    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let server = serving(&data);
     let cache = tempfile::tempdir().unwrap();
     let url = server.url("/m.pth");
     let first = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
 
     // Simulate a run killed half-way: no finished file, half a .part.
-    fs::remove_file(&first.path).unwrap();
-    fs::remove_file(first.path.with_extension("pth.json")).unwrap();
     let third = SIZE / 3;
-    fs::write(part_of(&first.path), &data[..third]).unwrap();
+    leave_only_a_part(&first.path, &data[..third]);
 
     let got = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
     assert!(!got.from_cache);
@@ -699,9 +471,7 @@ fn a_part_left_by_an_earlier_run_is_resumed_and_never_taken_as_finished() {
     );
 
     // A complete .part is still not a finished file: it is checked through the server.
-    fs::remove_file(&got.path).unwrap();
-    fs::remove_file(got.path.with_extension("pth.json")).unwrap();
-    fs::write(part_of(&got.path), &*data).unwrap();
+    leave_only_a_part(&got.path, &data);
     let again = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
     assert!(!again.from_cache);
     assert_eq!(fs::read(&again.path).unwrap(), *data);
@@ -718,14 +488,11 @@ fn a_part_left_by_an_earlier_run_is_resumed_and_never_taken_as_finished() {
 #[test]
 fn a_stale_part_that_fails_the_hash_is_downloaded_again_from_zero() {
     let data = data();
-    let body = data.clone();
-    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let server = serving(&data);
     let cache = tempfile::tempdir().unwrap();
     let url = server.url("/m.pth");
     let first = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
-    fs::remove_file(&first.path).unwrap();
-    fs::remove_file(first.path.with_extension("pth.json")).unwrap();
-    fs::write(part_of(&first.path), vec![0xAB; SIZE / 2]).unwrap(); // wrong bytes
+    leave_only_a_part(&first.path, &[0xAB; SIZE / 2]); // wrong bytes
 
     let mut opts = options(cache.path());
     opts.sha256 = Some(sha256_hex(&data).to_uppercase());
@@ -753,7 +520,7 @@ fn stall_mid_body_times_out_and_the_retry_resumes() {
                 pause: Duration::from_secs(5),
             }
         } else {
-            ranged(r, &body, vec![])
+            Reply::ranged(r, &body, vec![])
         }
     });
     let cache = tempfile::tempdir().unwrap();
@@ -807,8 +574,7 @@ fn server_that_never_answers_fails_after_bounded_retries() {
 #[test]
 fn wrong_expected_sha256_fails_and_leaves_nothing() {
     let data = data();
-    let body = data.clone();
-    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let server = serving(&data);
     let cache = tempfile::tempdir().unwrap();
     let url = server.url("/m.pth");
     let wrong = "ab".repeat(32);
@@ -843,8 +609,7 @@ fn wrong_expected_sha256_fails_and_leaves_nothing() {
 #[test]
 fn right_expected_sha256_is_accepted() {
     let data = data();
-    let body = data.clone();
-    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let server = serving(&data);
     let cache = tempfile::tempdir().unwrap();
     let mut opts = options(cache.path());
     opts.sha256 = Some(sha256_hex(&data));
@@ -854,7 +619,7 @@ fn right_expected_sha256_is_accepted() {
 
 #[test]
 fn malformed_expected_sha256_is_refused_before_any_request() {
-    let server = Server::start(|_, _| status(200));
+    let server = Server::start(|_, _| Reply::status(200));
     let cache = tempfile::tempdir().unwrap();
     let mut opts = options(cache.path());
     opts.sha256 = Some("f92a2975".into());
@@ -869,8 +634,7 @@ fn malformed_expected_sha256_is_refused_before_any_request() {
 #[test]
 fn wrong_hash_in_the_file_name_is_refused() {
     let data = data();
-    let body = data.clone();
-    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let server = serving(&data);
     let cache = tempfile::tempdir().unwrap();
     let url = server.url("/upernet_beit-base_ade20k-deadbeef.pth");
     let err = fetch(&url, &options(cache.path()), &NoProgress).unwrap_err();
@@ -892,8 +656,7 @@ fn wrong_hash_in_the_file_name_is_refused() {
 #[test]
 fn right_hash_in_the_file_name_is_accepted() {
     let data = data();
-    let body = data.clone();
-    let server = Server::start(move |_, r| ranged(r, &body, vec![]));
+    let server = serving(&data);
     let cache = tempfile::tempdir().unwrap();
     let prefix = &sha256_hex(&data)[..8];
     let url = server.url(&format!(
@@ -954,7 +717,7 @@ fn progress_sees_the_whole_size() {
                 body: body[..SIZE / 2].to_vec(),
             }
         } else {
-            ranged(r, &body, vec![])
+            Reply::ranged(r, &body, vec![])
         }
     });
     let cache = tempfile::tempdir().unwrap();

@@ -4,26 +4,14 @@
 //!
 //! The fuzz targets themselves live in `fuzz/` (see fuzz/README.md).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::formats::pth::unpickle::unpickle;
 use ckptmap::formats::FormatError;
 
-fn op_str(s: &str) -> Vec<u8> {
-    let mut v = vec![b'X'];
-    v.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    v.extend_from_slice(s.as_bytes());
-    v
-}
-
-fn op_int(i: i64) -> Vec<u8> {
-    let mut v = vec![0x8a, 8];
-    v.extend_from_slice(&i.to_le_bytes());
-    v
-}
+use crate::util::pickle::{op_long, op_str, zip_stored};
+use crate::util::{fixture, root, write_file as write};
 
 /// Runs `f` and fails if it takes longer than `limit` (a hang or a quadratic blow-up).
 fn quickly<T>(limit: Duration, f: impl FnOnce() -> T) -> T {
@@ -31,12 +19,6 @@ fn quickly<T>(limit: Duration, f: impl FnOnce() -> T) -> T {
     let r = f();
     assert!(start.elapsed() < limit, "took {:?}", start.elapsed());
     r
-}
-
-fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, bytes).unwrap();
-    p
 }
 
 #[test]
@@ -138,7 +120,7 @@ fn legacy_file(declared: i64, actual: u64) -> Vec<u8> {
     p.extend_from_slice(b"ctorch\nFloatStorage\n");
     p.extend(op_str("0"));
     p.extend(op_str("cpu"));
-    p.extend(op_int(declared));
+    p.extend(op_long(declared));
     p.extend_from_slice(b"NtQK\x00(K\x01t(K\x01t\x89}tRu.");
     f.extend(p);
     f.extend_from_slice(b"\x80\x02]q\x00X\x01\x00\x00\x000a.");
@@ -174,17 +156,7 @@ fn legacy_storage_record_with_a_huge_count() {
 
 /// A zip checkpoint whose pickle is `p` and whose storage `0` holds `bytes`.
 fn zip_checkpoint(p: &[u8], bytes: &[u8]) -> Vec<u8> {
-    let mut buf = std::io::Cursor::new(Vec::new());
-    {
-        let mut z = zip::ZipWriter::new(&mut buf);
-        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-        for (name, data) in [("a/data.pkl", p), ("a/data/0", bytes), ("a/version", b"3\n")] {
-            z.start_file(name, opts).unwrap();
-            z.write_all(data).unwrap();
-        }
-        z.finish().unwrap();
-    }
-    buf.into_inner()
+    zip_stored(&[("a/data.pkl", p), ("a/data/0", bytes), ("a/version", b"3\n")])
 }
 
 #[test]
@@ -223,15 +195,14 @@ fn long_tensor_names_are_bounded() {
 fn table_with_check(check: &str) -> String {
     use ckptmap::mapping::plan::{plan, PlanOptions, SourceTensor};
     use ckptmap::mapping::table::MappingTable;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(root.join("mappings/mae.toml")).unwrap();
+    let text = std::fs::read_to_string(root().join("mappings/mae.toml")).unwrap();
     assert!(text.contains("checks = [\n"));
     let text = text.replacen("checks = [\n", &format!("checks = [\n    {check:?},\n"), 1);
     let table = match MappingTable::parse(&text, "t.toml") {
         Ok(t) => t,
         Err(e) => return e.to_string(),
     };
-    let c = Checkpoint::open(&root.join("fixtures/mae_tiny.pth")).unwrap();
+    let c = Checkpoint::open(&fixture("mae_tiny.pth")).unwrap();
     let sources: Vec<SourceTensor> = c
         .tensors_under(ckptmap::inspect::find_state_dict(&c).unwrap())
         .unwrap()

@@ -3,26 +3,16 @@
 //! conversions broken on purpose are reported as FAIL.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::io::Write;
-use std::process::{Command, Output};
+use std::path::Path;
 
 use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::write::pth::{write_pth, TensorToWrite};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
-}
-
-fn ckptmap(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(args).output().unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = ckptmap(args);
-    assert!(out.status.success(), "{args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
+use crate::util::bin::{ckptmap, ok};
+use crate::util::http::{Reply, Server};
+use crate::util::pickle::expanded_checkpoint;
+use crate::util::{fixture, mmseg_vit_b_512_keys, swapped_norm_table};
 
 /// Reads every tensor of a converted file: name → (shape, bytes).
 fn tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<u8>)> {
@@ -50,11 +40,6 @@ fn rewrite(src: &Path, dest: &Path, edit: impl Fn(&str, &mut Vec<u8>, &HashMap<S
         w.write_all(&bytes)
     })
     .unwrap();
-}
-
-fn mmseg_keys(arch: &str) -> Vec<(String, Vec<usize>)> {
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("mmseg_vit_b_512_keys.json")).unwrap()).unwrap();
-    serde_json::from_value(j[arch].clone()).unwrap()
 }
 
 #[test]
@@ -102,14 +87,17 @@ fn dtype_cast_matches_torch_half() {
     assert_eq!(tensors(&a), tensors(&b));
 }
 
-/// An MAE ViT-B/16 pretrain checkpoint (official key set and shapes, zero weights).
+/// An MAE ViT-B/16 pretrain checkpoint: the official key set and shapes, every tensor an
+/// expanded view of one 4-byte storage (a few KB instead of 343 MB: a dry run reads names
+/// and shapes only).
 fn write_vit_b(dest: &Path) {
-    ckptmap::synth::write_synthetic(dest, &ckptmap::synth::mae_pretrain_layout(768, 12, 16), false).unwrap();
+    std::fs::write(dest, expanded_checkpoint(&ckptmap::synth::mae_pretrain_layout(768, 12, 16))).unwrap();
 }
 
 /// Target names and shapes of a dry-run plan.
 fn planned(src: &Path, extra: &[&str]) -> HashMap<String, Vec<usize>> {
-    let mut args = vec!["convert", src.to_str().unwrap(), "unused.pth", "--dry-run", "--json"];
+    let dst = src.with_file_name("unused.pth");
+    let mut args = vec!["convert", src.to_str().unwrap(), dst.to_str().unwrap(), "--dry-run", "--json"];
     args.extend_from_slice(extra);
     let v: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
     v["plan"]["outputs"]
@@ -125,7 +113,8 @@ fn mae_vit_b_key_sets_match_mmseg() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("vitb.pth");
     write_vit_b(&src);
-    let mmseg: HashMap<String, Vec<usize>> = mmseg_keys("mae").into_iter().collect();
+    assert!(std::fs::metadata(&src).unwrap().len() < 1 << 20, "the ViT-B stand-in is meant to be small");
+    let mmseg: HashMap<String, Vec<usize>> = mmseg_vit_b_512_keys("mae").into_iter().collect();
     let unfillable = |k: &str| k.ends_with("relative_position_bias_table") || k.ends_with("relative_position_index") || k.contains("gamma_");
     // Clean: MMSeg's keys minus those the source cannot fill (pos_embed at its source size).
     let clean = planned(&src, &[]);
@@ -134,6 +123,7 @@ fn mae_vit_b_key_sets_match_mmseg() {
     assert_eq!(clean, want);
     // Load-ready at 512: all of them, with MMSeg's shapes.
     assert_eq!(planned(&src, &["--img-size", "512"]), mmseg, "load-ready MAE ViT-B at 512 must equal MMSeg's state dict");
+    assert!(!src.with_file_name("unused.pth").exists(), "a dry run wrote its output");
 }
 
 fn verify(converted: &Path, reference: &str) -> (bool, String) {
@@ -298,33 +288,14 @@ fn a_failed_conversion_never_replaces_a_good_file() {
     assert_eq!(std::fs::read(&out).unwrap(), b"previous good file");
 }
 
-/// Serves `body` at any path except `/missing*` (404) on 127.0.0.1, for `n` requests.
-fn serve(body: Vec<u8>, n: usize) -> (String, std::thread::JoinHandle<()>) {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let handle = std::thread::spawn(move || {
-        for stream in listener.incoming().take(n) {
-            let mut s = stream.unwrap();
-            let mut req = [0u8; 4096];
-            let len = s.read(&mut req).unwrap_or(0);
-            let head = String::from_utf8_lossy(&req[..len]).to_string();
-            if head.starts_with("GET /missing") {
-                let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-            } else {
-                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-                let _ = s.write_all(&body);
-            }
-        }
-    });
-    (format!("http://{addr}"), handle)
-}
-
 #[test]
 fn convert_and_inspect_accept_urls() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let (base, server) = serve(std::fs::read(fixture("beit_tiny_ft.pth")).unwrap(), 2);
+    // `body` at any path except `/missing*` (404).
+    let body = std::fs::read(fixture("beit_tiny_ft.pth")).unwrap();
+    let server = Server::start(move |_, r| if r.path.starts_with("/missing") { Reply::not_found() } else { Reply::ok(&body) });
+    let base = server.base();
     let out = dir.path().join("o.pth");
     let url = format!("{base}/beit_tiny_ft.pth");
     ok(&["convert", &url, out.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap(), "--verify"]);
@@ -332,14 +303,14 @@ fn convert_and_inspect_accept_urls() {
     let local = dir.path().join("l.pth");
     ok(&["convert", fixture("beit_tiny_ft.pth").to_str().unwrap(), local.to_str().unwrap()]);
     assert_eq!(tensors(&out), tensors(&local));
-    // The second use comes from the cache (the server answers only 2 requests: this one
+    // The second use comes from the cache (the server sees only 2 requests: this one
     // and the 404 below).
     let text = ok(&["inspect", &url, "--cache-dir", cache.to_str().unwrap()]);
     assert!(text.contains("state dict: model"), "{text}");
     let r = ckptmap(&["inspect", &format!("{base}/missing.pth"), "--cache-dir", cache.to_str().unwrap(), "--retries", "0"]);
     assert_eq!(r.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&r.stderr).contains("404"));
-    server.join().unwrap();
+    assert_eq!(server.paths(), ["/beit_tiny_ft.pth", "/missing.pth"]);
 }
 
 /// `convert --verify` checks the finished output before it is moved into place: a table
@@ -348,13 +319,7 @@ fn convert_and_inspect_accept_urls() {
 #[test]
 fn convert_verify_failure_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let table = ckptmap::mapping::table::builtin_table_text("mae").unwrap();
-    let rule = "match = 'blocks\\.(\\d+)\\.norm([12])\\.(weight|bias)'\nrename = \"layers.${1}.ln${2}.${3}\"";
-    assert!(table.contains(rule), "the built-in mae table changed; update this test's rule text");
-    let swapped = table.replace(
-        rule,
-        "match = 'blocks\\.(\\d+)\\.norm1\\.(weight|bias)'\nrename = \"layers.${1}.ln2.${2}\"\n\n[[rule]]\nid = \"swapped-norm2\"\nmatch = 'blocks\\.(\\d+)\\.norm2\\.(weight|bias)'\nrename = \"layers.${1}.ln1.${2}\"",
-    );
+    let swapped = swapped_norm_table();
     let swapped_path = dir.path().join("swapped.toml");
     std::fs::write(&swapped_path, swapped).unwrap();
     let dst = dir.path().join("out.pth");
@@ -382,4 +347,4 @@ fn convert_verify_failure_writes_nothing() {
     assert_ne!(std::fs::read(&dst).unwrap(), b"previous");
 }
 
-// README's commands (the main one included) run in tests/readme.rs.
+// README's commands (the main one included) run in tests/suite/readme.rs.

@@ -8,111 +8,13 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use ckptmap::write::pth::{write_pth, TensorToWrite};
 use ckptmap::DType;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
-}
-
-// ---------------------------------------------------------------------------------------
-// Pickle bytes, written opcode by opcode (protocol 2, as torch.save writes them).
-
-fn op_str(s: &str) -> Vec<u8> {
-    let mut v = vec![b'X'];
-    v.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    v.extend_from_slice(s.as_bytes());
-    v
-}
-
-fn op_int(i: i64) -> Vec<u8> {
-    if (0..256).contains(&i) {
-        vec![b'K', i as u8]
-    } else if i32::try_from(i).is_ok() {
-        let mut v = vec![b'J'];
-        v.extend_from_slice(&(i as i32).to_le_bytes());
-        v
-    } else {
-        let mut v = vec![0x8a, 8];
-        v.extend_from_slice(&i.to_le_bytes());
-        v
-    }
-}
-
-fn op_tuple(items: &[i64]) -> Vec<u8> {
-    let mut v = vec![b'('];
-    for &i in items {
-        v.extend(op_int(i));
-    }
-    v.push(b't');
-    v
-}
-
-/// One tensor as torch pickles it: `_rebuild_tensor_v2(storage, offset, size, stride, False, {})`
-/// over FloatStorage `key` of `numel` elements.
-struct Tensor<'a> {
-    name: &'a str,
-    key: &'a str,
-    numel: i64,
-    offset: i64,
-    shape: &'a [i64],
-    stride: &'a [i64],
-}
-
-fn tensor_ops(t: &Tensor) -> Vec<u8> {
-    let mut p = b"ctorch._utils\n_rebuild_tensor_v2\n(".to_vec();
-    p.push(b'(');
-    p.extend(op_str("storage"));
-    p.extend_from_slice(b"ctorch\nFloatStorage\n");
-    p.extend(op_str(t.key));
-    p.extend(op_str("cpu"));
-    p.extend(op_int(t.numel));
-    p.extend_from_slice(b"tQ");
-    p.extend(op_int(t.offset));
-    p.extend(op_tuple(t.shape));
-    p.extend(op_tuple(t.stride));
-    p.extend_from_slice(b"\x89}tR");
-    p
-}
-
-/// `{name: tensor, ...}` as a whole pickle.
-fn state_dict_pickle(tensors: &[Tensor]) -> Vec<u8> {
-    let mut p = vec![0x80, 2, b'}', b'('];
-    for t in tensors {
-        p.extend(op_str(t.name));
-        p.extend(tensor_ops(t));
-    }
-    p.extend_from_slice(b"u.");
-    p
-}
-
-/// A zip holding the given entries, stored, under one folder like torch's.
-fn zip_with(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut buf = std::io::Cursor::new(Vec::new());
-    {
-        let mut z = zip::ZipWriter::new(&mut buf);
-        for (name, data) in entries {
-            let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-            z.start_file(format!("archive/{name}"), opts).unwrap();
-            z.write_all(data).unwrap();
-        }
-        z.finish().unwrap();
-    }
-    buf.into_inner()
-}
-
-/// A torch.save-style zip: the pickle, then storages `0`, `1`, ... with the given bytes.
-fn checkpoint_zip(pickle: &[u8], storages: &[&[u8]]) -> Vec<u8> {
-    let names: Vec<String> = (0..storages.len()).map(|i| format!("data/{i}")).collect();
-    let mut entries: Vec<(&str, &[u8])> = vec![("data.pkl", pickle), ("byteorder", b"little")];
-    for (n, s) in names.iter().zip(storages) {
-        entries.push((n, s));
-    }
-    entries.push(("version", b"3\n"));
-    zip_with(&entries)
-}
+use crate::util::bin::cmd;
+use crate::util::pickle::{checkpoint_zip, op_int, op_str, state_dict_pickle, Tensor};
+use crate::util::{fixture, noise, root, write_file as write};
 
 /// A small good checkpoint written by our writer: `cls_token` [1,1,4] and `pos_embed` [1,5,4].
 fn good_small_zip() -> Vec<u8> {
@@ -153,17 +55,6 @@ fn set_u32(h: &mut [u8], at: usize, v: u32) {
     h[at..at + 4].copy_from_slice(&v.to_le_bytes());
 }
 
-/// Bytes that look random (a fixed LCG).
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (x >> 33) as u8
-        })
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------
 // The cases.
 
@@ -181,12 +72,6 @@ struct Case {
 fn case(what: &'static str, src: PathBuf, needles: &[&str]) -> Case {
     let names = src.file_name().unwrap().to_string_lossy().into_owned();
     Case { what, src, extra: Vec::new(), names, needles: needles.iter().map(|s| s.to_string()).collect() }
-}
-
-fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, bytes).unwrap();
-    p
 }
 
 fn bad_checkpoints(dir: &Path, marker: &Path) -> Vec<Case> {
@@ -324,7 +209,7 @@ fn bad_checkpoints(dir: &Path, marker: &Path) -> Vec<Case> {
 
 /// Mapping tables with mistakes, each derived from the built-in MAE table.
 fn bad_tables(dir: &Path) -> Vec<Case> {
-    let mae = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings/mae.toml")).unwrap();
+    let mae = std::fs::read_to_string(root().join("mappings/mae.toml")).unwrap();
     let edit = |from: &str, to: &str| {
         assert!(mae.contains(from), "mae.toml changed: {from}");
         mae.replacen(from, to, 1)
@@ -366,7 +251,7 @@ struct Outcome {
 fn run_case(c: &Case, command: &str, dir: &Path, i: usize) -> Outcome {
     let out_dir = dir.join(format!("out{i}-{command}"));
     std::fs::create_dir(&out_dir).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckptmap"));
+    let mut cmd = cmd();
     cmd.arg(command).arg(&c.src);
     if command == "convert" {
         cmd.arg(out_dir.join("OUT.pth"));
@@ -434,11 +319,11 @@ fn every_bad_input_is_one_clear_error_with_no_output() {
 fn the_limits_let_real_checkpoints_through() {
     let dir = tempfile::tempdir().unwrap();
     for f in ["mae_tiny.pth", "mae_tiny_legacy.pth", "mae_tiny_train.pth", "beit_tiny_pt.pth", "mae_tiny.safetensors", "views.pth"] {
-        let r = Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(["inspect"]).arg(fixture(f)).output().unwrap();
+        let r = cmd().args(["inspect"]).arg(fixture(f)).output().unwrap();
         assert!(r.status.success(), "{f}: {}", String::from_utf8_lossy(&r.stderr));
     }
     let out = dir.path().join("o.pth");
-    let r = Command::new(env!("CARGO_BIN_EXE_ckptmap")).arg("convert").arg(fixture("mae_tiny_train.pth")).arg(&out).output().unwrap();
+    let r = cmd().arg("convert").arg(fixture("mae_tiny_train.pth")).arg(&out).output().unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
 }
 
@@ -457,7 +342,7 @@ fn a_malformed_list_line_is_one_clear_error() {
         std::fs::create_dir(&case_dir).unwrap();
         let list = write(&case_dir, "list.txt", text.as_bytes());
         let out = case_dir.join("out");
-        let r = Command::new(env!("CARGO_BIN_EXE_ckptmap"))
+        let r = cmd()
             .arg("batch")
             .arg(&list)
             .arg("--out-dir")
@@ -504,7 +389,7 @@ fn a_corrupted_storage_byte_fails_its_crc_check() {
     for (i, (what, src, out_name, extra)) in runs.iter().enumerate() {
         let out_dir = dir.path().join(format!("crc{i}"));
         std::fs::create_dir(&out_dir).unwrap();
-        let r = Command::new(env!("CARGO_BIN_EXE_ckptmap"))
+        let r = cmd()
             .arg("convert")
             .arg(src)
             .arg(out_dir.join(out_name))
@@ -528,9 +413,9 @@ fn a_corrupted_storage_byte_fails_its_crc_check() {
     }
     // verify reads the original through the same checked reads.
     let converted = dir.path().join("good.pth");
-    let r = Command::new(env!("CARGO_BIN_EXE_ckptmap")).arg("convert").arg(&good).arg(&converted).output().unwrap();
+    let r = cmd().arg("convert").arg(&good).arg(&converted).output().unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let r = Command::new(env!("CARGO_BIN_EXE_ckptmap")).arg("verify").arg(&converted).arg("--against").arg(&fc1).output().unwrap();
+    let r = cmd().arg("verify").arg(&converted).arg("--against").arg(&fc1).output().unwrap();
     let err = String::from_utf8_lossy(&r.stderr);
     if r.status.code() != Some(2) || !err.contains("is corrupt") || !err.contains(&fc1.display().to_string()) {
         failures.push(format!("verify --against a corrupt original: exit {:?}, stderr: {}", r.status.code(), err.trim()));
