@@ -29,9 +29,15 @@ mod format_errors;
 mod fuzz_regressions;
 #[path = "suite/interrupt.rs"]
 mod interrupt;
+#[path = "suite/layouts.rs"]
+mod layouts;
 #[path = "suite/mapping.rs"]
 mod mapping;
 #[path = "suite/readme.rs"]
 mod readme;
+#[path = "suite/segmentor.rs"]
+mod segmentor;
 #[path = "suite/torch_corpus.rs"]
 mod torch_corpus;
+#[path = "suite/verify_layouts.rs"]
+mod verify_layouts;

@@ -158,12 +158,8 @@ fn pickle_that_stops_early() {
 fn deep_nesting_is_an_error_not_a_crash() {
     // 100k nested lists: a naive recursive reader overflows its stack.
     let mut p = vec![0x80, 2];
-    for _ in 0..100_000 {
-        p.push(b']');
-    }
-    for _ in 0..99_999 {
-        p.push(b'a');
-    }
+    p.extend(std::iter::repeat_n(b']', 100_000));
+    p.extend(std::iter::repeat_n(b'a', 99_999));
     p.push(b'.');
     let e = unpickle(&p).unwrap_err();
     assert!(matches!(e, FormatError::TooDeep(_)), "{e}");
@@ -173,9 +169,7 @@ fn deep_nesting_is_an_error_not_a_crash() {
 fn memo_bomb_is_an_error() {
     // A list of 10_000 items, then lists of 5_000 references to it, nested: 10^4 * 5*10^3 values.
     let mut p = vec![0x80, 2, b']', b'('];
-    for _ in 0..10_000 {
-        p.push(b'N');
-    }
+    p.extend(std::iter::repeat_n(b'N', 10_000));
     p.extend_from_slice(b"eq\x00(");
     for _ in 0..5_000 {
         p.extend_from_slice(b"h\x00");

@@ -180,9 +180,7 @@ fn long_tensor_names_are_bounded() {
         p.extend_from_slice(b"h\x01");
     }
     p.push(b'l');
-    for _ in 0..200 {
-        p.push(b's');
-    }
+    p.extend(std::iter::repeat_n(b's', 200));
     p.push(b'.');
     let dir = tempfile::tempdir().unwrap();
     let f = write(dir.path(), "names.pth", &zip_checkpoint(&p, &[0u8; 4]));

@@ -15,6 +15,12 @@ pub fn root() -> PathBuf {
 }
 
 /// `fixtures/<name>` (a file or a folder; `name` may hold slashes).
+/// `fixtures/layouts/`: the checkpoints of every source layout (HF, mmpretrain, MMSeg) with
+/// their real-library references and manifest.json.
+pub fn layouts() -> PathBuf {
+    root().join("fixtures").join("layouts")
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     root().join("fixtures").join(name)
 }

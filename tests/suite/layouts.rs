@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::util::layouts;
 use ckptmap::job::{choose_table, prepare};
 use ckptmap::write::execute::write_plan;
 use ckptmap::formats::checkpoint::Checkpoint;
@@ -19,9 +20,6 @@ use ckptmap::mapping::{detect, plan, MappingTable, Origin, Plan, PlanError, Plan
 use ckptmap::verify::{verify_with_reference, Tolerance, VerifyOptions};
 use ckptmap::DType;
 
-fn layouts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("layouts")
-}
 
 /// One checkpoint of fixtures/layouts/manifest.json.
 struct Fixture {

@@ -11,8 +11,8 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use crate::util::bin::ckptmap;
 use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::formats::pth::unpickle::unpickle;
 use ckptmap::formats::Value;
@@ -22,11 +22,7 @@ use ckptmap::write::pickle::{checkpoint_pickle, TopEntry};
 const SEGMENTORS: [&str; 3] = ["mmseg0_segmentor_mae", "mmseg1_segmentor_mae", "mmseg1_segmentor_beit"];
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/layouts").join(format!("{name}.pth"))
-}
-
-fn ckptmap(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(args).output().expect("run ckptmap")
+    crate::util::layouts().join(format!("{name}.pth"))
 }
 
 /// `ckptmap convert SRC OUT --json [extra]`: the report, or the failed run's stderr.

@@ -9,14 +9,13 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
+use crate::util::bin::ckptmap;
+use crate::util::layouts;
 use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::write::pth::{write_pth, TensorToWrite};
 
-fn layouts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("layouts")
-}
 
 /// One checkpoint of manifest.json (the entries with a `family`; references have none).
 struct Fixture {
@@ -41,10 +40,6 @@ fn manifest() -> (Vec<Fixture>, serde_json::Value) {
 
 fn common(key: &str) -> String {
     manifest().1[key].as_u64().unwrap_or_else(|| panic!("manifest common.{key}")).to_string()
-}
-
-fn ckptmap(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(args).output().unwrap()
 }
 
 fn text(o: &Output) -> String {
