@@ -31,9 +31,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use ckptmap::verify::{
-    deterministic_input, mmseg_forward, random_mmseg_weights, Arch, BackboneConfig,
-};
+use ckptmap::verify::{deterministic_input, mmseg_forward, random_mmseg_weights, Arch, BackboneConfig};
 
 struct Options {
     sizes: Vec<usize>,
@@ -50,11 +48,7 @@ struct Options {
 fn parse_list(s: &str) -> Vec<usize> {
     s.split(',')
         .filter(|p| !p.trim().is_empty())
-        .map(|p| {
-            p.trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("not a number: {p}"))
-        })
+        .map(|p| p.trim().parse().unwrap_or_else(|_| panic!("not a number: {p}")))
         .collect()
 }
 
@@ -126,11 +120,7 @@ fn process_cpu_ms() -> f64 {
     let mut ns = 0u64;
     for entry in dir.flatten() {
         if let Ok(s) = std::fs::read_to_string(entry.path().join("schedstat")) {
-            ns += s
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            ns += s.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
         }
     }
     ns as f64 / 1e6
@@ -185,12 +175,7 @@ fn child(o: &Options) {
         }
         s
     };
-    let join = |v: &[f64]| {
-        v.iter()
-            .map(|t| format!("{t:.3}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+    let join = |v: &[f64]| v.iter().map(|t| format!("{t:.3}")).collect::<Vec<_>>().join(",");
     println!("RESULT {};{}", join(&series.wall), join(&series.cpu));
 }
 
@@ -206,12 +191,7 @@ fn run_ours(o: &Options, size: usize, threads: usize) -> Result<Series, String> 
     }
     let out = cmd
         .args(["--child", "--sizes", &size.to_string()])
-        .args([
-            "--runs",
-            &o.runs.to_string(),
-            "--warmup",
-            &o.warmup.to_string(),
-        ])
+        .args(["--runs", &o.runs.to_string(), "--warmup", &o.warmup.to_string()])
         .env("RAYON_NUM_THREADS", threads.to_string())
         .env("CANDLE_NUM_THREADS", threads.to_string())
         .output()
@@ -222,10 +202,7 @@ fn run_ours(o: &Options, size: usize, threads: usize) -> Result<Series, String> 
         .find_map(|l| l.strip_prefix("RESULT "))
         .ok_or_else(|| format!("child failed: {}", String::from_utf8_lossy(&out.stderr)))?;
     let (wall, cpu) = line.split_once(';').unwrap_or((line, ""));
-    Ok(Series {
-        wall: parse_floats(wall),
-        cpu: parse_floats(cpu),
-    })
+    Ok(Series { wall: parse_floats(wall), cpu: parse_floats(cpu) })
 }
 
 fn torch_script() -> PathBuf {
@@ -233,12 +210,7 @@ fn torch_script() -> PathBuf {
 }
 
 /// Runs `forward_torch.py`; returns its series and the torch/timm versions.
-fn run_torch(
-    o: &Options,
-    model: &str,
-    size: usize,
-    threads: usize,
-) -> Result<(Series, String), String> {
+fn run_torch(o: &Options, model: &str, size: usize, threads: usize) -> Result<(Series, String), String> {
     let mut cmd = Command::new(&o.python);
     cmd.arg(torch_script());
     if o.matmul {
@@ -246,12 +218,7 @@ fn run_torch(
     }
     let out = cmd
         .args(["--model", model, "--size", &size.to_string()])
-        .args([
-            "--threads",
-            &threads.to_string(),
-            "--runs",
-            &o.runs.to_string(),
-        ])
+        .args(["--threads", &threads.to_string(), "--runs", &o.runs.to_string()])
         .args(["--warmup", &o.warmup.to_string()])
         .output()
         .map_err(|e| format!("{}: {e}", o.python))?;
@@ -262,10 +229,7 @@ fn run_torch(
     };
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
     let floats = |key: &str| -> Vec<f64> {
-        v[key]
-            .as_array()
-            .map(|a| a.iter().filter_map(|t| t.as_f64()).collect())
-            .unwrap_or_default()
+        v[key].as_array().map(|a| a.iter().filter_map(|t| t.as_f64()).collect()).unwrap_or_default()
     };
     let versions = format!(
         "torch {} / timm {} (ATen CPU capability {})",
@@ -273,13 +237,7 @@ fn run_torch(
         v["timm"].as_str().unwrap_or("?"),
         v["cpu_capability"].as_str().unwrap_or("?")
     );
-    Ok((
-        Series {
-            wall: floats("times_ms"),
-            cpu: floats("cpu_ms"),
-        },
-        versions,
-    ))
+    Ok((Series { wall: floats("times_ms"), cpu: floats("cpu_ms") }, versions))
 }
 
 fn loadavg() -> String {
@@ -318,11 +276,7 @@ fn ratio(ours: &[f64], torch: &[f64], higher_is_better: bool) -> String {
     if ours.is_empty() || torch.is_empty() {
         return "-".into();
     }
-    let r = if higher_is_better {
-        median(torch) / median(ours)
-    } else {
-        median(ours) / median(torch)
-    };
+    let r = if higher_is_better { median(torch) / median(ours) } else { median(ours) / median(torch) };
     if r.is_nan() {
         "-".into()
     } else {
@@ -348,10 +302,7 @@ fn print_table(o: &Options, cells: &[Cell], cpu: bool) {
     let mut rule = "|---:|---:|---:|".to_string();
     for m in &o.torch_models {
         let short = if o.matmul { "torch (time)" } else { m.as_str() };
-        header.push_str(&format!(
-            " {} {unit} | ours / {short} |",
-            model_name(m, o.matmul)
-        ));
+        header.push_str(&format!(" {} {unit} | ours / {short} |", model_name(m, o.matmul)));
         rule.push_str("---:|---:|");
     }
     println!("{header}");
@@ -378,9 +329,7 @@ fn main() {
     if o.matmul && !o.torch_models.is_empty() {
         o.torch_models = vec!["vit".into()]; // the script ignores the model in --matmul mode
     }
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let what = if o.matmul {
         "matmul [3072,768]x[768,T] (T = tokens at the size), GFLOP/s, median (max)"
     } else {
@@ -398,12 +347,7 @@ fn main() {
     let mut cells: Vec<Cell> = Vec::new();
     for &s in &o.sizes {
         for &t in &o.threads {
-            cells.push((
-                s,
-                t,
-                Series::default(),
-                vec![Series::default(); o.torch_models.len()],
-            ));
+            cells.push((s, t, Series::default(), vec![Series::default(); o.torch_models.len()]));
         }
     }
     let mut versions = String::new();
@@ -432,11 +376,7 @@ fn main() {
                     }
                 }
             }
-            eprintln!(
-                "round {} size {s} threads {t} done (load {})",
-                round + 1,
-                loadavg()
-            );
+            eprintln!("round {} size {s} threads {t} done (load {})", round + 1, loadavg());
         }
     }
 

@@ -283,7 +283,13 @@ mod tests {
         for &(d, b, want) in cases {
             assert_eq!(decode_f64(&[b], d), vec![want], "{d} 0x{b:02x}");
         }
-        for (d, b) in [(DType::F8E4M3Fn, 0x7f), (DType::F8E5M2, 0x7d), (DType::F8E4M3Fnuz, 0x80), (DType::F8E5M2Fnuz, 0x80), (DType::F8E8M0Fnu, 0xff)] {
+        for (d, b) in [
+            (DType::F8E4M3Fn, 0x7f),
+            (DType::F8E5M2, 0x7d),
+            (DType::F8E4M3Fnuz, 0x80),
+            (DType::F8E5M2Fnuz, 0x80),
+            (DType::F8E8M0Fnu, 0xff),
+        ] {
             assert!(decode_f64(&[b], d)[0].is_nan(), "{d} 0x{b:02x} is NaN");
         }
     }

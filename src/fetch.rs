@@ -141,33 +141,18 @@ pub enum FetchError {
     Http { url: String, status: u16 },
     /// The downloaded bytes do not have the expected sha256; nothing was kept.
     #[error("sha256 mismatch for {url}: expected {expected} ({source_of}) got {actual}; the download was discarded")]
-    Sha256Mismatch {
-        url: String,
-        expected: String,
-        actual: String,
-        source_of: HashSource,
-    },
+    Sha256Mismatch { url: String, expected: String, actual: String, source_of: HashSource },
     /// The cached copy is intact (it still has the sha256 recorded when it was downloaded)
     /// but not the expected one: the expectation is more likely wrong than the file, so the
     /// copy is kept and nothing is downloaded.
     #[error("sha256 mismatch for {url}: expected {expected} ({source_of}) but the cached copy {} (intact: it has the sha256 recorded when it was downloaded) has {actual}; kept it and downloaded nothing. Check the expected hash; if the file on the server changed, run `ckptmap cache clean {url}` and try again", path.display())]
-    CachedSha256Mismatch {
-        url: String,
-        path: PathBuf,
-        expected: String,
-        actual: String,
-        source_of: HashSource,
-    },
+    CachedSha256Mismatch { url: String, path: PathBuf, expected: String, actual: String, source_of: HashSource },
     /// The server's TLS certificate was rejected: retrying cannot change that.
     #[error("TLS certificate of {url} rejected: {message}. If a proxy or private CA signs it, add that CA to the system trust store or point SSL_CERT_FILE at a PEM bundle that includes it")]
     Certificate { url: String, message: String },
     /// Every attempt failed with a retryable error.
     #[error("gave up on {url} after {attempts} attempts: last error: {last}")]
-    GaveUp {
-        url: String,
-        attempts: u32,
-        last: String,
-    },
+    GaveUp { url: String, attempts: u32, last: String },
     /// The request could not be made at all (bad URL, too many redirects, client setup).
     #[error("request for {url} failed: {message}")]
     Request { url: String, message: String },
@@ -230,9 +215,7 @@ pub fn name_embedded_hash(url_or_path: &str) -> Option<String> {
     let name = s.rsplit(['/', '\\']).next().unwrap_or(s);
     let after_dash = &name[name.rfind('-')? + 1..];
     let hex = &after_dash[..after_dash.find('.')?];
-    let plausible = hex.len() >= MIN_NAME_HASH_LEN
-        && hex.len() <= 64
-        && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    let plausible = hex.len() >= MIN_NAME_HASH_LEN && hex.len() <= 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
     plausible.then(|| hex.to_ascii_lowercase())
 }
 
@@ -274,15 +257,9 @@ fn hash_prefix(
 /// Downloads `url` into the cache (or reuses the cached copy) and returns the verified file.
 ///
 /// Progress: one `begin`/`advance`/`end` job per file hashed or response body streamed.
-pub fn fetch(
-    url: &str,
-    opts: &FetchOptions,
-    progress: &dyn Progress,
-) -> Result<Fetched, FetchError> {
+pub fn fetch(url: &str, opts: &FetchOptions, progress: &dyn Progress) -> Result<Fetched, FetchError> {
     if !is_url(url) {
-        return Err(FetchError::NotUrl {
-            url: url.to_string(),
-        });
+        return Err(FetchError::NotUrl { url: url.to_string() });
     }
     let expected = expected_hashes(url, opts)?;
     let entry = CacheEntry::new(&cache_dir(opts), url);
@@ -340,9 +317,7 @@ pub fn fetch(
             Failure::Restart => {
                 entry.discard_part();
                 if attempt >= attempts {
-                    return Err(
-                        entry.gave_up(attempt, "the server's range answers did not fit".into())
-                    );
+                    return Err(entry.gave_up(attempt, "the server's range answers did not fit".into()));
                 }
                 std::thread::sleep(backoff_delay(opts.backoff, attempt));
             }
@@ -373,21 +348,12 @@ fn expected_hashes(url: &str, opts: &FetchOptions) -> Result<Vec<ExpectedHash>, 
     if let Some(given) = &opts.sha256 {
         let hex = given.trim().to_ascii_lowercase();
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(FetchError::BadExpectedSha256 {
-                url: url.to_string(),
-                given: given.clone(),
-            });
+            return Err(FetchError::BadExpectedSha256 { url: url.to_string(), given: given.clone() });
         }
-        expected.push(ExpectedHash {
-            hex,
-            source: HashSource::Option,
-        });
+        expected.push(ExpectedHash { hex, source: HashSource::Option });
     }
     if let Some(hex) = name_embedded_hash(url) {
-        expected.push(ExpectedHash {
-            hex,
-            source: HashSource::FileName,
-        });
+        expected.push(ExpectedHash { hex, source: HashSource::FileName });
     }
     Ok(expected)
 }
@@ -404,10 +370,7 @@ fn build_client(url: &str, opts: &FetchOptions) -> Result<Client, FetchError> {
         // In the blocking client this bounds the wait for the headers and each body read.
         .timeout(opts.read_timeout)
         .build()
-        .map_err(|e| FetchError::Request {
-            url: url.to_string(),
-            message: error_chain(&e),
-        })
+        .map_err(|e| FetchError::Request { url: url.to_string(), message: error_chain(&e) })
 }
 
 /// An error and its sources on one line, without repeating a message its cause repeats.
@@ -440,10 +403,15 @@ enum Reuse<'e> {
 fn certificate_problem(e: &(dyn StdError + 'static)) -> Option<String> {
     let mut next = Some(e);
     while let Some(err) = next {
-        let tls = err
-            .downcast_ref::<rustls::Error>()
-            .or_else(|| err.downcast_ref::<io::Error>().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref::<rustls::Error>()));
-        if let Some(t @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented | rustls::Error::UnsupportedNameType)) = tls {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<io::Error>().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref::<rustls::Error>())
+        });
+        if let Some(
+            t @ (rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::UnsupportedNameType),
+        ) = tls
+        {
             return Some(t.to_string());
         }
         next = err.source();
@@ -553,7 +521,13 @@ pub fn list_cache(root: &Path) -> io::Result<Vec<CachedFile>> {
             } else if let Some(stem) = name.strip_suffix(".json") {
                 let done = file.with_file_name(stem);
                 if let (Some(rec), Some(bytes)) = (read_json::<FinishedRecord>(&file), size(&done)) {
-                    found.push(CachedFile { url: rec.url, path: done, bytes, sha256: Some(rec.sha256), complete: true });
+                    found.push(CachedFile {
+                        url: rec.url,
+                        path: done,
+                        bytes,
+                        sha256: Some(rec.sha256),
+                        complete: true,
+                    });
                 }
             }
         }
@@ -566,7 +540,11 @@ pub fn list_cache(root: &Path) -> io::Result<Vec<CachedFile>> {
 /// `root` and returns what was removed. Only entry folders are touched; an entry another
 /// process is downloading into is an error, and nothing of it is removed.
 pub fn clean_cache(root: &Path, urls: &[String]) -> Result<Vec<CachedFile>, FetchError> {
-    let all = list_cache(root).map_err(|source| FetchError::Cache { url: String::new(), path: root.to_path_buf(), source })?;
+    let all = list_cache(root).map_err(|source| FetchError::Cache {
+        url: String::new(),
+        path: root.to_path_buf(),
+        source,
+    })?;
     let folders: Vec<(String, PathBuf)> = if urls.is_empty() {
         let mut dirs: Vec<(String, PathBuf)> = Vec::new();
         let rd = match fs::read_dir(root) {
@@ -576,7 +554,8 @@ pub fn clean_cache(root: &Path, urls: &[String]) -> Result<Vec<CachedFile>, Fetc
         };
         for e in rd {
             if is_entry_folder(&e.file_name()) && e.file_type().is_ok_and(|t| t.is_dir()) {
-                let url = all.iter().find(|f| f.path.parent() == Some(&e.path())).map(|f| f.url.clone()).unwrap_or_default();
+                let url =
+                    all.iter().find(|f| f.path.parent() == Some(&e.path())).map(|f| f.url.clone()).unwrap_or_default();
                 dirs.push((url, e.path()));
             }
         }
@@ -589,11 +568,21 @@ pub fn clean_cache(root: &Path, urls: &[String]) -> Result<Vec<CachedFile>, Fetc
         if !dir.is_dir() {
             continue;
         }
-        let err = |path: &Path, source: io::Error| FetchError::Cache { url: url.clone(), path: path.to_path_buf(), source };
+        let err =
+            |path: &Path, source: io::Error| FetchError::Cache { url: url.clone(), path: path.to_path_buf(), source };
         let lock_path = dir.join(".lock");
-        let lock = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&lock_path).map_err(|e| err(&lock_path, e))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| err(&lock_path, e))?;
         if lock.try_lock().is_err() {
-            return Err(err(&dir, io::Error::other("another ckptmap is downloading into it; try again when it has finished")));
+            return Err(err(
+                &dir,
+                io::Error::other("another ckptmap is downloading into it; try again when it has finished"),
+            ));
         }
         fs::remove_dir_all(&dir).map_err(|e| err(&dir, e))?;
         removed.extend(all.iter().filter(|f| f.path.parent() == Some(dir.as_path())).cloned());
@@ -627,11 +616,7 @@ struct CacheEntry {
 impl CacheEntry {
     fn new(root: &Path, url: &str) -> Self {
         let key = hex::encode(Sha256::digest(url.as_bytes()));
-        CacheEntry {
-            url: url.to_string(),
-            dir: root.join(key),
-            name: file_name_for(url),
-        }
+        CacheEntry { url: url.to_string(), dir: root.join(key), name: file_name_for(url) }
     }
 
     fn finished(&self) -> PathBuf {
@@ -651,19 +636,11 @@ impl CacheEntry {
     }
 
     fn cache_err(&self, path: &Path, source: io::Error) -> FetchError {
-        FetchError::Cache {
-            url: self.url.clone(),
-            path: path.to_path_buf(),
-            source,
-        }
+        FetchError::Cache { url: self.url.clone(), path: path.to_path_buf(), source }
     }
 
     fn gave_up(&self, attempts: u32, last: String) -> FetchError {
-        FetchError::GaveUp {
-            url: self.url.clone(),
-            attempts,
-            last,
-        }
+        FetchError::GaveUp { url: self.url.clone(), attempts, last }
     }
 
     fn create_dir(&self) -> Result<(), FetchError> {
@@ -686,11 +663,7 @@ impl CacheEntry {
     }
 
     /// The cached file, if its record matches it (re-hashed) and the expected hashes.
-    fn reuse<'e>(
-        &self,
-        expected: &'e [ExpectedHash],
-        progress: &dyn Progress,
-    ) -> Result<Reuse<'e>, FetchError> {
+    fn reuse<'e>(&self, expected: &'e [ExpectedHash], progress: &dyn Progress) -> Result<Reuse<'e>, FetchError> {
         let Some(record) = read_json::<FinishedRecord>(&self.finished_record()) else {
             return Ok(Reuse::Miss);
         };
@@ -709,10 +682,8 @@ impl CacheEntry {
         let mut hasher = Sha256::new();
         {
             let _job = ProgressJob::begin(progress, &format!("checking {}", self.name), Some(size));
-            hash_prefix(&mut file, u64::MAX, &mut hasher, &mut |n| {
-                progress.advance(n)
-            })
-            .map_err(|e| self.cache_err(&path, e))?;
+            hash_prefix(&mut file, u64::MAX, &mut hasher, &mut |n| progress.advance(n))
+                .map_err(|e| self.cache_err(&path, e))?;
         }
         let actual = hex::encode(hasher.finalize());
         if actual != record.sha256 {
@@ -721,13 +692,7 @@ impl CacheEntry {
         if let Some(bad) = first_mismatch(expected, &actual) {
             return Ok(Reuse::IntactButUnexpected { path, actual, bad });
         }
-        Ok(Reuse::Hit(Fetched {
-            path,
-            sha256: actual,
-            bytes: size,
-            from_cache: true,
-            resumed_from: 0,
-        }))
+        Ok(Reuse::Hit(Fetched { path, sha256: actual, bytes: size, from_cache: true, resumed_from: 0 }))
     }
 
     /// Removes a finished file that cannot be reused (record first, then the file).
@@ -749,15 +714,10 @@ impl CacheEntry {
 
     /// One request: resumes the `.part` when there is one, streams the body into it while
     /// hashing, and checks that the body was complete.
-    fn download_once(
-        &self,
-        client: &Client,
-        progress: &dyn Progress,
-    ) -> Result<Downloaded, Failure> {
+    fn download_once(&self, client: &Client, progress: &dyn Progress) -> Result<Downloaded, Failure> {
         let part_path = self.part();
         let offset = fs::metadata(&part_path).map(|m| m.len()).unwrap_or(0);
-        let part_record =
-            read_json::<PartRecord>(&self.part_record()).filter(|r| r.url == self.url);
+        let part_record = read_json::<PartRecord>(&self.part_record()).filter(|r| r.url == self.url);
 
         let mut request = client.get(&self.url);
         if offset > 0 {
@@ -773,9 +733,7 @@ impl CacheEntry {
 
         let resume_at = match status {
             206 if offset > 0 => {
-                let range = header_text(response.headers(), CONTENT_RANGE)
-                    .as_deref()
-                    .and_then(parse_content_range);
+                let range = header_text(response.headers(), CONTENT_RANGE).as_deref().and_then(parse_content_range);
                 let fits = match (range, &part_record) {
                     (Some((start, total)), record) => {
                         start == offset
@@ -798,12 +756,7 @@ impl CacheEntry {
             416 if offset > 0 => return Err(Failure::Restart),
             200..=299 if status != 206 => 0,
             500..=599 => return Err(Failure::Transient(format!("HTTP {status}"))),
-            _ => {
-                return Err(Failure::Fatal(FetchError::Http {
-                    url: self.url.clone(),
-                    status,
-                }))
-            }
+            _ => return Err(Failure::Fatal(FetchError::Http { url: self.url.clone(), status })),
         };
         let total = if resume_at > 0 {
             header_text(response.headers(), CONTENT_RANGE)
@@ -824,40 +777,29 @@ impl CacheEntry {
                 .write(true)
                 .open(&part_path)
                 .map_err(|e| self.fatal_cache(&part_path, e))?;
-            let hashed = hash_prefix(&mut file, resume_at, &mut hasher, &mut |n| {
-                progress.advance(n)
-            })
-            .map_err(|e| self.fatal_cache(&part_path, e))?;
+            let hashed = hash_prefix(&mut file, resume_at, &mut hasher, &mut |n| progress.advance(n))
+                .map_err(|e| self.fatal_cache(&part_path, e))?;
             if hashed != resume_at {
                 return Err(Failure::Restart);
             }
-            file.seek(SeekFrom::Start(resume_at))
-                .map_err(|e| self.fatal_cache(&part_path, e))?;
+            file.seek(SeekFrom::Start(resume_at)).map_err(|e| self.fatal_cache(&part_path, e))?;
         } else {
             // A fresh start: record the validators first, so a cut download can resume.
-            let record = PartRecord {
-                url: self.url.clone(),
-                etag: etag.clone(),
-                last_modified: last_modified.clone(),
-                total,
-            };
+            let record =
+                PartRecord { url: self.url.clone(), etag: etag.clone(), last_modified: last_modified.clone(), total };
             let _ = fs::remove_file(self.part_record());
             file = File::create(&part_path).map_err(|e| self.fatal_cache(&part_path, e))?;
-            write_json(&self.part_record(), &record)
-                .map_err(|e| self.fatal_cache(&self.part_record(), e))?;
+            write_json(&self.part_record(), &record).map_err(|e| self.fatal_cache(&self.part_record(), e))?;
         }
 
         let written = self.stream_body(response, &mut file, &mut hasher, progress, resume_at)?;
         let size = resume_at + written;
         if let Some(total) = total {
             if size != total {
-                return Err(Failure::Transient(format!(
-                    "the body ended after {size} of {total} bytes"
-                )));
+                return Err(Failure::Transient(format!("the body ended after {size} of {total} bytes")));
             }
         }
-        file.sync_all()
-            .map_err(|e| self.fatal_cache(&part_path, e))?;
+        file.sync_all().map_err(|e| self.fatal_cache(&part_path, e))?;
         Ok(Downloaded {
             sha256: hex::encode(hasher.finalize()),
             bytes: size,
@@ -894,8 +836,7 @@ impl CacheEntry {
                     )));
                 }
             };
-            file.write_all(&buf[..n])
-                .map_err(|e| self.fatal_cache(&part_path, e))?;
+            file.write_all(&buf[..n]).map_err(|e| self.fatal_cache(&part_path, e))?;
             hasher.update(&buf[..n]);
             written += n as u64;
             progress.advance(n as u64);
@@ -917,13 +858,7 @@ impl CacheEntry {
         let record_path = self.finished_record();
         write_json(&record_path, &record).map_err(|e| self.cache_err(&record_path, e))?;
         let _ = fs::remove_file(self.part_record());
-        Ok(Fetched {
-            path,
-            sha256: done.sha256,
-            bytes: done.bytes,
-            from_cache: false,
-            resumed_from: done.resumed_from,
-        })
+        Ok(Fetched { path, sha256: done.sha256, bytes: done.bytes, from_cache: false, resumed_from: done.resumed_from })
     }
 
     fn fatal_cache(&self, path: &Path, source: io::Error) -> Failure {
@@ -938,10 +873,7 @@ impl CacheEntry {
             return Failure::Fatal(FetchError::Certificate { url: self.url.clone(), message });
         }
         if e.is_builder() || e.is_redirect() {
-            Failure::Fatal(FetchError::Request {
-                url: self.url.clone(),
-                message: error_chain(&e),
-            })
+            Failure::Fatal(FetchError::Request { url: self.url.clone(), message: error_chain(&e) })
         } else {
             Failure::Transient(error_chain(&e))
         }
@@ -953,21 +885,10 @@ impl CacheEntry {
 fn file_name_for(url: &str) -> String {
     let segment = reqwest::Url::parse(url)
         .ok()
-        .and_then(|u| {
-            u.path_segments()
-                .and_then(|mut segments| segments.next_back().map(str::to_string))
-        })
+        .and_then(|u| u.path_segments().and_then(|mut segments| segments.next_back().map(str::to_string)))
         .unwrap_or_default();
-    let mut name: String = segment
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-+=@,%".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let mut name: String =
+        segment.chars().map(|c| if c.is_ascii_alphanumeric() || "._-+=@,%".contains(c) { c } else { '_' }).collect();
     if name.len() > 200 {
         name.truncate(200);
     }
@@ -1004,10 +925,7 @@ fn parse_content_range(value: &str) -> Option<(u64, Option<u64>)> {
 }
 
 fn header_text(headers: &HeaderMap, name: reqwest::header::HeaderName) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
@@ -1036,51 +954,23 @@ mod tests {
     #[test]
     fn cache_dir_precedence() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |key: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == key)
-                    .map(|(_, v)| OsString::from(v))
-            }
+            move |key: &str| pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| OsString::from(v))
         };
-        let all: &[(&str, &str)] = &[
-            ("CKPTMAP_CACHE", "/c"),
-            ("XDG_CACHE_HOME", "/x"),
-            ("HOME", "/h"),
-        ];
-        assert_eq!(
-            resolve_cache_dir(Some(Path::new("/o")), env(all)),
-            PathBuf::from("/o")
-        );
+        let all: &[(&str, &str)] = &[("CKPTMAP_CACHE", "/c"), ("XDG_CACHE_HOME", "/x"), ("HOME", "/h")];
+        assert_eq!(resolve_cache_dir(Some(Path::new("/o")), env(all)), PathBuf::from("/o"));
         assert_eq!(resolve_cache_dir(None, env(all)), PathBuf::from("/c"));
-        let no_ckpt: &[(&str, &str)] = &[
-            ("CKPTMAP_CACHE", ""),
-            ("XDG_CACHE_HOME", "/x"),
-            ("HOME", "/h"),
-        ];
-        assert_eq!(
-            resolve_cache_dir(None, env(no_ckpt)),
-            PathBuf::from("/x/ckptmap")
-        );
+        let no_ckpt: &[(&str, &str)] = &[("CKPTMAP_CACHE", ""), ("XDG_CACHE_HOME", "/x"), ("HOME", "/h")];
+        assert_eq!(resolve_cache_dir(None, env(no_ckpt)), PathBuf::from("/x/ckptmap"));
         let relative_xdg: &[(&str, &str)] = &[("XDG_CACHE_HOME", "rel"), ("HOME", "/h")];
         if !cfg!(windows) {
-            assert_eq!(
-                resolve_cache_dir(None, env(relative_xdg)),
-                PathBuf::from("/h/.cache/ckptmap")
-            );
+            assert_eq!(resolve_cache_dir(None, env(relative_xdg)), PathBuf::from("/h/.cache/ckptmap"));
         }
-        assert_eq!(
-            resolve_cache_dir(None, env(&[])),
-            std::env::temp_dir().join("ckptmap")
-        );
+        assert_eq!(resolve_cache_dir(None, env(&[])), std::env::temp_dir().join("ckptmap"));
     }
 
     #[test]
     fn content_range_parsing() {
-        assert_eq!(
-            parse_content_range("bytes 100-199/200"),
-            Some((100, Some(200)))
-        );
+        assert_eq!(parse_content_range("bytes 100-199/200"), Some((100, Some(200))));
         assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
         assert_eq!(parse_content_range("bytes */200"), None);
         assert_eq!(parse_content_range("bytes 9-5/200"), None);
@@ -1090,10 +980,7 @@ mod tests {
 
     #[test]
     fn file_names_from_urls() {
-        assert_eq!(
-            file_name_for("https://h/a/b/model-abc.pth?x=1#f"),
-            "model-abc.pth"
-        );
+        assert_eq!(file_name_for("https://h/a/b/model-abc.pth?x=1#f"), "model-abc.pth");
         assert_eq!(file_name_for("https://h/"), "download");
         assert_eq!(file_name_for("https://h"), "download");
         assert_eq!(file_name_for("https://h/a%20b.pth"), "a%20b.pth");

@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 
-use crate::formats::checkpoint::{Checkpoint, TensorEntry};
 use crate::dtype::decode_f64;
+use crate::formats::checkpoint::{Checkpoint, TensorEntry};
 use crate::formats::value::count_tensors;
 use crate::formats::Value;
 
@@ -152,15 +152,18 @@ pub struct DiffReport {
 
 impl DiffReport {
     pub fn same(&self) -> bool {
-        self.only_in_a.is_empty() && self.only_in_b.is_empty() && self.mismatched.is_empty() && self.value_diffs.is_empty() && self.dtype_diffs.is_empty()
+        self.only_in_a.is_empty()
+            && self.only_in_b.is_empty()
+            && self.mismatched.is_empty()
+            && self.value_diffs.is_empty()
+            && self.dtype_diffs.is_empty()
     }
 }
 
 /// The tensors of the state dict at `root` (found automatically when None).
 pub fn state_dict_tensors<'c>(c: &'c Checkpoint, root: Option<&str>) -> std::io::Result<Vec<TensorEntry<'c>>> {
     let root = root.or_else(|| find_state_dict(c)).unwrap_or("");
-    c.tensors_under(root)
-        .ok_or_else(|| std::io::Error::other(format!("{}: no entry {root:?}", c.path().display())))
+    c.tensors_under(root).ok_or_else(|| std::io::Error::other(format!("{}: no entry {root:?}", c.path().display())))
 }
 
 /// Compares the state dicts of two checkpoints (`root_*` = None: found automatically).

@@ -6,7 +6,6 @@ use super::{DEFAULT_SUFFIX, REPORT_FILE};
 use crate::fetch;
 use crate::write::execute::OutputFormat;
 
-
 /// Where an item's checkpoint comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -110,9 +109,18 @@ pub fn parse_list(text: &str, list_file: &Path) -> Result<Vec<ListItem>, ListErr
             })?,
         };
         if let Some(prev) = items.iter().find(|it| it.output == output) {
-            return Err(err(line, format!("output {output} is also written by line {}; give one of them another name=", prev.line)));
+            return Err(err(
+                line,
+                format!("output {output} is also written by line {}; give one of them another name=", prev.line),
+            ));
         }
-        let mapping = mapping.map(|m| if m.ends_with(".toml") || m.contains('/') { resolve(base, &m).display().to_string() } else { m });
+        let mapping = mapping.map(|m| {
+            if m.ends_with(".toml") || m.contains('/') {
+                resolve(base, &m).display().to_string()
+            } else {
+                m
+            }
+        });
         items.push(ListItem { line, source, output, mapping, sha256: sha256.map(|h| h.to_ascii_lowercase()) });
     }
     Ok(items)
@@ -138,7 +146,9 @@ fn check_output_name(name: &str) -> Result<(), String> {
     if name == REPORT_FILE {
         return Err(format!("name={name} is the batch report's name"));
     }
-    OutputFormat::from_path(Path::new(name)).map(|_| ()).map_err(|_| format!("name={name} must end in .pth, .pt, .bin, .ckpt or .safetensors"))
+    OutputFormat::from_path(Path::new(name))
+        .map(|_| ())
+        .map_err(|_| format!("name={name} must end in .pth, .pt, .bin, .ckpt or .safetensors"))
 }
 
 /// `<stem of the source's file name>_mmseg.pth`, e.g. `mae_pretrain_vit_base_mmseg.pth`.

@@ -45,12 +45,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
-
-use crate::write::atomic::AtomicFile;
 use crate::fetch::{self, FetchOptions};
 use crate::job::{self, JobError};
 use crate::mapping::plan::PlanOptions;
 use crate::progress::{NoProgress, Progress};
+use crate::write::atomic::AtomicFile;
 use crate::DType;
 
 /// The report's file name inside the output folder.
@@ -64,8 +63,9 @@ mod list;
 mod report;
 
 pub use list::{default_output_name, parse_list, ListError, ListItem, Source};
-pub use report::{BatchReport, InputRecord, ItemError, ItemReport, ItemSettings, PlanSummary, RunRecord, Stage, Status, Summary};
-
+pub use report::{
+    BatchReport, InputRecord, ItemError, ItemReport, ItemSettings, PlanSummary, RunRecord, Stage, Status, Summary,
+};
 
 /// How to run a batch.
 #[derive(Clone, Debug)]
@@ -126,7 +126,12 @@ pub fn read_list(path: &Path) -> Result<Vec<ListItem>, BatchError> {
 
 /// Runs the batch; see the module docs. Returns the final report (also in
 /// `<out_dir>/report.json`); an `Err` means the run itself could not go on.
-pub fn run_batch(list: &Path, items: &[ListItem], opts: &BatchOptions, events: &dyn BatchEvents) -> Result<BatchReport, BatchError> {
+pub fn run_batch(
+    list: &Path,
+    items: &[ListItem],
+    opts: &BatchOptions,
+    events: &dyn BatchEvents,
+) -> Result<BatchReport, BatchError> {
     if opts.jobs == 0 {
         return Err(BatchError::Options("jobs must be at least 1".into()));
     }
@@ -134,7 +139,12 @@ pub fn run_batch(list: &Path, items: &[ListItem], opts: &BatchOptions, events: &
     let dir_err = |path: &Path, source: io::Error| BatchError::OutDir { path: path.to_path_buf(), source };
     fs::create_dir_all(out_dir).map_err(|e| dir_err(out_dir, e))?;
     let lock_path = out_dir.join(LOCK_FILE);
-    let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| dir_err(&lock_path, e))?;
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| dir_err(&lock_path, e))?;
     match lock.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => return Err(BatchError::Busy { path: out_dir.clone() }),
@@ -389,7 +399,10 @@ fn acquire(item: &ListItem, opts: &BatchOptions, events: &dyn BatchEvents) -> Re
             let sha256 = fetch::sha256_file(path, &*progress).map_err(|e| err(format!("{}: {e}", path.display())))?;
             if let Some(expected) = &item.sha256 {
                 if &sha256 != expected {
-                    return Err(err(format!("sha256 mismatch for {}: expected {expected} (given sha256) got {sha256}", path.display())));
+                    return Err(err(format!(
+                        "sha256 mismatch for {}: expected {expected} (given sha256) got {sha256}",
+                        path.display()
+                    )));
                 }
             }
             InputRecord { path: path.display().to_string(), sha256, bytes: meta.len(), from_cache: false, seconds: 0.0 }
@@ -398,11 +411,16 @@ fn acquire(item: &ListItem, opts: &BatchOptions, events: &dyn BatchEvents) -> Re
     Ok(InputRecord { seconds: start.elapsed().as_secs_f64(), ..record })
 }
 
-
 /// Converts one acquired input into `<out_dir>/<output>` through [`job::run`] (the same
 /// conversion, check and commit as `ckptmap convert`), filling `done` as it goes. The output
 /// appears only when it is complete, hashed and (if asked) verified.
-fn convert_item(item: &ListItem, input: &InputRecord, opts: &BatchOptions, events: &dyn BatchEvents, done: &mut ItemReport) -> Result<(), ItemError> {
+fn convert_item(
+    item: &ListItem,
+    input: &InputRecord,
+    opts: &BatchOptions,
+    events: &dyn BatchEvents,
+    done: &mut ItemReport,
+) -> Result<(), ItemError> {
     let req = job::Request {
         source: item.source.text(),
         input: PathBuf::from(&input.path),

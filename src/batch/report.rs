@@ -5,7 +5,6 @@ use serde::{Deserialize, Serialize};
 use crate::job::{self, VerifyRecord};
 use crate::DType;
 
-
 /// Where a run stands with one item.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -228,7 +228,12 @@ pub(crate) struct ConversionArgs {
 
 impl ConversionArgs {
     pub(crate) fn plan_options(&self) -> PlanOptions {
-        PlanOptions { img_size: self.img_size, num_heads: self.num_heads, keep_unused: self.keep_unused, init_values: self.init_values }
+        PlanOptions {
+            img_size: self.img_size,
+            num_heads: self.num_heads,
+            keep_unused: self.keep_unused,
+            init_values: self.init_values,
+        }
     }
 }
 
@@ -295,6 +300,8 @@ pub(crate) fn parse_float_dtype(s: &str) -> Result<DType, String> {
     };
     match DType::from_name(canonical) {
         Some(d) if d.is_float() => Ok(d),
-        _ => Err(format!("{s:?} is not a floating-point dtype: use float32 (fp32), float16 (fp16, half), bfloat16 (bf16) or float64")),
+        _ => Err(format!(
+            "{s:?} is not a floating-point dtype: use float32 (fp32), float16 (fp16, half), bfloat16 (bf16) or float64"
+        )),
     }
 }

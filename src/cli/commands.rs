@@ -100,7 +100,12 @@ pub(crate) fn run(command: Command, quiet: bool) -> Result<ExitCode> {
             }
             // Large files get a progress bar on a terminal (unless --json).
             let bar = Bar::new(!json && !download.quiet && planned.source_bytes() > 64 << 20);
-            let report = match ckptmap::job::run_planned(&req, &planned, &bar, &Spinner::new(!json && !quiet, "checking the output with the forward pass")) {
+            let report = match ckptmap::job::run_planned(
+                &req,
+                &planned,
+                &bar,
+                &Spinner::new(!json && !quiet, "checking the output with the forward pass"),
+            ) {
                 Err(ckptmap::job::JobError::CheckFailed { output, record }) => {
                     // The check failed: nothing was moved into place.
                     if json {
@@ -109,7 +114,10 @@ pub(crate) fn run(command: Command, quiet: bool) -> Result<ExitCode> {
                     } else {
                         print_verify_record(&record);
                     }
-                    eprintln!("error: {}: not written: the converted weights fail the forward-pass check", output.display());
+                    eprintln!(
+                        "error: {}: not written: the converted weights fail the forward-pass check",
+                        output.display()
+                    );
                     return Ok(ExitCode::from(1));
                 }
                 other => other?,
@@ -171,7 +179,8 @@ pub(crate) fn run(command: Command, quiet: bool) -> Result<ExitCode> {
         Command::Diff { a, b, root_a, root_b, json } => {
             let ca = Checkpoint::open(&a)?;
             let cb = Checkpoint::open(&b)?;
-            let report = inspect::diff(&ca, &cb, root_a.as_deref(), root_b.as_deref()).context("reading tensor data")?;
+            let report =
+                inspect::diff(&ca, &cb, root_a.as_deref(), root_b.as_deref()).context("reading tensor data")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -198,13 +207,19 @@ pub(crate) fn run(command: Command, quiet: bool) -> Result<ExitCode> {
 }
 
 pub(crate) fn run_cache_command(action: CacheAction) -> Result<ExitCode> {
-    let root = |dir: Option<PathBuf>| ckptmap::fetch::cache_dir(&ckptmap::fetch::FetchOptions { cache_dir: dir, ..Default::default() });
+    let root = |dir: Option<PathBuf>| {
+        ckptmap::fetch::cache_dir(&ckptmap::fetch::FetchOptions { cache_dir: dir, ..Default::default() })
+    };
     match action {
         CacheAction::List { json, cache_dir } => {
             let root = root(cache_dir);
-            let files = ckptmap::fetch::list_cache(&root).with_context(|| format!("cannot read the cache folder {}", root.display()))?;
+            let files = ckptmap::fetch::list_cache(&root)
+                .with_context(|| format!("cannot read the cache folder {}", root.display()))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "cache_dir": root, "files": files }))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "cache_dir": root, "files": files }))?
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             println!("cache: {}", root.display());
@@ -228,7 +243,14 @@ pub(crate) fn run_cache_command(action: CacheAction) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn run_batch_command(list: PathBuf, out_dir: PathBuf, jobs: u16, c: ConversionArgs, json: bool, download: &DownloadArgs) -> Result<ExitCode> {
+pub(crate) fn run_batch_command(
+    list: PathBuf,
+    out_dir: PathBuf,
+    jobs: u16,
+    c: ConversionArgs,
+    json: bool,
+    download: &DownloadArgs,
+) -> Result<ExitCode> {
     use ckptmap::batch;
     if download.sha256.is_some() {
         anyhow::bail!("--sha256 does not apply to batch: put sha256=HEX on the list's lines");

@@ -26,7 +26,10 @@ pub(crate) fn print_outcome(o: &ckptmap::verify::VerifyOutcome) {
         }
     }
     if o.passed {
-        println!("PASS: every output within tolerance (max rel {:e}, cosine >= {})", o.tolerance.max_rel, o.tolerance.min_cosine);
+        println!(
+            "PASS: every output within tolerance (max rel {:e}, cosine >= {})",
+            o.tolerance.max_rel, o.tolerance.min_cosine
+        );
     } else {
         println!("FAIL: the converted weights do not compute what the reference computed");
     }
@@ -55,7 +58,9 @@ pub(crate) fn print_plan(plan: &Plan, mapping: &str, root: &str, dtype: Option<D
     println!("source keys:");
     for fate in plan.source_fates() {
         match fate.fate {
-            Fate::Produces(outs) if outs.len() == 1 => println!("  {} -> {}  [{}]", fate.source, outs[0].target, outs[0].rule),
+            Fate::Produces(outs) if outs.len() == 1 => {
+                println!("  {} -> {}  [{}]", fate.source, outs[0].target, outs[0].rule)
+            }
             Fate::Produces(outs) => {
                 let targets: Vec<&str> = outs.iter().map(|o| o.target.as_str()).collect();
                 println!("  {} -> {} targets: {}", fate.source, outs.len(), targets.join(", "));
@@ -128,7 +133,14 @@ pub(crate) fn print_inspect(r: &inspect::InspectReport) {
     let dw = r.tensors.iter().map(|t| t.dtype.len()).max().unwrap_or(5).max(5);
     println!("{:<width$}  {:<dw$}  {:<20}  {:>12}  {:>10}", "name", "dtype", "shape", "numel", "bytes");
     for t in &r.tensors {
-        println!("{:<width$}  {:<dw$}  {:<20}  {:>12}  {:>10}", t.name, t.dtype, format!("{:?}", t.shape), t.numel, human_bytes(t.bytes));
+        println!(
+            "{:<width$}  {:<dw$}  {:<20}  {:>12}  {:>10}",
+            t.name,
+            t.dtype,
+            format!("{:?}", t.shape),
+            t.numel,
+            human_bytes(t.bytes)
+        );
     }
     println!();
     println!("total: {} tensors, {} params, {}", r.tensors.len(), r.total_params, human_bytes(r.total_bytes));
@@ -199,7 +211,11 @@ pub(crate) fn print_batch(r: &ckptmap::batch::BatchReport, report_path: &std::pa
                     if v.subject == "output" { "" } else { " (clean)" }
                 ),
             };
-            let error = i.error.as_ref().map(|e| format!("{}: {}", format!("{:?}", e.stage).to_lowercase(), e.message)).unwrap_or_default();
+            let error = i
+                .error
+                .as_ref()
+                .map(|e| format!("{}: {}", format!("{:?}", e.stage).to_lowercase(), e.message))
+                .unwrap_or_default();
             [
                 format!("{}:{}", i.line, i.output),
                 status.to_string(),
@@ -220,8 +236,17 @@ pub(crate) fn print_batch(r: &ckptmap::batch::BatchReport, report_path: &std::pa
     let line = |c: [&str; 6]| {
         let text = format!(
             "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:<w4$}  {}",
-            c[0], c[1], c[2], c[3], c[4], c[5],
-            w0 = width[0], w1 = width[1], w2 = width[2], w3 = width[3], w4 = width[4]
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            c[4],
+            c[5],
+            w0 = width[0],
+            w1 = width[1],
+            w2 = width[2],
+            w3 = width[3],
+            w4 = width[4]
         );
         println!("{}", text.trim_end());
     };

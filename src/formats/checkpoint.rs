@@ -80,10 +80,14 @@ impl Checkpoint {
         for t in self.tensors() {
             let loc = &self.storages[t.view.storage];
             let storage = &loc.storage;
-            let nbytes = t.view.checked_nbytes().ok_or_else(|| {
-                FormatError::BadView(format!("tensor {}: size {:?} overflows", t.name, t.view.shape))
-            })?;
-            let needed = t.view.extent().ok_or_else(|| FormatError::BadView(format!("tensor {}: size/stride overflow", t.name)))?;
+            let nbytes = t
+                .view
+                .checked_nbytes()
+                .ok_or_else(|| FormatError::BadView(format!("tensor {}: size {:?} overflows", t.name, t.view.shape)))?;
+            let needed = t
+                .view
+                .extent()
+                .ok_or_else(|| FormatError::BadView(format!("tensor {}: size/stride overflow", t.name)))?;
             // In bytes: a `_rebuild_tensor_v3` tensor counts its elements in its own dtype
             // over an untyped (byte) storage.
             let elem = t.view.dtype.size() as u64;
@@ -162,7 +166,10 @@ impl Checkpoint {
 
     /// Checks the bytes under the given tensors against the CRC-32s the zip records for
     /// their storages (each storage once); storages without one (legacy, safetensors) pass.
-    pub fn check_crcs<'t>(&self, tensors: impl IntoIterator<Item = &'t TensorEntry<'t>>) -> Result<(), CheckpointError> {
+    pub fn check_crcs<'t>(
+        &self,
+        tensors: impl IntoIterator<Item = &'t TensorEntry<'t>>,
+    ) -> Result<(), CheckpointError> {
         let err = |source: FormatError| CheckpointError { path: self.path.clone(), source };
         let mut buf = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -259,7 +266,11 @@ impl Checkpoint {
             if let Some(recorded) = recorded {
                 let actual = h.finalize();
                 if actual != recorded.crc {
-                    let e = FormatError::CrcMismatch { what: format!("storage {}", loc.storage.key), recorded: recorded.crc, actual };
+                    let e = FormatError::CrcMismatch {
+                        what: format!("storage {}", loc.storage.key),
+                        recorded: recorded.crc,
+                        actual,
+                    };
                     return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
                 }
             }
@@ -348,11 +359,15 @@ fn check_names(root: &Value) -> Result<(), FormatError> {
         match v {
             Value::Tensor(_) => {
                 if len > MAX_NAME_BYTES {
-                    return Err(FormatError::BadView(format!("a tensor's name is {len} bytes long, more than the {MAX_NAME_BYTES} allowed")));
+                    return Err(FormatError::BadView(format!(
+                        "a tensor's name is {len} bytes long, more than the {MAX_NAME_BYTES} allowed"
+                    )));
                 }
                 *total += len;
                 if *total > MAX_ALL_NAMES_BYTES {
-                    return Err(FormatError::BadView(format!("tensor names take more than {MAX_ALL_NAMES_BYTES} bytes")));
+                    return Err(FormatError::BadView(format!(
+                        "tensor names take more than {MAX_ALL_NAMES_BYTES} bytes"
+                    )));
                 }
             }
             Value::Dict(items) => {

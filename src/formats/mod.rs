@@ -69,7 +69,6 @@ pub struct ParsedFile {
     pub crcs_absent: bool,
 }
 
-
 impl FormatError {
     /// The same error seen from one level up the value tree: an invalid tensor's name gets
     /// the parent key in front (`blocks.0.w`).

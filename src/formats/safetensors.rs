@@ -44,11 +44,14 @@ pub fn read_safetensors(file: &File) -> Result<(ParsedFile, HashMap<String, Stri
             .ok_or_else(|| FormatError::Safetensors(format!("tensor {name}: unsupported dtype {:?}", info.dtype)))?;
         let (start, end) = info.data_offsets;
         let numel = info.shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n));
-        let numel = numel.ok_or_else(|| FormatError::Safetensors(format!("tensor {name}: shape {:?} overflows", info.shape)))?;
+        let numel = numel
+            .ok_or_else(|| FormatError::Safetensors(format!("tensor {name}: shape {:?} overflows", info.shape)))?;
         let byte_len = end.saturating_sub(start) as u64;
         let fits = end >= start && (end as u64).checked_add(data_start).is_some_and(|e| e <= len);
         if !fits || Some(byte_len) != (numel as u64).checked_mul(dtype.size() as u64) {
-            return Err(FormatError::Safetensors(format!("tensor {name}: data offsets {start}..{end} do not fit its shape or the file")));
+            return Err(FormatError::Safetensors(format!(
+                "tensor {name}: data offsets {start}..{end} do not fit its shape or the file"
+            )));
         }
         let storage = storages.len();
         storages.push(StorageLocation {
@@ -69,6 +72,8 @@ pub fn read_safetensors(file: &File) -> Result<(ParsedFile, HashMap<String, Stri
         items.push((Value::Str(name), Value::Tensor(view)));
     }
     let metadata = meta.metadata().clone().unwrap_or_default();
-    Ok((ParsedFile { kind: ContainerKind::Safetensors, value: Value::Dict(items), storages, crcs_absent: false }, metadata))
+    Ok((
+        ParsedFile { kind: ContainerKind::Safetensors, value: Value::Dict(items), storages, crcs_absent: false },
+        metadata,
+    ))
 }
-

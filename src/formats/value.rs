@@ -132,7 +132,13 @@ impl Value {
     pub fn summary(&self) -> String {
         match self {
             Value::None => "None".into(),
-            Value::Bool(b) => if *b { "True".into() } else { "False".into() },
+            Value::Bool(b) => {
+                if *b {
+                    "True".into()
+                } else {
+                    "False".into()
+                }
+            }
             Value::Int(i) => i.to_string(),
             Value::Float(f) => format!("{f:?}"),
             Value::Str(s) if s.chars().count() <= 60 => format!("{s:?}"),

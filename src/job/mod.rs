@@ -12,11 +12,11 @@ mod prepare;
 pub use prepare::{choose_table, prepare, table_root, PrepareError, TableChoice};
 
 use crate::fetch::sha256_file;
-use crate::write::execute::{write_plan_uncommitted, ConvertError, WriteSummary};
 use crate::formats::checkpoint::{Checkpoint, CheckpointError, TensorEntry};
 use crate::mapping::plan::{Origin, Plan, PlanOptions};
 use crate::progress::{NoProgress, Progress};
 use crate::verify::{verify_against_original, Tolerance, VerifyError, VerifyOptions, VerifyOutcome};
+use crate::write::execute::{write_plan_uncommitted, ConvertError, WriteSummary};
 use crate::DType;
 
 /// What one conversion is asked to do.
@@ -80,8 +80,16 @@ pub struct VerifyRecord {
 
 impl VerifyRecord {
     fn new(outcome: &VerifyOutcome, subject: &str, not_checked: Option<String>) -> VerifyRecord {
-        let max_rel = outcome.outputs.iter().filter_map(|o| o.max_rel).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
-        let min_cosine = outcome.outputs.iter().filter_map(|o| o.cosine).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))));
+        let max_rel = outcome
+            .outputs
+            .iter()
+            .filter_map(|o| o.max_rel)
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+        let min_cosine = outcome
+            .outputs
+            .iter()
+            .filter_map(|o| o.cosine)
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))));
         VerifyRecord {
             subject: subject.to_string(),
             passed: outcome.passed,
@@ -157,7 +165,12 @@ pub fn run(req: &Request, write: &dyn Progress, verify: &dyn Progress) -> Result
 }
 
 /// [`run`] on an already planned conversion.
-pub fn run_planned(req: &Request, planned: &Planned, write: &dyn Progress, verify: &dyn Progress) -> Result<Report, JobError> {
+pub fn run_planned(
+    req: &Request,
+    planned: &Planned,
+    write: &dyn Progress,
+    verify: &dyn Progress,
+) -> Result<Report, JobError> {
     let Planned { ckpt, table, container, plan } = planned;
     if req.verify && !plan.layout.is_flat() {
         let msg = format!(
@@ -182,7 +195,8 @@ pub fn run_planned(req: &Request, planned: &Planned, write: &dyn Progress, verif
     }
     let output = written.commit()?;
     let (input_sha256, output_sha256) = if req.hashes {
-        let hash = |p: &Path| sha256_file(p, &NoProgress).map_err(|source| JobError::Hash { path: p.to_path_buf(), source });
+        let hash =
+            |p: &Path| sha256_file(p, &NoProgress).map_err(|source| JobError::Hash { path: p.to_path_buf(), source });
         let (a, b) = std::thread::scope(|s| {
             let a = s.spawn(|| match &req.input_sha256 {
                 Some(h) => Ok(h.clone()),
@@ -241,7 +255,14 @@ fn check(
     }
     let clean_opts = PlanOptions { img_size: None, keep_unused: false, ..plan_opts.clone() };
     let (_, sources, clean_plan) = prepare(ckpt, table.table(), &clean_opts)?;
-    let clean = write_plan_uncommitted(ckpt, &sources, &clean_plan, &output.with_extension("unresized.pth"), None, &NoProgress)?;
+    let clean = write_plan_uncommitted(
+        ckpt,
+        &sources,
+        &clean_plan,
+        &output.with_extension("unresized.pth"),
+        None,
+        &NoProgress,
+    )?;
     let conv = Checkpoint::open(&clean.read_path())?;
     let outcome = verify_against_original(&conv, ckpt, &opts, &device)?;
     let n = plan.img_size.unwrap_or_default();

@@ -25,7 +25,6 @@ impl TableChoice {
     }
 }
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
     #[error("{path}: cannot read mapping table: {source}")]
@@ -60,7 +59,8 @@ pub fn choose_table(spec: Option<&str>, ckpt: &Checkpoint) -> Result<TableChoice
     }
     match spec {
         Some(s) if s.ends_with(".toml") || Path::new(s).is_file() => {
-            let text = std::fs::read_to_string(s).map_err(|source| PrepareError::TableFile { path: s.into(), source })?;
+            let text =
+                std::fs::read_to_string(s).map_err(|source| PrepareError::TableFile { path: s.into(), source })?;
             Ok(TableChoice::User(Box::new(MappingTable::parse(&text, s)?)))
         }
         Some(name) => Ok(TableChoice::Builtin(MappingTable::builtin(name)?)),
@@ -83,7 +83,9 @@ pub fn choose_table(spec: Option<&str>, ckpt: &Checkpoint) -> Result<TableChoice
 fn mmseg_layout_key(names: &[String]) -> Option<String> {
     let strip = |n: &str| n.strip_prefix("module.").unwrap_or(n).strip_prefix("backbone.").unwrap_or(n).to_string();
     let stripped: Vec<String> = names.iter().map(|n| strip(n)).collect();
-    let layer = stripped.iter().find(|n| n.starts_with("layers.") && (n.ends_with(".ln1.weight") || n.contains(".ffn.layers.")));
+    let layer = stripped
+        .iter()
+        .find(|n| n.starts_with("layers.") && (n.ends_with(".ln1.weight") || n.contains(".ffn.layers.")));
     layer.or_else(|| stripped.iter().find(|n| *n == "patch_embed.projection.weight")).cloned()
 }
 
@@ -93,9 +95,10 @@ fn mmseg_layout_key(names: &[String]) -> Option<String> {
 fn check_options(sources: &[SourceTensor], opts: &PlanOptions) -> Result<(), String> {
     let find = |suffix: &str| sources.iter().find(|t| t.name == suffix || t.name.ends_with(&format!(".{suffix}")));
     // The patch-embedding conv under its unilm/timm, MMSeg/mmpretrain or HF name.
-    let proj = ["patch_embed.proj.weight", "patch_embed.projection.weight", "embeddings.patch_embeddings.projection.weight"]
-        .into_iter()
-        .find_map(|k| find(k).filter(|t| t.shape.len() == 4));
+    let proj =
+        ["patch_embed.proj.weight", "patch_embed.projection.weight", "embeddings.patch_embeddings.projection.weight"]
+            .into_iter()
+            .find_map(|k| find(k).filter(|t| t.shape.len() == 4));
     if let Some(n) = opts.img_size {
         let patch = proj.map(|t| t.shape[2]).unwrap_or(16);
         let fits = n > 0 && n % patch == 0;
@@ -129,11 +132,7 @@ fn check_options(sources: &[SourceTensor], opts: &PlanOptions) -> Result<(), Str
 
 /// The container a table unwraps in this checkpoint: the first of its list that holds tensors.
 pub fn table_root<'t>(table: &'t MappingTable, ckpt: &Checkpoint) -> Option<&'t str> {
-    table
-        .containers()
-        .iter()
-        .map(String::as_str)
-        .find(|c| ckpt.tensors_under(c).is_some_and(|t| !t.is_empty()))
+    table.containers().iter().map(String::as_str).find(|c| ckpt.tensors_under(c).is_some_and(|t| !t.is_empty()))
 }
 
 /// Plans a conversion of `ckpt` with `table`: returns the unwrapped container and the plan.

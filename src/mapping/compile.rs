@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-
 use serde::Deserialize;
 
 use super::expr::*;
@@ -14,7 +13,8 @@ use super::template::{Piece, Template};
 
 /// Compiles a table from TOML text; `origin` names it in every error.
 pub(crate) fn compile(text: &str, origin: &str) -> Result<MappingTable, TableError> {
-    let raw: RawTable = toml::from_str(text).map_err(|e| TableError::Toml { origin: origin.to_string(), message: toml_message(text, &e) })?;
+    let raw: RawTable = toml::from_str(text)
+        .map_err(|e| TableError::Toml { origin: origin.to_string(), message: toml_message(text, &e) })?;
     Compiler { origin }.table(raw)
 }
 
@@ -111,14 +111,8 @@ fn yes() -> bool {
 
 /// Transforms a rule may apply to its source tensor, with their parameters.
 const RULE_TRANSFORMS: [(&str, &[&str]); 2] = [
-    (
-        "resize_abs_pos_embed",
-        &["num_extra", "old_grid", "new_grid"],
-    ),
-    (
-        "resize_rel_pos_table",
-        &["src_window", "dst_window", "num_heads"],
-    ),
+    ("resize_abs_pos_embed", &["num_extra", "old_grid", "new_grid"]),
+    ("resize_rel_pos_table", &["src_window", "dst_window", "num_heads"]),
 ];
 /// Makers a target may use when no source produces it.
 const MAKERS: [(&str, &[&str]); 2] = [("fill", &["value"]), ("rel_pos_index", &["window"])];
@@ -137,11 +131,7 @@ struct Compiler<'a> {
 
 impl Compiler<'_> {
     fn invalid(&self, place: impl Into<String>, message: impl Into<String>) -> TableError {
-        TableError::Invalid {
-            origin: self.origin.into(),
-            place: place.into(),
-            message: message.into(),
-        }
+        TableError::Invalid { origin: self.origin.into(), place: place.into(), message: message.into() }
     }
 
     fn pattern(&self, place: &str, text: &str) -> Result<Pattern, TableError> {
@@ -154,44 +144,24 @@ impl Compiler<'_> {
     }
 
     fn formula(&self, place: &str, text: &str) -> Result<Formula, TableError> {
-        parse_expr(text)
-            .map(|expr| Formula {
-                text: text.to_string(),
-                expr,
-            })
-            .map_err(|message| TableError::BadExpression {
-                origin: self.origin.into(),
-                place: place.into(),
-                expr: text.into(),
-                message,
-            })
+        parse_expr(text).map(|expr| Formula { text: text.to_string(), expr }).map_err(|message| {
+            TableError::BadExpression { origin: self.origin.into(), place: place.into(), expr: text.into(), message }
+        })
     }
 
     /// An integer or an expression string.
     fn value_formula(&self, place: &str, v: &toml::Value) -> Result<Formula, TableError> {
         match v {
-            toml::Value::Integer(n) => Ok(Formula {
-                text: n.to_string(),
-                expr: Expr::Int(*n),
-            }),
+            toml::Value::Integer(n) => Ok(Formula { text: n.to_string(), expr: Expr::Int(*n) }),
             toml::Value::String(s) => self.formula(place, s),
-            other => Err(self.invalid(
-                place,
-                format!(
-                    "expected an integer or an expression string, found {}",
-                    other.type_str()
-                ),
-            )),
+            other => {
+                Err(self
+                    .invalid(place, format!("expected an integer or an expression string, found {}", other.type_str())))
+            }
         }
     }
 
-    fn template(
-        &self,
-        place: &str,
-        text: &str,
-        captures: bool,
-        layer: bool,
-    ) -> Result<Template, TableError> {
+    fn template(&self, place: &str, text: &str, captures: bool, layer: bool) -> Result<Template, TableError> {
         Template::parse(text, captures, layer).map_err(|message| TableError::BadTemplate {
             origin: self.origin.into(),
             place: place.into(),
@@ -203,10 +173,7 @@ impl Compiler<'_> {
     fn table(&self, raw: RawTable) -> Result<MappingTable, TableError> {
         if let Some(found) = raw.format {
             if found != FORMAT_VERSION {
-                return Err(TableError::Format {
-                    origin: self.origin.into(),
-                    found,
-                });
+                return Err(TableError::Format { origin: self.origin.into(), found });
             }
         }
         if raw.name.trim().is_empty() {
@@ -214,32 +181,18 @@ impl Compiler<'_> {
         }
         for p in &raw.strip_prefixes {
             if p.is_empty() {
-                return Err(self.invalid(
-                    "strip_prefixes",
-                    "an empty prefix strips nothing; remove it",
-                ));
+                return Err(self.invalid("strip_prefixes", "an empty prefix strips nothing; remove it"));
             }
         }
-        let require = raw
-            .detect
-            .require
-            .iter()
-            .map(|t| self.pattern("detect.require", t))
-            .collect::<Result<Vec<_>, _>>()?;
-        let forbid = raw
-            .detect
-            .forbid
-            .iter()
-            .map(|t| self.pattern("detect.forbid", t))
-            .collect::<Result<Vec<_>, _>>()?;
+        let require =
+            raw.detect.require.iter().map(|t| self.pattern("detect.require", t)).collect::<Result<Vec<_>, _>>()?;
+        let forbid =
+            raw.detect.forbid.iter().map(|t| self.pattern("detect.forbid", t)).collect::<Result<Vec<_>, _>>()?;
 
         let mut vars = BTreeMap::new();
         for (name, value) in &raw.vars {
             if !is_identifier(name) {
-                return Err(self.invalid(
-                    format!("variable '{name}'"),
-                    "names are letters, digits and '_'",
-                ));
+                return Err(self.invalid(format!("variable '{name}'"), "names are letters, digits and '_'"));
             }
             vars.insert(name.clone(), self.var(name, value)?);
         }
@@ -248,19 +201,14 @@ impl Compiler<'_> {
             .checks
             .iter()
             .map(|text| {
-                parse_check(text)
-                    .map(|(left, op, right)| Check {
-                        text: text.clone(),
-                        left,
-                        op,
-                        right,
-                    })
-                    .map_err(|message| TableError::BadExpression {
+                parse_check(text).map(|(left, op, right)| Check { text: text.clone(), left, op, right }).map_err(
+                    |message| TableError::BadExpression {
                         origin: self.origin.into(),
                         place: "checks".into(),
                         expr: text.clone(),
                         message,
-                    })
+                    },
+                )
             })
             .collect::<Result<Vec<_>, _>>()?;
 
@@ -292,9 +240,7 @@ impl Compiler<'_> {
             description: raw.description,
             origin: self.origin.to_string(),
             unknown_keys: raw.unknown_keys,
-            containers: raw
-                .containers
-                .unwrap_or_else(|| DEFAULT_CONTAINERS.iter().map(|s| s.to_string()).collect()),
+            containers: raw.containers.unwrap_or_else(|| DEFAULT_CONTAINERS.iter().map(|s| s.to_string()).collect()),
             strip_prefixes: raw.strip_prefixes,
             require,
             forbid,
@@ -310,14 +256,21 @@ impl Compiler<'_> {
     /// `output_container` and `keep_meta`: plain top-level key names (non-empty, no dots, as
     /// they are written under exactly that name); `keep_meta` needs a container to sit next
     /// to, and a different name.
-    fn output_layout(&self, container: Option<String>, meta: Option<String>) -> Result<(Option<String>, Option<String>), TableError> {
+    fn output_layout(
+        &self,
+        container: Option<String>,
+        meta: Option<String>,
+    ) -> Result<(Option<String>, Option<String>), TableError> {
         for (field, value) in [("output_container", &container), ("keep_meta", &meta)] {
             if let Some(v) = value {
                 if v.trim().is_empty() {
                     return Err(self.invalid(field, "an empty key; leave the field out to write a flat state dict"));
                 }
                 if v.contains('.') || v.trim() != v {
-                    return Err(self.invalid(field, format!("'{v}' must be one top-level key of the file (no dots, no surrounding spaces)")));
+                    return Err(self.invalid(
+                        field,
+                        format!("'{v}' must be one top-level key of the file (no dots, no surrounding spaces)"),
+                    ));
                 }
             }
         }
@@ -332,10 +285,9 @@ impl Compiler<'_> {
         let place = format!("variable '{name}'");
         let alternatives = |v: &toml::Value| -> Result<Vec<Formula>, TableError> {
             match v {
-                toml::Value::Array(items) if !items.is_empty() => items
-                    .iter()
-                    .map(|i| self.value_formula(&place, i))
-                    .collect(),
+                toml::Value::Array(items) if !items.is_empty() => {
+                    items.iter().map(|i| self.value_formula(&place, i)).collect()
+                }
                 toml::Value::Array(_) => Err(self.invalid(&place, "an empty list of alternatives")),
                 other => Ok(vec![self.value_formula(&place, other)?]),
             }
@@ -344,29 +296,18 @@ impl Compiler<'_> {
             toml::Value::Table(t) => {
                 for k in t.keys() {
                     if k != "from" && k != "missing" {
-                        return Err(self.invalid(
-                            &place,
-                            format!("unknown field '{k}' (fields: from, missing)"),
-                        ));
+                        return Err(self.invalid(&place, format!("unknown field '{k}' (fields: from, missing)")));
                     }
                 }
-                let from = t
-                    .get("from")
-                    .ok_or_else(|| self.invalid(&place, "needs 'from'"))?;
+                let from = t.get("from").ok_or_else(|| self.invalid(&place, "needs 'from'"))?;
                 let missing = match t.get("missing") {
                     None => None,
                     Some(toml::Value::String(s)) => Some(s.clone()),
                     Some(_) => return Err(self.invalid(&place, "'missing' is a message string")),
                 };
-                Ok(VarDef {
-                    alternatives: alternatives(from)?,
-                    missing,
-                })
+                Ok(VarDef { alternatives: alternatives(from)?, missing })
             }
-            other => Ok(VarDef {
-                alternatives: alternatives(other)?,
-                missing: None,
-            }),
+            other => Ok(VarDef { alternatives: alternatives(other)?, missing: None }),
         }
     }
 
@@ -374,27 +315,15 @@ impl Compiler<'_> {
         let id = r.id.clone().unwrap_or_else(|| format!("#{position}"));
         let place = format!("rule '{id}'");
         let pattern = self.pattern(&place, &r.pattern)?;
-        let actions = [
-            r.rename.is_some(),
-            r.keep.is_some(),
-            r.drop.is_some(),
-            r.expand.is_some(),
-            r.concat.is_some(),
-        ];
+        let actions = [r.rename.is_some(), r.keep.is_some(), r.drop.is_some(), r.expand.is_some(), r.concat.is_some()];
         if actions.iter().filter(|&&a| a).count() != 1 {
-            return Err(self.invalid(
-                &place,
-                "needs exactly one of rename, keep, drop, expand, concat",
-            ));
+            return Err(self.invalid(&place, "needs exactly one of rename, keep, drop, expand, concat"));
         }
         let action = if let Some(t) = &r.rename {
             Action::Rename(self.template(&place, t, true, false)?)
         } else if let Some(keep) = r.keep {
             if !keep {
-                return Err(self.invalid(
-                    &place,
-                    "'keep = false' means nothing; use drop = \"reason\"",
-                ));
+                return Err(self.invalid(&place, "'keep = false' means nothing; use drop = \"reason\""));
             }
             Action::Keep
         } else if let Some(reason) = &r.drop {
@@ -431,60 +360,37 @@ impl Compiler<'_> {
                 Some(self.rule_transform(&place, &t)?)
             }
         };
-        Ok(Rule {
-            id,
-            pattern,
-            action,
-            transform,
-            when: r.when,
-            note: r.note,
-        })
+        Ok(Rule { id, pattern, action, transform, when: r.when, note: r.note })
     }
 
     /// A `concat` action: `into` and every part are capture templates (no `{i}`); at least two
     /// distinct parts; `dim` a non-negative axis.
-    fn concat(
-        &self,
-        id: &str,
-        place: &str,
-        pattern: &Pattern,
-        c: &RawConcat,
-    ) -> Result<ConcatSpec, TableError> {
+    fn concat(&self, id: &str, place: &str, pattern: &Pattern, c: &RawConcat) -> Result<ConcatSpec, TableError> {
         let into = self.template(&format!("{place}: concat.into"), &c.into, true, false)?;
         self.check_captures(id, pattern, &into)?;
         if c.parts.len() < 2 {
             return Err(self.invalid(
                 place,
-                format!(
-                    "concat needs at least two parts, found {} (a single part is a rename)",
-                    c.parts.len()
-                ),
+                format!("concat needs at least two parts, found {} (a single part is a rename)", c.parts.len()),
             ));
         }
         let mut parts = Vec::new();
         for (n, text) in c.parts.iter().enumerate() {
             if c.parts[..n].contains(text) {
-                return Err(self.invalid(
-                    place,
-                    format!("concat part '{text}' is listed twice (each part is consumed once)"),
-                ));
+                return Err(
+                    self.invalid(place, format!("concat part '{text}' is listed twice (each part is consumed once)"))
+                );
             }
             let t = self.template(&format!("{place}: concat part {}", n + 1), text, true, false)?;
             self.check_captures(id, pattern, &t)?;
             parts.push(t);
         }
-        let dim = usize::try_from(c.dim).map_err(|_| {
-            self.invalid(place, format!("concat dim {} is negative; give the axis from 0", c.dim))
-        })?;
+        let dim = usize::try_from(c.dim)
+            .map_err(|_| self.invalid(place, format!("concat dim {} is negative; give the axis from 0", c.dim)))?;
         Ok(ConcatSpec { into, parts, dim })
     }
 
-    fn check_captures(
-        &self,
-        rule: &str,
-        pattern: &Pattern,
-        t: &Template,
-    ) -> Result<(), TableError> {
+    fn check_captures(&self, rule: &str, pattern: &Pattern, t: &Template) -> Result<(), TableError> {
         let groups = pattern.regex.captures_len() - 1;
         let names: Vec<&str> = pattern.regex.capture_names().flatten().collect();
         for piece in &t.pieces {
@@ -502,11 +408,7 @@ impl Compiler<'_> {
                     pattern: if names.is_empty() {
                         format!("pattern '{}' has {groups} capture group(s)", pattern.text)
                     } else {
-                        format!(
-                            "pattern '{}' has {groups} capture group(s), named: {}",
-                            pattern.text,
-                            names.join(", ")
-                        )
+                        format!("pattern '{}' has {groups} capture group(s), named: {}", pattern.text, names.join(", "))
                     },
                 });
             }
@@ -556,19 +458,13 @@ impl Compiler<'_> {
                 continue;
             }
             if !params.contains(&k.as_str()) {
-                return Err(param_err(format!(
-                    "unknown parameter '{k}' (parameters: {})",
-                    params.join(", ")
-                )));
+                return Err(param_err(format!("unknown parameter '{k}' (parameters: {})", params.join(", "))));
             }
             out.insert(k.as_str(), v);
         }
         for p in params {
             if !out.contains_key(p) {
-                return Err(param_err(format!(
-                    "missing parameter '{p}' (parameters: {})",
-                    params.join(", ")
-                )));
+                return Err(param_err(format!("missing parameter '{p}' (parameters: {})", params.join(", "))));
             }
         }
         Ok((known, out))
@@ -583,9 +479,7 @@ impl Compiler<'_> {
             &MAKERS,
             "this transform makes a tensor from nothing; use it as a target's make",
         )?;
-        let f = |k: &str| {
-            self.value_formula(&format!("{place}: transform '{name}' parameter {k}"), p[k])
-        };
+        let f = |k: &str| self.value_formula(&format!("{place}: transform '{name}' parameter {k}"), p[k]);
         Ok(match name {
             "resize_abs_pos_embed" => RuleTransform::ResizeAbsPosEmbed {
                 num_extra: f("num_extra")?,
@@ -603,11 +497,8 @@ impl Compiler<'_> {
     fn target(&self, t: RawTarget) -> Result<TargetSpec, TableError> {
         let place = format!("target '{}'", t.key);
         let key = self.template(&place, &t.key, false, true)?;
-        let shape = t
-            .shape
-            .iter()
-            .map(|v| self.value_formula(&format!("{place} shape"), v))
-            .collect::<Result<Vec<_>, _>>()?;
+        let shape =
+            t.shape.iter().map(|v| self.value_formula(&format!("{place} shape"), v)).collect::<Result<Vec<_>, _>>()?;
         let make = match t.make {
             None => None,
             Some(m) => {
@@ -625,10 +516,7 @@ impl Compiler<'_> {
                     Some(Some("load-ready")) => When::LoadReady,
                     Some(Some("rename-only")) => When::RenameOnly,
                     Some(_) => {
-                        return Err(self.invalid(
-                            &place,
-                            "make.when is \"always\", \"load-ready\" or \"rename-only\"",
-                        ))
+                        return Err(self.invalid(&place, "make.when is \"always\", \"load-ready\" or \"rename-only\""))
                     }
                 };
                 let note = match m.get("note") {
@@ -639,30 +527,17 @@ impl Compiler<'_> {
                 let kind = match name {
                     "fill" => MakeKind::Fill(self.fill_value(&place, p["value"])?),
                     _ => MakeKind::RelPosIndex {
-                        window: self.value_formula(
-                            &format!("{place}: make rel_pos_index window"),
-                            p["window"],
-                        )?,
+                        window: self.value_formula(&format!("{place}: make rel_pos_index window"), p["window"])?,
                     },
                 };
                 Some(Make { kind, when, note })
             }
         };
-        Ok(TargetSpec {
-            key,
-            shape,
-            required: t.required,
-            make,
-        })
+        Ok(TargetSpec { key, shape, required: t.required, make })
     }
 
     fn fill_value(&self, place: &str, v: &toml::Value) -> Result<FillValue, TableError> {
-        let bad = || {
-            self.invalid(
-                place,
-                "fill value is a number or { option = \"init_values\", default = NUMBER }",
-            )
-        };
+        let bad = || self.invalid(place, "fill value is a number or { option = \"init_values\", default = NUMBER }");
         match v {
             toml::Value::Float(f) => Ok(FillValue::Const(*f)),
             toml::Value::Integer(n) => Ok(FillValue::Const(*n as f64)),
@@ -714,20 +589,12 @@ impl Compiler<'_> {
         for r in &table.rules {
             let place = format!("rule '{}'", r.id);
             match &r.transform {
-                Some(RuleTransform::ResizeAbsPosEmbed {
-                    num_extra,
-                    old_grid,
-                    new_grid,
-                }) => {
+                Some(RuleTransform::ResizeAbsPosEmbed { num_extra, old_grid, new_grid }) => {
                     for f in [num_extra, old_grid, new_grid] {
                         undefined(place.clone(), &f.text, used(f))?;
                     }
                 }
-                Some(RuleTransform::ResizeRelPosTable {
-                    src_window,
-                    dst_window,
-                    num_heads,
-                }) => {
+                Some(RuleTransform::ResizeRelPosTable { src_window, dst_window, num_heads }) => {
                     for f in [src_window, dst_window, num_heads] {
                         undefined(place.clone(), &f.text, used(f))?;
                     }
@@ -735,10 +602,7 @@ impl Compiler<'_> {
                 None => {}
             }
             if matches!(r.action, Action::Expand(_)) && !table.vars.contains_key("depth") {
-                return Err(self.invalid(
-                    place,
-                    "expand runs {i} over 0..depth, but no variable 'depth' is defined",
-                ));
+                return Err(self.invalid(place, "expand runs {i} over 0..depth, but no variable 'depth' is defined"));
             }
         }
         for t in &table.targets {
@@ -746,18 +610,11 @@ impl Compiler<'_> {
             for f in &t.shape {
                 undefined(place.clone(), &f.text, used(f))?;
             }
-            if let Some(Make {
-                kind: MakeKind::RelPosIndex { window },
-                ..
-            }) = &t.make
-            {
+            if let Some(Make { kind: MakeKind::RelPosIndex { window }, .. }) = &t.make {
                 undefined(place.clone(), &window.text, used(window))?;
             }
             if t.key.has_layer() && !table.vars.contains_key("depth") {
-                return Err(self.invalid(
-                    place,
-                    "{i} runs over 0..depth, but no variable 'depth' is defined",
-                ));
+                return Err(self.invalid(place, "{i} runs over 0..depth, but no variable 'depth' is defined"));
             }
         }
         // Cycles: depth-first search over the variable graph.
@@ -794,9 +651,8 @@ impl Compiler<'_> {
         }
         let mut state = HashMap::new();
         for name in table.vars.keys() {
-            visit(table, name, &mut state, &mut Vec::new()).map_err(|cycle| {
-                self.invalid("vars", format!("variables depend on themselves: {cycle}"))
-            })?;
+            visit(table, name, &mut state, &mut Vec::new())
+                .map_err(|cycle| self.invalid("vars", format!("variables depend on themselves: {cycle}")))?;
         }
         Ok(())
     }
@@ -807,7 +663,6 @@ fn is_identifier(s: &str) -> bool {
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
-
 
 #[cfg(test)]
 mod tests {

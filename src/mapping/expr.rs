@@ -88,9 +88,7 @@ impl Expr {
                     out.push(v.clone())
                 }
             }
-            Expr::Neg(e) | Expr::Sqrt(e) | Expr::Shape(_, e) | Expr::Lookup(e, _) => {
-                e.vars_used(out)
-            }
+            Expr::Neg(e) | Expr::Sqrt(e) | Expr::Shape(_, e) | Expr::Lookup(e, _) => e.vars_used(out),
             Expr::Bin(_, a, b) => {
                 a.vars_used(out);
                 b.vars_used(out);
@@ -109,8 +107,7 @@ impl Expr {
             }
             Expr::Bin(op, a, b) => {
                 let (a, b) = (a.eval(env)?, b.eval(env)?);
-                let overflow =
-                    || EvalError::Failed(format!("arithmetic overflow in {a} {} {b}", op.symbol()));
+                let overflow = || EvalError::Failed(format!("arithmetic overflow in {a} {} {b}", op.symbol()));
                 match op {
                     BinOp::Add => a.checked_add(b).ok_or_else(overflow),
                     BinOp::Sub => a.checked_sub(b).ok_or_else(overflow),
@@ -132,22 +129,16 @@ impl Expr {
                 let Some(shape) = env.shape(key) else {
                     return Err(EvalError::Unavailable(format!("no source key '{key}'")));
                 };
-                let idx = if axis < 0 {
-                    shape.len() as i64 + axis
-                } else {
-                    axis
-                };
+                let idx = if axis < 0 { shape.len() as i64 + axis } else { axis };
                 match usize::try_from(idx).ok().and_then(|i| shape.get(i)) {
                     Some(&d) => Ok(d as i64),
-                    None => fail(format!(
-                        "'{key}' has shape {shape:?}, which has no axis {axis}"
-                    )),
+                    None => fail(format!("'{key}' has shape {shape:?}, which has no axis {axis}")),
                 }
             }
             Expr::Count(pattern) => count_distinct(&env.keys(), pattern).map_err(EvalError::Failed),
-            Expr::Opt(name) => env
-                .option(*name)
-                .ok_or_else(|| EvalError::Unavailable(format!("option {} not given", name.name()))),
+            Expr::Opt(name) => {
+                env.option(*name).ok_or_else(|| EvalError::Unavailable(format!("option {} not given", name.name())))
+            }
             Expr::Sqrt(e) => {
                 let v = e.eval(env)?;
                 match exact_sqrt(v) {
@@ -235,27 +226,19 @@ enum Tok {
 }
 
 fn tokenize(text: &str) -> Result<Vec<Tok>, String> {
-    const SYMS: [&str; 16] = [
-        "//", "==", "!=", "<=", ">=", "+", "-", "*", "/", "%", "<", ">", "(", ")", ",", ":",
-    ];
+    const SYMS: [&str; 16] = ["//", "==", "!=", "<=", ">=", "+", "-", "*", "/", "%", "<", ">", "(", ")", ",", ":"];
     let mut toks = Vec::new();
     let mut rest = text;
     'outer: while let Some(c) = rest.chars().next() {
         if c.is_whitespace() {
             rest = &rest[c.len_utf8()..];
         } else if c.is_ascii_digit() {
-            let end = rest
-                .find(|ch: char| !ch.is_ascii_digit())
-                .unwrap_or(rest.len());
-            let n = rest[..end]
-                .parse()
-                .map_err(|_| format!("number '{}' is too large", &rest[..end]))?;
+            let end = rest.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(rest.len());
+            let n = rest[..end].parse().map_err(|_| format!("number '{}' is too large", &rest[..end]))?;
             toks.push(Tok::Int(n));
             rest = &rest[end..];
         } else if c.is_ascii_alphabetic() || c == '_' {
-            let end = rest
-                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
-                .unwrap_or(rest.len());
+            let end = rest.find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_')).unwrap_or(rest.len());
             toks.push(Tok::Ident(rest[..end].to_string()));
             rest = &rest[end..];
         } else if c == '"' {
@@ -379,10 +362,7 @@ impl Parser {
             Some(Tok::Str(s)) => Ok(s),
             _ => {
                 self.pos -= 1;
-                Err(format!(
-                    "{func}() takes a \"quoted\" first argument{}",
-                    self.found()
-                ))
+                Err(format!("{func}() takes a \"quoted\" first argument{}", self.found()))
             }
         }
     }
@@ -404,10 +384,12 @@ impl Parser {
                     }
                     "count" => {
                         let text = self.string_arg("count")?;
-                        let pattern = compile_pattern(&text)
-                            .map_err(|m| format!("count(): invalid regex '{text}': {m}"))?;
+                        let pattern =
+                            compile_pattern(&text).map_err(|m| format!("count(): invalid regex '{text}': {m}"))?;
                         if pattern.regex.captures_len() < 2 {
-                            return Err(format!("count(): pattern '{text}' needs a capture group, e.g. 'blocks\\.(\\d+)\\..*'"));
+                            return Err(format!(
+                                "count(): pattern '{text}' needs a capture group, e.g. 'blocks\\.(\\d+)\\..*'"
+                            ));
                         }
                         Expr::Count(pattern)
                     }
@@ -444,10 +426,7 @@ impl Parser {
             Some(Tok::Ident(name)) => Ok(Expr::Var(name)),
             _ => {
                 self.pos -= 1;
-                Err(format!(
-                    "expected a number, a variable, a function or '('{}",
-                    self.found()
-                ))
+                Err(format!("expected a number, a variable, a function or '('{}", self.found()))
             }
         }
     }
@@ -460,19 +439,13 @@ impl Parser {
             Some(Tok::Int(n)) => Ok(if neg { -n } else { n }),
             _ => {
                 self.pos -= 1;
-                Err(format!(
-                    "lookup entries are 'number: number'{}",
-                    self.found()
-                ))
+                Err(format!("lookup entries are 'number: number'{}", self.found()))
             }
         }
     }
     fn finish(&self) -> Result<(), String> {
         if self.pos < self.toks.len() {
-            Err(format!(
-                "unexpected text after the expression{}",
-                self.found()
-            ))
+            Err(format!("unexpected text after the expression{}", self.found()))
         } else {
             Ok(())
         }
@@ -480,22 +453,14 @@ impl Parser {
 }
 
 pub(crate) fn parse_expr(text: &str) -> Result<Expr, String> {
-    let mut p = Parser {
-        toks: tokenize(text)?,
-        pos: 0,
-        depth: 0,
-    };
+    let mut p = Parser { toks: tokenize(text)?, pos: 0, depth: 0 };
     let e = p.sum()?;
     p.finish()?;
     Ok(e)
 }
 
 pub(crate) fn parse_check(text: &str) -> Result<(Expr, CmpOp, Expr), String> {
-    let mut p = Parser {
-        toks: tokenize(text)?,
-        pos: 0,
-        depth: 0,
-    };
+    let mut p = Parser { toks: tokenize(text)?, pos: 0, depth: 0 };
     let left = p.sum()?;
     let op = match p.next() {
         Some(Tok::Sym("==")) => CmpOp::Eq,
@@ -506,17 +471,13 @@ pub(crate) fn parse_check(text: &str) -> Result<(Expr, CmpOp, Expr), String> {
         Some(Tok::Sym(">=")) => CmpOp::Ge,
         _ => {
             p.pos -= 1;
-            return Err(format!(
-                "a check compares two expressions (==, !=, <, <=, >, >=){}",
-                p.found()
-            ));
+            return Err(format!("a check compares two expressions (==, !=, <, <=, >, >=){}", p.found()));
         }
     };
     let right = p.sum()?;
     p.finish()?;
     Ok((left, op, right))
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -536,10 +497,7 @@ mod tests {
             }
         }
         fn shape(&self, key: &str) -> Option<Vec<usize>> {
-            self.shapes
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, s)| s.clone())
+            self.shapes.iter().find(|(k, _)| *k == key).map(|(_, s)| s.clone())
         }
         fn keys(&self) -> Vec<String> {
             self.shapes.iter().map(|(k, _)| k.to_string()).collect()
@@ -566,9 +524,7 @@ mod tests {
     }
 
     fn eval(text: &str) -> Result<i64, EvalError> {
-        parse_expr(text)
-            .unwrap_or_else(|e| panic!("{text}: {e}"))
-            .eval(&mut env())
+        parse_expr(text).unwrap_or_else(|e| panic!("{text}: {e}")).eval(&mut env())
     }
 
     fn value(text: &str) -> i64 {
@@ -602,30 +558,21 @@ mod tests {
         assert_eq!(value("sqrt(shape(\"pos_embed\", 1) - 1)"), 14);
         assert_eq!(value("shape(\"pos_embed\", -1)"), 768);
         assert!(failure("shape(\"pos_embed\", 3)").contains("no axis 3"));
-        assert!(
-            matches!(eval("shape(\"nope\", 0)"), Err(EvalError::Unavailable(m)) if m.contains("'nope'"))
-        );
+        assert!(matches!(eval("shape(\"nope\", 0)"), Err(EvalError::Unavailable(m)) if m.contains("'nope'")));
         assert!(failure("sqrt(730 - 3)").contains("727 is not a perfect square"));
         assert_eq!(value("sqrt(0)"), 0);
         assert_eq!(value("count(\"blocks\\.(\\d+)\\..*\")"), 3);
         assert_eq!(value("count(\"blocks\\.\\d+\\.(\\w+)\")"), 2);
         assert_eq!(value("option(\"img_size\") / 16"), 32);
-        assert!(matches!(
-            eval("option(\"num_heads\")"),
-            Err(EvalError::Unavailable(_))
-        ));
+        assert!(matches!(eval("option(\"num_heads\")"), Err(EvalError::Unavailable(_))));
         assert_eq!(value("lookup(dim, 768: 12, 1024: 16)"), 12);
-        assert!(matches!(
-            eval("lookup(dim, 1: 2)"),
-            Err(EvalError::Unavailable(_))
-        ));
+        assert!(matches!(eval("lookup(dim, 1: 2)"), Err(EvalError::Unavailable(_))));
     }
 
     #[test]
     fn count_needs_contiguous_indices() {
         let mut e = env();
-        e.shapes
-            .retain(|(k, _)| *k != "blocks.1.w" && *k != "blocks.1.b");
+        e.shapes.retain(|(k, _)| *k != "blocks.1.w" && *k != "blocks.1.b");
         let f = parse_expr("count(\"blocks\\.(\\d+)\\..*\")").unwrap();
         match f.eval(&mut e) {
             Err(EvalError::Failed(m)) => {

@@ -15,10 +15,5 @@ pub mod table;
 pub(crate) mod template;
 pub mod transforms;
 
-pub use plan::{
-    plan, DroppedKey, Fate, Origin, Plan, PlanError, PlanOptions, PlannedTensor, SourceFate,
-    SourceTensor,
-};
-pub use table::{
-    builtin_table_text, builtin_tables, detect, detect_among, Fingerprint, MappingTable, TableError,
-};
+pub use plan::{plan, DroppedKey, Fate, Origin, Plan, PlanError, PlanOptions, PlannedTensor, SourceFate, SourceTensor};
+pub use table::{builtin_table_text, builtin_tables, detect, detect_among, Fingerprint, MappingTable, TableError};

@@ -131,20 +131,10 @@ pub enum Origin {
     Expand { source: String },
     /// MMSeg's bicubic resize of an absolute position embedding `[1, extra + old², C]` to
     /// `[1, extra + new², C]`; the first `num_extra` tokens are kept.
-    ResizeAbsPosEmbed {
-        source: String,
-        num_extra: usize,
-        old_grid: usize,
-        new_grid: usize,
-    },
+    ResizeAbsPosEmbed { source: String, num_extra: usize, old_grid: usize, new_grid: usize },
     /// MMSeg's geometric-sequence cubic resize of a relative-position bias table
     /// `[(2·src−1)²+3, heads]` to `[(2·dst−1)²+3, heads]`.
-    ResizeRelPosTable {
-        source: String,
-        src_window: usize,
-        dst_window: usize,
-        num_heads: usize,
-    },
+    ResizeRelPosTable { source: String, src_window: usize, dst_window: usize, num_heads: usize },
     /// A freshly generated relative-position index `[window²+1, window²+1]` (i64).
     RelPosIndex { window: usize },
     /// A constant tensor.
@@ -185,24 +175,11 @@ impl fmt::Display for Origin {
         match self {
             Origin::Rename { source } => write!(f, "rename of {source}"),
             Origin::Expand { source } => write!(f, "copy of shared {source}"),
-            Origin::ResizeAbsPosEmbed {
-                source,
-                old_grid,
-                new_grid,
-                ..
-            } => {
+            Origin::ResizeAbsPosEmbed { source, old_grid, new_grid, .. } => {
                 write!(f, "{source} resized from grid {old_grid} to {new_grid}")
             }
-            Origin::ResizeRelPosTable {
-                source,
-                src_window,
-                dst_window,
-                ..
-            } => {
-                write!(
-                    f,
-                    "{source} resized from window {src_window} to {dst_window}"
-                )
+            Origin::ResizeRelPosTable { source, src_window, dst_window, .. } => {
+                write!(f, "{source} resized from window {src_window} to {dst_window}")
             }
             Origin::RelPosIndex { window } => write!(f, "index generated for window {window}"),
             Origin::Fill { value } => write!(f, "filled with {value}"),
@@ -255,11 +232,7 @@ impl Plan {
                 entry.push(o);
             }
         }
-        let dropped: HashMap<&str, &DroppedKey> = self
-            .dropped
-            .iter()
-            .map(|d| (d.source.as_str(), d))
-            .collect();
+        let dropped: HashMap<&str, &DroppedKey> = self.dropped.iter().map(|d| (d.source.as_str(), d)).collect();
         order.extend(self.dropped.iter().map(|d| d.source.as_str()));
         if !self.sources.is_empty() {
             order = self.sources.iter().map(String::as_str).collect();
@@ -291,85 +264,30 @@ pub enum PlanError {
     #[error("two tensors of the checkpoint are both named '{0}' once their dict keys are joined with dots (a key that holds dots, such as 'a.b', next to nested dicts a → b): rename one of them in torch before converting")]
     DuplicateName(String),
     #[error("source keys '{first}' and '{second}' are both '{stripped}' after stripping the table's prefixes")]
-    StripCollision {
-        first: String,
-        second: String,
-        stripped: String,
-    },
+    StripCollision { first: String, second: String, stripped: String },
     #[error("source key '{key}' matches no rule of table '{table}' (add a rule for it, or set unknown_keys = \"drop\" in the table)")]
     UncoveredKey { table: String, key: String },
     #[error("target '{target}' is produced twice: from '{first_key}' by rule '{first_rule}' and from '{second_key}' by rule '{second_rule}'")]
-    TargetCollision {
-        target: String,
-        first_key: String,
-        first_rule: String,
-        second_key: String,
-        second_rule: String,
-    },
+    TargetCollision { target: String, first_key: String, first_rule: String, second_key: String, second_rule: String },
     #[error("rule '{rule}' maps '{key}' to '{target}', which is not in the target set of table '{table}'")]
-    NotATarget {
-        table: String,
-        rule: String,
-        key: String,
-        target: String,
-    },
+    NotATarget { table: String, rule: String, key: String, target: String },
     #[error("target '{target}' (target '{spec}' of table '{table}') {why}, but no source key produces it{more}")]
-    MissingTarget {
-        table: String,
-        target: String,
-        spec: String,
-        why: String,
-        more: String,
-    },
+    MissingTarget { table: String, target: String, spec: String, why: String, more: String },
     #[error("'{key}' (rule '{rule}') has shape {found}, but target '{target}' must be {expected}")]
-    ShapeMismatch {
-        key: String,
-        rule: String,
-        target: String,
-        found: String,
-        expected: String,
-    },
+    ShapeMismatch { key: String, rule: String, target: String, found: String, expected: String },
     #[error("'{key}' (rule '{rule}', transform {transform}): {message}")]
-    TransformInput {
-        key: String,
-        rule: String,
-        transform: String,
-        message: String,
-    },
+    TransformInput { key: String, rule: String, transform: String, message: String },
     #[error("{context}: {message}")]
     Evaluate { context: String, message: String },
     #[error("table '{table}': check '{check}' fails ({values})")]
-    CheckFailed {
-        table: String,
-        check: String,
-        values: String,
-    },
+    CheckFailed { table: String, check: String, values: String },
     #[error("rule '{rule}' matches '{key}', but '{key}' is not one of the parts it renders for '{target}' ({parts}): make the parts name the matched keys")]
-    ConcatNotAPart {
-        rule: String,
-        key: String,
-        target: String,
-        parts: String,
-    },
+    ConcatNotAPart { rule: String, key: String, target: String, parts: String },
     #[error("rule '{rule}' concatenates {parts} into '{target}', but part '{part}' {why}")]
-    ConcatPart {
-        rule: String,
-        target: String,
-        parts: String,
-        part: String,
-        why: String,
-    },
+    ConcatPart { rule: String, target: String, parts: String, part: String, why: String },
     #[error("rule '{rule}' cannot concatenate {parts} into '{target}' along dim {dim}: {why}")]
-    ConcatShapes {
-        rule: String,
-        target: String,
-        parts: String,
-        dim: usize,
-        why: String,
-    },
-    #[error(
-        "keep_unused: '{key}' would pass through as '{target}', which the table already produces"
-    )]
+    ConcatShapes { rule: String, target: String, parts: String, dim: usize, why: String },
+    #[error("keep_unused: '{key}' would pass through as '{target}', which the table already produces")]
     KeepUnusedCollision { key: String, target: String },
 }
 
@@ -387,36 +305,20 @@ struct Produced {
 /// How a rule's transform turned out for one source tensor.
 enum Applied {
     Copy,
-    AbsPos {
-        num_extra: usize,
-        old_grid: usize,
-        new_grid: usize,
-    },
-    RelTable {
-        src_window: usize,
-        dst_window: usize,
-        num_heads: usize,
-    },
+    AbsPos { num_extra: usize, old_grid: usize, new_grid: usize },
+    RelTable { src_window: usize, dst_window: usize, num_heads: usize },
 }
 
 /// Applies `table` to the checkpoint described by `sources`. See the module docs: each
 /// numbered step there is one function below.
-pub fn plan(
-    table: &MappingTable,
-    sources: &[SourceTensor],
-    opts: &PlanOptions,
-) -> Result<Plan, PlanError> {
+pub fn plan(table: &MappingTable, sources: &[SourceTensor], opts: &PlanOptions) -> Result<Plan, PlanError> {
     check_options(opts)?;
     let load_ready = opts.img_size.is_some();
     let mut notes = Notes::default();
     let (stripped, seen) = strip_prefixes(table, sources, &mut notes)?;
     let mut ev = Evaluator {
         table,
-        shapes: stripped
-            .iter()
-            .zip(sources)
-            .map(|(k, s)| (k.to_string(), s.shape.clone()))
-            .collect(),
+        shapes: stripped.iter().zip(sources).map(|(k, s)| (k.to_string(), s.shape.clone())).collect(),
         keys: stripped.iter().map(|k| k.to_string()).collect(),
         opts,
         memo: HashMap::new(),
@@ -515,10 +417,7 @@ fn apply_rules(
         let Some((rule, caps)) = hit else {
             match table.unknown_keys() {
                 UnknownKeys::Error => {
-                    return Err(PlanError::UncoveredKey {
-                        table: table.name().into(),
-                        key: key.into(),
-                    })
+                    return Err(PlanError::UncoveredKey { table: table.name().into(), key: key.into() })
                 }
                 UnknownKeys::Drop => dropped.push(DroppedKey {
                     source: src.name.clone(),
@@ -541,21 +440,13 @@ fn apply_rules(
             key: key.to_string(),
         };
         match &rule.action {
-            Action::Drop(reason) => dropped.push(DroppedKey {
-                source: src.name.clone(),
-                rule: rule.id.clone(),
-                reason: reason.clone(),
-            }),
-            Action::Keep => produced.push(copy(
-                key.to_string(),
-                Origin::Keep {
-                    source: src.name.clone(),
-                },
-            )),
+            Action::Drop(reason) => {
+                dropped.push(DroppedKey { source: src.name.clone(), rule: rule.id.clone(), reason: reason.clone() })
+            }
+            Action::Keep => produced.push(copy(key.to_string(), Origin::Keep { source: src.name.clone() })),
             Action::Concat(spec) => {
                 let target = spec.into.render(Some(&caps), None);
-                let parts: Vec<String> =
-                    spec.parts.iter().map(|p| p.render(Some(&caps), None)).collect();
+                let parts: Vec<String> = spec.parts.iter().map(|p| p.render(Some(&caps), None)).collect();
                 if !parts.iter().any(|p| p == key) {
                     return Err(PlanError::ConcatNotAPart {
                         rule: rule.id.clone(),
@@ -564,10 +455,7 @@ fn apply_rules(
                         parts: quoted(&parts),
                     });
                 }
-                let group = match groups
-                    .iter()
-                    .position(|g| g.rule == rule.id && g.target == target)
-                {
+                let group = match groups.iter().position(|g| g.rule == rule.id && g.target == target) {
                     Some(g) => g,
                     None => {
                         groups.push(ConcatGroup {
@@ -605,30 +493,15 @@ fn apply_rules(
                 let origin = |source: String| match applied {
                     Applied::Copy if expand => Origin::Expand { source },
                     Applied::Copy => Origin::Rename { source },
-                    Applied::AbsPos {
-                        num_extra,
-                        old_grid,
-                        new_grid,
-                    } => Origin::ResizeAbsPosEmbed {
-                        source,
-                        num_extra,
-                        old_grid,
-                        new_grid,
-                    },
-                    Applied::RelTable {
-                        src_window,
-                        dst_window,
-                        num_heads,
-                    } => Origin::ResizeRelPosTable {
-                        source,
-                        src_window,
-                        dst_window,
-                        num_heads,
-                    },
+                    Applied::AbsPos { num_extra, old_grid, new_grid } => {
+                        Origin::ResizeAbsPosEmbed { source, num_extra, old_grid, new_grid }
+                    }
+                    Applied::RelTable { src_window, dst_window, num_heads } => {
+                        Origin::ResizeRelPosTable { source, src_window, dst_window, num_heads }
+                    }
                 };
                 let layers: Vec<Option<usize>> = if expand {
-                    let depth =
-                        ev.need_count("depth", &format!("rule '{}' (expand of '{key}')", rule.id))?;
+                    let depth = ev.need_count("depth", &format!("rule '{}' (expand of '{key}')", rule.id))?;
                     (0..depth).map(Some).collect()
                 } else {
                     vec![None]
@@ -636,10 +509,7 @@ fn apply_rules(
                 for layer in layers {
                     produced.push(Produced {
                         shape: shape.clone(),
-                        ..copy(
-                            template.render(Some(&caps), layer),
-                            origin(src.name.clone()),
-                        )
+                        ..copy(template.render(Some(&caps), layer), origin(src.name.clone()))
                     });
                 }
             }
@@ -673,10 +543,7 @@ struct ConcatGroup {
 }
 
 fn quoted(keys: &[String]) -> String {
-    keys.iter()
-        .map(|k| format!("'{k}'"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    keys.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ")
 }
 
 /// Checks one concat group (every part present, taken by this group only, dtypes equal,
@@ -704,21 +571,10 @@ fn concat_group(
         }
         let why = if !stripped.contains(&part.as_str()) {
             "is not in the checkpoint".to_string()
-        } else if let Some(other) = groups
-            .iter()
-            .find(|o| o.members.contains_key(part.as_str()))
-        {
-            format!(
-                "is already a part of '{}' (each source key is consumed once)",
-                other.target
-            )
+        } else if let Some(other) = groups.iter().find(|o| o.members.contains_key(part.as_str())) {
+            format!("is already a part of '{}' (each source key is consumed once)", other.target)
         } else {
-            match table
-                .rules
-                .iter()
-                .filter(|r| r.when.active(load_ready))
-                .find(|r| r.pattern.regex.is_match(part))
-            {
+            match table.rules.iter().filter(|r| r.when.active(load_ready)).find(|r| r.pattern.regex.is_match(part)) {
                 Some(r) => format!("is taken by rule '{}', which comes first", r.id),
                 None => "matches no rule".to_string(),
             }
@@ -735,21 +591,14 @@ fn concat_group(
     let first = members[0];
     let rank = first.shape.len();
     if g.dim >= rank {
-        return Err(shapes_err(format!(
-            "'{}' has shape {:?}, which has no axis {}",
-            g.parts[0], first.shape, g.dim
-        )));
+        return Err(shapes_err(format!("'{}' has shape {:?}, which has no axis {}", g.parts[0], first.shape, g.dim)));
     }
     let mut shape = first.shape.clone();
     for (m, part) in members.iter().zip(&g.parts).skip(1) {
         if m.dtype != first.dtype {
-            return Err(shapes_err(format!(
-                "'{part}' is {} but '{}' is {}",
-                m.dtype, g.parts[0], first.dtype
-            )));
+            return Err(shapes_err(format!("'{part}' is {} but '{}' is {}", m.dtype, g.parts[0], first.dtype)));
         }
-        let same_elsewhere = m.shape.len() == rank
-            && (0..rank).all(|a| a == g.dim || m.shape[a] == first.shape[a]);
+        let same_elsewhere = m.shape.len() == rank && (0..rank).all(|a| a == g.dim || m.shape[a] == first.shape[a]);
         if !same_elsewhere {
             return Err(shapes_err(format!(
                 "'{part}' has shape {:?} and '{}' has {:?}; they must agree on every axis but {}",
@@ -760,10 +609,7 @@ fn concat_group(
     }
     Ok(Produced {
         target: g.target.clone(),
-        origin: Origin::Concat {
-            sources: members.iter().map(|m| m.name.clone()).collect(),
-            dim: g.dim,
-        },
+        origin: Origin::Concat { sources: members.iter().map(|m| m.name.clone()).collect(), dim: g.dim },
         rule: g.rule.clone(),
         shape,
         dtype: first.dtype,
@@ -798,19 +644,12 @@ fn run_checks(table: &MappingTable, ev: &mut Evaluator) -> Result<(), PlanError>
         let right = ev.eval_optional(&check.right, &format!("table check '{}'", check.text))?;
         if let (Some(a), Some(b)) = (left, right) {
             if !check.op.holds(a, b) {
-                let values: Vec<String> = check
-                    .vars_used()
-                    .iter()
-                    .filter_map(|v| ev.var(v).ok().map(|x| format!("{v} = {x}")))
-                    .collect();
+                let values: Vec<String> =
+                    check.vars_used().iter().filter_map(|v| ev.var(v).ok().map(|x| format!("{v} = {x}"))).collect();
                 return Err(PlanError::CheckFailed {
                     table: table.name().into(),
                     check: check.text.clone(),
-                    values: if values.is_empty() {
-                        format!("{a} vs {b}")
-                    } else {
-                        values.join(", ")
-                    },
+                    values: if values.is_empty() { format!("{a} vs {b}") } else { values.join(", ") },
                 });
             }
         }
@@ -864,11 +703,7 @@ fn place_targets(
                 s += 1;
             }
         }
-        let position: HashMap<&str, usize> = concrete
-            .iter()
-            .enumerate()
-            .map(|(i, (k, _))| (k.as_str(), i))
-            .collect();
+        let position: HashMap<&str, usize> = concrete.iter().enumerate().map(|(i, (k, _))| (k.as_str(), i)).collect();
         let mut slot: Vec<Option<&Produced>> = vec![None; concrete.len()];
         for p in produced {
             match position.get(p.target.as_str()) {
@@ -889,9 +724,7 @@ fn place_targets(
             .iter()
             .zip(&slot)
             .filter(|((_, spec), hit)| {
-                hit.is_none()
-                    && active_make(spec, load_ready).is_none()
-                    && (load_ready || spec.required)
+                hit.is_none() && active_make(spec, load_ready).is_none() && (load_ready || spec.required)
             })
             .map(|((target, spec), _)| (target.as_str(), *spec))
             .collect();
@@ -903,10 +736,7 @@ fn place_targets(
                 why: if spec.required {
                     "is required".into()
                 } else {
-                    format!(
-                        "is needed for load-ready output (img_size {})",
-                        opts.img_size.unwrap_or(0)
-                    )
+                    format!("is needed for load-ready output (img_size {})", opts.img_size.unwrap_or(0))
                 },
                 more: match missing.len() {
                     1 => String::new(),
@@ -934,17 +764,12 @@ fn place_targets(
                     MakeKind::Fill(value) => {
                         let value = match *value {
                             FillValue::Const(v) => v,
-                            FillValue::InitValues { default } => {
-                                opts.init_values.unwrap_or(default)
-                            }
+                            FillValue::InitValues { default } => opts.init_values.unwrap_or(default),
                         };
                         (Origin::Fill { value }, fill_dtype, "fill")
                     }
                     MakeKind::RelPosIndex { window } => {
-                        let w = ev.positive(
-                            window,
-                            &format!("{}: make rel_pos_index window", context()),
-                        )?;
+                        let w = ev.positive(window, &format!("{}: make rel_pos_index window", context()))?;
                         let n = w * w + 1;
                         if shape != [n, n] {
                             return Err(PlanError::Evaluate {
@@ -954,11 +779,7 @@ fn place_targets(
                                 ),
                             });
                         }
-                        (
-                            Origin::RelPosIndex { window: w },
-                            DType::I64,
-                            "rel_pos_index",
-                        )
+                        (Origin::RelPosIndex { window: w }, DType::I64, "rel_pos_index")
                     }
                 };
                 if let Some(note) = &make.note {
@@ -995,19 +816,14 @@ fn keep_unused(
         for d in std::mem::take(&mut dropped) {
             let key = table.strip(&d.source).to_string();
             if outputs.iter().any(|o| o.target == key) {
-                return Err(PlanError::KeepUnusedCollision {
-                    key: d.source,
-                    target: key,
-                });
+                return Err(PlanError::KeepUnusedCollision { key: d.source, target: key });
             }
             let src = &sources[seen[key.as_str()]];
             outputs.push(PlannedTensor {
                 target: key,
                 shape: src.shape.clone(),
                 dtype: src.dtype,
-                origin: Origin::Keep {
-                    source: d.source.clone(),
-                },
+                origin: Origin::Keep { source: d.source.clone() },
                 rule: format!("keep_unused (rule '{}' drops it: {})", d.rule, d.reason),
             });
         }
@@ -1032,10 +848,7 @@ fn reported_vars(table: &MappingTable, ev: &mut Evaluator) -> Result<BTreeMap<St
             }
             Err(EvalError::Unavailable(_)) => {}
             Err(EvalError::Failed(message)) => {
-                return Err(PlanError::Evaluate {
-                    context: format!("variable '{name}'"),
-                    message,
-                })
+                return Err(PlanError::Evaluate { context: format!("variable '{name}'"), message })
             }
         }
     }
@@ -1059,11 +872,7 @@ fn apply_transform(
         message,
     };
     match t {
-        RuleTransform::ResizeAbsPosEmbed {
-            num_extra,
-            old_grid,
-            new_grid,
-        } => {
+        RuleTransform::ResizeAbsPosEmbed { num_extra, old_grid, new_grid } => {
             let extra = ev.non_negative(num_extra, &context("num_extra"))?;
             let old = ev.positive(old_grid, &context("old_grid"))?;
             let new = ev.positive(new_grid, &context("new_grid"))?;
@@ -1080,19 +889,11 @@ fn apply_transform(
                 return Ok((Applied::Copy, shape.to_vec()));
             }
             Ok((
-                Applied::AbsPos {
-                    num_extra: extra,
-                    old_grid: old,
-                    new_grid: new,
-                },
+                Applied::AbsPos { num_extra: extra, old_grid: old, new_grid: new },
                 vec![1, extra + new * new, shape[2]],
             ))
         }
-        RuleTransform::ResizeRelPosTable {
-            src_window,
-            dst_window,
-            num_heads,
-        } => {
+        RuleTransform::ResizeRelPosTable { src_window, dst_window, num_heads } => {
             let src = ev.positive(src_window, &context("src_window"))?;
             let dst = ev.positive(dst_window, &context("dst_window"))?;
             let heads = ev.positive(num_heads, &context("num_heads"))?;
@@ -1109,11 +910,7 @@ fn apply_transform(
                 return Ok((Applied::Copy, shape.to_vec()));
             }
             Ok((
-                Applied::RelTable {
-                    src_window: src,
-                    dst_window: dst,
-                    num_heads: heads,
-                },
+                Applied::RelTable { src_window: src, dst_window: dst, num_heads: heads },
                 vec![(2 * dst - 1) * (2 * dst - 1) + 3, heads],
             ))
         }
@@ -1129,20 +926,14 @@ fn float_dtype(sources: &[SourceTensor], notes: &mut Notes) -> DType {
             None => counts.push((s.dtype, 1)),
         }
     }
-    let best = counts
-        .iter()
-        .fold(None::<(DType, usize)>, |best, &(d, n)| match best {
-            Some((_, m)) if m >= n => best,
-            _ => Some((d, n)),
-        });
+    let best = counts.iter().fold(None::<(DType, usize)>, |best, &(d, n)| match best {
+        Some((_, m)) if m >= n => best,
+        _ => Some((d, n)),
+    });
     if counts.len() > 1 {
         notes.push(format!(
             "the source mixes floating-point dtypes ({}); filled tensors use {}",
-            counts
-                .iter()
-                .map(|(d, n)| format!("{n} × {d}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            counts.iter().map(|(d, n)| format!("{n} × {d}")).collect::<Vec<_>>().join(", "),
             best.map_or(DType::F32, |b| b.0)
         ));
     }
@@ -1181,12 +972,7 @@ impl Env for Evaluator<'_> {
             return Err(EvalError::Failed(format!("unknown variable '{name}'")));
         };
         // Guards against a `missing` message that names the variable itself.
-        self.memo.insert(
-            name.into(),
-            Err(EvalError::Unavailable(format!(
-                "variable '{name}' has no value"
-            ))),
-        );
+        self.memo.insert(name.into(), Err(EvalError::Unavailable(format!("variable '{name}' has no value"))));
         let mut reasons = Vec::new();
         let mut result = None;
         for (i, alt) in def.alternatives.iter().enumerate() {
@@ -1198,10 +984,7 @@ impl Env for Evaluator<'_> {
                 Err(EvalError::Unavailable(r)) => reasons.push(r),
                 Err(EvalError::Failed(m)) => {
                     let inputs = self.describe_inputs(alt);
-                    result = Some(Err(EvalError::Failed(format!(
-                        "variable '{name}' = {}{inputs}: {m}",
-                        alt.text
-                    ))));
+                    result = Some(Err(EvalError::Failed(format!("variable '{name}' = {}{inputs}: {m}", alt.text))));
                     break;
                 }
             }
@@ -1294,18 +1077,11 @@ impl Evaluator<'_> {
     }
 
     /// `None` when something the expression reads is absent; errors on contradictions.
-    fn eval_optional(
-        &mut self,
-        e: &super::expr::Expr,
-        context: &str,
-    ) -> Result<Option<i64>, PlanError> {
+    fn eval_optional(&mut self, e: &super::expr::Expr, context: &str) -> Result<Option<i64>, PlanError> {
         match e.eval(self) {
             Ok(v) => Ok(Some(v)),
             Err(EvalError::Unavailable(_)) => Ok(None),
-            Err(EvalError::Failed(message)) => Err(PlanError::Evaluate {
-                context: context.into(),
-                message,
-            }),
+            Err(EvalError::Failed(message)) => Err(PlanError::Evaluate { context: context.into(), message }),
         }
     }
 
@@ -1319,10 +1095,7 @@ impl Evaluator<'_> {
 
     fn positive(&mut self, f: &Formula, context: &str) -> Result<usize, PlanError> {
         match self.non_negative(f, context)? {
-            0 => Err(PlanError::Evaluate {
-                context: context.into(),
-                message: format!("{} = 0", f.text),
-            }),
+            0 => Err(PlanError::Evaluate { context: context.into(), message: format!("{} = 0", f.text) }),
             v => Ok(v),
         }
     }
@@ -1342,10 +1115,7 @@ impl Evaluator<'_> {
     }
 
     fn shape_of(&mut self, spec: &TargetSpec, context: &str) -> Result<Vec<usize>, PlanError> {
-        spec.shape
-            .iter()
-            .map(|f| self.non_negative(f, &format!("{context} shape [{}]", shape_text(spec))))
-            .collect()
+        spec.shape.iter().map(|f| self.non_negative(f, &format!("{context} shape [{}]", shape_text(spec)))).collect()
     }
 }
 
@@ -1354,11 +1124,7 @@ fn active_make(spec: &TargetSpec, load_ready: bool) -> Option<&Make> {
 }
 
 fn shape_text(spec: &TargetSpec) -> String {
-    spec.shape
-        .iter()
-        .map(|f| f.text.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
+    spec.shape.iter().map(|f| f.text.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -1366,11 +1132,7 @@ mod tests {
     use super::*;
 
     fn t(name: &str, shape: &[usize]) -> SourceTensor {
-        SourceTensor {
-            name: name.into(),
-            shape: shape.to_vec(),
-            dtype: DType::F32,
-        }
+        SourceTensor { name: name.into(), shape: shape.to_vec(), dtype: DType::F32 }
     }
 
     /// A tiny MAE encoder: dim 32, depth 2, grid 7 (img 112), patch 16.
@@ -1412,11 +1174,7 @@ mod tests {
         assert_eq!(p.outputs.len(), 4 + 2 * 12);
         assert_eq!(p.outputs[4].target, "layers.0.ln1.weight");
         assert_eq!(p.dropped.len(), 2);
-        let o = PlanOptions {
-            img_size: Some(112),
-            num_heads: Some(2),
-            ..Default::default()
-        };
+        let o = PlanOptions { img_size: Some(112), num_heads: Some(2), ..Default::default() };
         let p = plan(table, &tiny_mae(), &o).unwrap();
         assert_eq!(p.outputs.len(), 4 + 2 * 16);
         let names: Vec<&str> = p.outputs.iter().map(|o| o.target.as_str()).collect();
@@ -1450,23 +1208,11 @@ mod tests {
     fn options_are_validated() {
         let table = MappingTable::builtin("mae").unwrap();
         for o in [
-            PlanOptions {
-                img_size: Some(0),
-                ..Default::default()
-            },
-            PlanOptions {
-                num_heads: Some(0),
-                ..Default::default()
-            },
-            PlanOptions {
-                init_values: Some(f64::NAN),
-                ..Default::default()
-            },
+            PlanOptions { img_size: Some(0), ..Default::default() },
+            PlanOptions { num_heads: Some(0), ..Default::default() },
+            PlanOptions { init_values: Some(f64::NAN), ..Default::default() },
         ] {
-            assert!(matches!(
-                plan(table, &tiny_mae(), &o),
-                Err(PlanError::BadOption(_))
-            ));
+            assert!(matches!(plan(table, &tiny_mae(), &o), Err(PlanError::BadOption(_))));
         }
     }
 }

@@ -47,63 +47,24 @@ pub enum TableError {
     #[error("{origin}: table format {found} is not supported (this build reads format {FORMAT_VERSION})")]
     Format { origin: String, found: i64 },
     #[error("{origin}: {place}: invalid regex '{pattern}': {message}")]
-    InvalidRegex {
-        origin: String,
-        place: String,
-        pattern: String,
-        message: String,
-    },
+    InvalidRegex { origin: String, place: String, pattern: String, message: String },
     #[error("{origin}: {place}: unknown transform '{name}' ({known})")]
-    UnknownTransform {
-        origin: String,
-        place: String,
-        name: String,
-        known: String,
-    },
+    UnknownTransform { origin: String, place: String, name: String, known: String },
     #[error("{origin}: {place}: transform '{transform}': {message}")]
-    TransformParam {
-        origin: String,
-        place: String,
-        transform: String,
-        message: String,
-    },
+    TransformParam { origin: String, place: String, transform: String, message: String },
     #[error("{origin}: rule '{rule}': template '{template}' refers to capture ${{{capture}}}, but {pattern}")]
-    BadCapture {
-        origin: String,
-        rule: String,
-        template: String,
-        capture: String,
-        pattern: String,
-    },
+    BadCapture { origin: String, rule: String, template: String, capture: String, pattern: String },
     #[error("{origin}: {place}: template '{template}': {message}")]
-    BadTemplate {
-        origin: String,
-        place: String,
-        template: String,
-        message: String,
-    },
+    BadTemplate { origin: String, place: String, template: String, message: String },
     #[error("{origin}: {place}: expression '{expr}': {message}")]
-    BadExpression {
-        origin: String,
-        place: String,
-        expr: String,
-        message: String,
-    },
+    BadExpression { origin: String, place: String, expr: String, message: String },
     #[error("{origin}: {place}: {message}")]
-    Invalid {
-        origin: String,
-        place: String,
-        message: String,
-    },
-    #[error(
-        "unknown mapping table '{name}' (built in: {known}); pass the path of a table file instead"
-    )]
+    Invalid { origin: String, place: String, message: String },
+    #[error("unknown mapping table '{name}' (built in: {known}); pass the path of a table file instead")]
     UnknownTable { name: String, known: String },
     #[error("no mapping table recognises this checkpoint; nearest first: {reasons}; choose a table with --mapping (a built-in name or a TOML file, see mappings/README.md)")]
     NoTableMatches { reasons: String },
-    #[error(
-        "several mapping tables recognise this checkpoint ({names}): {reasons}; choose one with --mapping"
-    )]
+    #[error("several mapping tables recognise this checkpoint ({names}): {reasons}; choose one with --mapping")]
     SeveralTablesMatch { names: String, reasons: String },
 }
 
@@ -165,18 +126,12 @@ pub struct MappingTable {
 
 /// The names and descriptions of the tables built into the binary.
 pub fn builtin_tables() -> Vec<(&'static str, &'static str)> {
-    builtins()
-        .iter()
-        .map(|t| (t.name.as_str(), t.description.as_str()))
-        .collect()
+    builtins().iter().map(|t| (t.name.as_str(), t.description.as_str())).collect()
 }
 
 /// The TOML text of a built-in table (for `--show`-style listings).
 pub fn builtin_table_text(name: &str) -> Option<&'static str> {
-    BUILTIN_SOURCES
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, text)| *text)
+    BUILTIN_SOURCES.iter().find(|(n, _)| *n == name).map(|(_, text)| *text)
 }
 
 fn builtins() -> &'static [MappingTable] {
@@ -226,20 +181,12 @@ pub fn detect_among<'t, S: AsRef<str>>(
                 reasons: if missed.is_empty() {
                     "no tables".into()
                 } else {
-                    missed
-                        .iter()
-                        .map(|(t, f)| format!("{}: {}", t.name, f.describe()))
-                        .collect::<Vec<_>>()
-                        .join("; ")
+                    missed.iter().map(|(t, f)| format!("{}: {}", t.name, f.describe())).collect::<Vec<_>>().join("; ")
                 },
             })
         }
         _ => Err(TableError::SeveralTablesMatch {
-            names: matched
-                .iter()
-                .map(|(t, _)| t.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
+            names: matched.iter().map(|(t, _)| t.name.as_str()).collect::<Vec<_>>().join(", "),
             reasons: matched
                 .iter()
                 .map(|(t, f)| format!("{}: {}", t.name, f.describe()))
@@ -277,26 +224,14 @@ impl Fingerprint {
         if !self.detectable {
             return "the table has no detect.require patterns (it is only used by name)".into();
         }
-        let hit: Vec<String> = self
-            .required
-            .iter()
-            .filter_map(|(p, k)| k.as_ref().map(|k| format!("'{p}' as '{k}'")))
-            .collect();
-        let miss: Vec<String> = self
-            .required
-            .iter()
-            .filter(|(_, k)| k.is_none())
-            .map(|(p, _)| format!("'{p}'"))
-            .collect();
+        let hit: Vec<String> =
+            self.required.iter().filter_map(|(p, k)| k.as_ref().map(|k| format!("'{p}' as '{k}'"))).collect();
+        let miss: Vec<String> =
+            self.required.iter().filter(|(_, k)| k.is_none()).map(|(p, _)| format!("'{p}'")).collect();
         let mut parts = vec![if hit.is_empty() {
             format!("0 of {} required fingerprints match", self.required.len())
         } else {
-            format!(
-                "{} of {} required fingerprints match ({})",
-                hit.len(),
-                self.required.len(),
-                hit.join(", ")
-            )
+            format!("{} of {} required fingerprints match ({})", hit.len(), self.required.len(), hit.join(", "))
         }];
         if !miss.is_empty() {
             parts.push(format!("no key matches {}", miss.join(", ")));
@@ -314,17 +249,10 @@ impl Fingerprint {
 impl MappingTable {
     /// A built-in table by name.
     pub fn builtin(name: &str) -> Result<&'static MappingTable, TableError> {
-        builtins()
-            .iter()
-            .find(|t| t.name == name)
-            .ok_or_else(|| TableError::UnknownTable {
-                name: name.to_string(),
-                known: builtins()
-                    .iter()
-                    .map(|t| t.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
+        builtins().iter().find(|t| t.name == name).ok_or_else(|| TableError::UnknownTable {
+            name: name.to_string(),
+            known: builtins().iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "),
+        })
     }
 
     /// Compiles a table from TOML text. `origin` names it in every error (a path or
@@ -404,11 +332,7 @@ impl MappingTable {
             forbidden: self
                 .forbid
                 .iter()
-                .filter_map(|p| {
-                    keys.iter()
-                        .find(|k| p.regex.is_match(k))
-                        .map(|k| (p.text.clone(), k.to_string()))
-                })
+                .filter_map(|p| keys.iter().find(|k| p.regex.is_match(k)).map(|k| (p.text.clone(), k.to_string())))
                 .collect(),
         }
     }
@@ -456,16 +380,8 @@ pub(crate) struct ConcatSpec {
 
 #[derive(Debug)]
 pub(crate) enum RuleTransform {
-    ResizeAbsPosEmbed {
-        num_extra: Formula,
-        old_grid: Formula,
-        new_grid: Formula,
-    },
-    ResizeRelPosTable {
-        src_window: Formula,
-        dst_window: Formula,
-        num_heads: Formula,
-    },
+    ResizeAbsPosEmbed { num_extra: Formula, old_grid: Formula, new_grid: Formula },
+    ResizeRelPosTable { src_window: Formula, dst_window: Formula, num_heads: Formula },
 }
 
 impl RuleTransform {
@@ -553,25 +469,17 @@ impl Check {
     }
 }
 
-
 /// Anchors a pattern so that it must match the whole key.
 pub(crate) fn compile_pattern(text: &str) -> Result<Pattern, String> {
     Regex::new(&format!("^(?:{text})$"))
-        .map(|regex| Pattern {
-            text: text.to_string(),
-            regex,
-        })
+        .map(|regex| Pattern { text: text.to_string(), regex })
         .map_err(|e| one_line_regex_error(&e))
 }
 
 pub(crate) fn one_line_regex_error(e: &regex::Error) -> String {
     let text = e.to_string();
     text.lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("error:")
-                .map(|s| s.trim().to_string())
-        })
+        .find_map(|l| l.trim().strip_prefix("error:").map(|s| s.trim().to_string()))
         .unwrap_or_else(|| text.lines().next().unwrap_or("").trim().to_string())
 }
 
@@ -584,7 +492,6 @@ impl fmt::Display for When {
         })
     }
 }
-
 
 #[cfg(test)]
 mod tests {

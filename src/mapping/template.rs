@@ -1,8 +1,6 @@
 //! Key templates of a table's rules and targets: `${n}` / `${name}` regex captures and `{i}`
 //! the layer index, parsed once when the table is compiled and rendered per key.
 
-
-
 #[derive(Debug, Clone)]
 pub(crate) enum Piece {
     Lit(String),
@@ -25,9 +23,7 @@ impl Template {
         while let Some(c) = rest.chars().next() {
             if c == '$' {
                 if !captures {
-                    return Err(
-                        "'$' has no meaning here (captures exist only in rule targets)".into(),
-                    );
+                    return Err("'$' has no meaning here (captures exist only in rule targets)".into());
                 }
                 let Some(inner) = rest.strip_prefix("${") else {
                     return Err("write captures as ${1} or ${name}; a bare $1 is not accepted (in regex replacement syntax $1x means a group named '1x')".into());
@@ -40,13 +36,10 @@ impl Template {
                     pieces.push(Piece::Lit(std::mem::take(&mut lit)));
                 }
                 if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
-                    pieces
-                        .push(Piece::CaptureIndex(name.parse().map_err(|_| {
-                            format!("capture number '{name}' is too large")
-                        })?));
-                } else if !name.is_empty()
-                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                {
+                    pieces.push(Piece::CaptureIndex(
+                        name.parse().map_err(|_| format!("capture number '{name}' is too large"))?,
+                    ));
+                } else if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
                     pieces.push(Piece::CaptureName(name.to_string()));
                 } else {
                     return Err(format!("'${{{name}}}' is not a capture reference"));
@@ -57,7 +50,9 @@ impl Template {
                     return Err("'{' is only allowed as the layer placeholder {i}".into());
                 };
                 if !layer {
-                    return Err("the layer placeholder {i} is only allowed in `expand` templates and target keys".into());
+                    return Err(
+                        "the layer placeholder {i} is only allowed in `expand` templates and target keys".into()
+                    );
                 }
                 if !lit.is_empty() {
                     pieces.push(Piece::Lit(std::mem::take(&mut lit)));
@@ -77,10 +72,7 @@ impl Template {
         if pieces.is_empty() {
             return Err("empty template".into());
         }
-        Ok(Template {
-            text: text.to_string(),
-            pieces,
-        })
+        Ok(Template { text: text.to_string(), pieces })
     }
 
     pub(crate) fn has_layer(&self) -> bool {
@@ -88,30 +80,19 @@ impl Template {
     }
 
     /// Fills the template. A capture group that did not take part in the match is empty.
-    pub(crate) fn render(
-        &self,
-        caps: Option<&regex::Captures<'_>>,
-        layer: Option<usize>,
-    ) -> String {
+    pub(crate) fn render(&self, caps: Option<&regex::Captures<'_>>, layer: Option<usize>) -> String {
         let mut out = String::new();
         for p in &self.pieces {
             match p {
                 Piece::Lit(s) => out.push_str(s),
-                Piece::CaptureIndex(n) => {
-                    out.push_str(caps.and_then(|c| c.get(*n)).map_or("", |m| m.as_str()))
-                }
-                Piece::CaptureName(n) => {
-                    out.push_str(caps.and_then(|c| c.name(n)).map_or("", |m| m.as_str()))
-                }
-                Piece::Layer => {
-                    out.push_str(&layer.map_or_else(|| "{i}".to_string(), |i| i.to_string()))
-                }
+                Piece::CaptureIndex(n) => out.push_str(caps.and_then(|c| c.get(*n)).map_or("", |m| m.as_str())),
+                Piece::CaptureName(n) => out.push_str(caps.and_then(|c| c.name(n)).map_or("", |m| m.as_str())),
+                Piece::Layer => out.push_str(&layer.map_or_else(|| "{i}".to_string(), |i| i.to_string())),
             }
         }
         out
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -22,36 +22,19 @@ pub type Result<T> = std::result::Result<T, TransformError>;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransformError {
     #[error("position embedding has {got} values, expected {expected} = ({num_extra} extra + {grid}x{grid} grid) tokens x {dim} channels")]
-    PosEmbedLen {
-        got: usize,
-        expected: usize,
-        num_extra: usize,
-        grid: usize,
-        dim: usize,
-    },
+    PosEmbedLen { got: usize, expected: usize, num_extra: usize, grid: usize, dim: usize },
     #[error("position embedding has {tokens} tokens: after {num_extra} extra tokens, {tokens} - {num_extra} is not a square grid")]
     NotSquareGrid { tokens: usize, num_extra: usize },
     #[error("cannot resize a position grid from {from}x{from} to {to}x{to}: both sides must be at least 1")]
     EmptyGrid { from: usize, to: usize },
     #[error("relative position bias table has {got} values, expected {expected} = ((2x{window}-1)^2 + 3) rows x {num_heads} heads")]
-    TableLen {
-        got: usize,
-        expected: usize,
-        window: usize,
-        num_heads: usize,
-    },
-    #[error(
-        "relative position bias table has {rows} rows, which is not (2w-1)^2 + 3 for any window w"
-    )]
+    TableLen { got: usize, expected: usize, window: usize, num_heads: usize },
+    #[error("relative position bias table has {rows} rows, which is not (2w-1)^2 + 3 for any window w")]
     NotSquareTable { rows: usize },
     #[error("window {window} is too small for this relative position table resize (need at least {min})")]
     WindowTooSmall { window: usize, min: usize },
     #[error("{len} bytes is not a whole number of {dtype} elements ({size} bytes each)")]
-    ByteLen {
-        len: usize,
-        dtype: DType,
-        size: usize,
-    },
+    ByteLen { len: usize, dtype: DType, size: usize },
     #[error("cannot cast {from} to {to}: only f64, f32, f16 and bf16 tensors can be cast")]
     NotFloat { from: DType, to: DType },
     #[error("cannot concatenate along dim {dim}: {why}")]
@@ -96,19 +79,10 @@ pub fn resize_abs_pos_embed(
 ) -> Result<Vec<f32>> {
     let expected = (num_extra + old_grid * old_grid) * dim;
     if data.len() != expected {
-        return Err(TransformError::PosEmbedLen {
-            got: data.len(),
-            expected,
-            num_extra,
-            grid: old_grid,
-            dim,
-        });
+        return Err(TransformError::PosEmbedLen { got: data.len(), expected, num_extra, grid: old_grid, dim });
     }
     if old_grid == 0 || new_grid == 0 {
-        return Err(TransformError::EmptyGrid {
-            from: old_grid,
-            to: new_grid,
-        });
+        return Err(TransformError::EmptyGrid { from: old_grid, to: new_grid });
     }
     if old_grid == new_grid {
         return Ok(data.to_vec());
@@ -116,13 +90,7 @@ pub fn resize_abs_pos_embed(
     let (extra, grid) = data.split_at(num_extra * dim);
     let mut out = Vec::with_capacity((num_extra + new_grid * new_grid) * dim);
     out.extend_from_slice(extra);
-    out.extend(resize_grid(
-        grid,
-        dim,
-        old_grid,
-        new_grid,
-        torch_cubic_weights,
-    ));
+    out.extend(resize_grid(grid, dim, old_grid, new_grid, torch_cubic_weights));
     Ok(out)
 }
 
@@ -152,19 +120,14 @@ fn keys_cubic_weights(t: f32, a: f32) -> [f32; 4] {
 /// `area_pixel_compute_source_index` with `align_corners=False`: `(dst + 0.5) * in/out - 0.5`,
 /// not clamped for cubic, with the scale `in/out` computed in f32 and the multiply-add fused
 /// as torch does (an ulp of `src` moves the weights by up to 1e-6 on larger grids).
-fn cubic_taps(
-    input: usize,
-    output: usize,
-    kernel: fn(f32) -> [f32; 4],
-) -> Vec<([usize; 4], [f32; 4])> {
+fn cubic_taps(input: usize, output: usize, kernel: fn(f32) -> [f32; 4]) -> Vec<([usize; 4], [f32; 4])> {
     let scale = input as f32 / output as f32;
     (0..output)
         .map(|o| {
             let src = scale.mul_add(o as f32 + 0.5, -0.5);
             let floor = src.floor();
             let first = floor as isize - 1;
-            let idx =
-                std::array::from_fn(|k| (first + k as isize).clamp(0, input as isize - 1) as usize);
+            let idx = std::array::from_fn(|k| (first + k as isize).clamp(0, input as isize - 1) as usize);
             (idx, kernel(src - floor))
         })
         .collect()
@@ -172,13 +135,7 @@ fn cubic_taps(
 
 /// Separable resize of a row-major `[old, old, dim]` grid to `[new, new, dim]`. The W pass runs
 /// first and the H pass sums its results, which is the order torch accumulates each pixel in.
-fn resize_grid(
-    grid: &[f32],
-    dim: usize,
-    old: usize,
-    new: usize,
-    kernel: fn(f32) -> [f32; 4],
-) -> Vec<f32> {
+fn resize_grid(grid: &[f32], dim: usize, old: usize, new: usize, kernel: fn(f32) -> [f32; 4]) -> Vec<f32> {
     let taps = cubic_taps(old, new, kernel);
     // W pass: [old rows, new cols, dim].
     let mut rows = vec![0f32; old * new * dim];
@@ -217,9 +174,7 @@ fn weighted_sum<'a>(dst: &mut [f32], w: &[f32; 4], src: impl Fn(usize) -> &'a [f
 /// The window `w` of a relative position bias table with `rows = (2w-1)² + 3` rows. MMSeg
 /// takes `int(sqrt(rows - 3))` and would silently misread another count; we refuse it.
 pub fn rel_table_window(rows: usize) -> Result<usize> {
-    let side = rows
-        .checked_sub(REL_TABLE_EXTRA_ROWS)
-        .map_or(0, usize::isqrt);
+    let side = rows.checked_sub(REL_TABLE_EXTRA_ROWS).map_or(0, usize::isqrt);
     if side % 2 == 1 && side * side + REL_TABLE_EXTRA_ROWS == rows {
         Ok(side.div_ceil(2))
     } else {
@@ -256,12 +211,7 @@ fn geometric_axis(side: usize, q: f64) -> Vec<f64> {
         dis.push(cur);
         cur += q.powf((i + 1) as f64);
     }
-    dis.iter()
-        .rev()
-        .map(|d| -d)
-        .chain([0.0])
-        .chain(dis.iter().copied())
-        .collect()
+    dis.iter().rev().map(|d| -d).chain([0.0]).chain(dis.iter().copied()).collect()
 }
 
 /// Resizes a `[(2·src_window-1)² + 3, num_heads]` relative position bias table to
@@ -284,46 +234,23 @@ pub fn resize_rel_pos_bias_table(
     let src = (2 * src_window).saturating_sub(1);
     let expected = (src * src + REL_TABLE_EXTRA_ROWS) * num_heads;
     if table.len() != expected {
-        return Err(TransformError::TableLen {
-            got: table.len(),
-            expected,
-            window: src_window,
-            num_heads,
-        });
+        return Err(TransformError::TableLen { got: table.len(), expected, window: src_window, num_heads });
     }
     if src_window == dst_window {
         return Ok(table.to_vec());
     }
     // A cubic spline needs 4 points per axis; the target needs at least its centre.
     if src_window < 3 {
-        return Err(TransformError::WindowTooSmall {
-            window: src_window,
-            min: 3,
-        });
+        return Err(TransformError::WindowTooSmall { window: src_window, min: 3 });
     }
     if dst_window < 1 {
-        return Err(TransformError::WindowTooSmall {
-            window: dst_window,
-            min: 1,
-        });
+        return Err(TransformError::WindowTooSmall { window: dst_window, min: 1 });
     }
-    Ok(resize_table(
-        table,
-        num_heads,
-        src,
-        2 * dst_window - 1,
-        SplineEnds::NotAKnot,
-    ))
+    Ok(resize_table(table, num_heads, src, 2 * dst_window - 1, SplineEnds::NotAKnot))
 }
 
 /// The resize itself, for grid sides `src` ≥ 4 and `dst` ≥ 1 (already checked).
-fn resize_table(
-    table: &[f32],
-    num_heads: usize,
-    src: usize,
-    dst: usize,
-    ends: SplineEnds,
-) -> Vec<f32> {
+fn resize_table(table: &[f32], num_heads: usize, src: usize, dst: usize, ends: SplineEnds) -> Vec<f32> {
     let q = geometric_ratio(src / 2, dst / 2);
     let x = geometric_axis(src, q);
     let half = (dst / 2) as f64;
@@ -412,10 +339,7 @@ fn spline_weights(x: &[f64], t: &[f64], ends: SplineEnds) -> Vec<f64> {
         let tj = tj.clamp(x[0], x[n - 1]);
         let i = x.partition_point(|&xk| xk <= tj).clamp(1, n - 1) - 1;
         let (hi, u, v) = (h[i], x[i + 1] - tj, tj - x[i]);
-        let (c0, c1) = (
-            (u * u * u / hi - hi * u) / 6.0,
-            (v * v * v / hi - hi * v) / 6.0,
-        );
+        let (c0, c1) = ((u * u * u / hi - hi * u) / 6.0, (v * v * v / hi - hi * v) / 6.0);
         for k in 0..n {
             row[k] = c0 * s[i * n + k] + c1 * s[(i + 1) * n + k];
         }
@@ -430,9 +354,7 @@ fn spline_weights(x: &[f64], t: &[f64], ends: SplineEnds) -> Vec<f64> {
 /// n is at most a few hundred, so a dense solve is simplest.
 fn solve_dense(mut a: Vec<f64>, mut b: Vec<f64>, n: usize) -> Vec<f64> {
     for col in 0..n {
-        let p = (col..n)
-            .max_by(|&i, &j| a[i * n + col].abs().total_cmp(&a[j * n + col].abs()))
-            .unwrap();
+        let p = (col..n).max_by(|&i, &j| a[i * n + col].abs().total_cmp(&a[j * n + col].abs())).unwrap();
         if p != col {
             for k in 0..n {
                 a.swap(p * n + k, col * n + k);
@@ -491,20 +413,13 @@ fn float_len(bytes: &[u8], dtype: DType) -> Result<usize> {
     if bytes.len().is_multiple_of(size) {
         Ok(bytes.len() / size)
     } else {
-        Err(TransformError::ByteLen {
-            len: bytes.len(),
-            dtype,
-            size,
-        })
+        Err(TransformError::ByteLen { len: bytes.len(), dtype, size })
     }
 }
 
 /// Decodes little-endian elements of `N` bytes (the length was checked by [`float_len`]).
 fn from_le<const N: usize, T>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
-    bytes
-        .chunks_exact(N)
-        .map(|c| f(c.try_into().unwrap()))
-        .collect()
+    bytes.chunks_exact(N).map(|c| f(c.try_into().unwrap())).collect()
 }
 
 /// Encodes elements as `N` little-endian bytes each, into a buffer sized up front (an
@@ -521,20 +436,13 @@ fn to_le<const N: usize, T: Copy>(values: &[T], f: impl Fn(T) -> [u8; N]) -> Vec
 /// the resizes, which torch runs in the tensor's own precision, can run on any float tensor.
 pub fn f32_from_bytes(bytes: &[u8], dtype: DType) -> Result<Vec<f32>> {
     if !dtype.is_float() {
-        return Err(TransformError::NotFloat {
-            from: dtype,
-            to: DType::F32,
-        });
+        return Err(TransformError::NotFloat { from: dtype, to: DType::F32 });
     }
     float_len(bytes, dtype)?;
     Ok(match dtype {
         DType::F64 => from_le(bytes, |b| f64::from_le_bytes(b) as f32),
-        DType::F16 => from_le(bytes, u16::from_le_bytes)
-            .reinterpret_cast::<f16>()
-            .to_f32_vec(),
-        DType::BF16 => from_le(bytes, u16::from_le_bytes)
-            .reinterpret_cast::<bf16>()
-            .to_f32_vec(),
+        DType::F16 => from_le(bytes, u16::from_le_bytes).reinterpret_cast::<f16>().to_f32_vec(),
+        DType::BF16 => from_le(bytes, u16::from_le_bytes).reinterpret_cast::<bf16>().to_f32_vec(),
         _ => from_le(bytes, f32::from_le_bytes),
     })
 }
@@ -556,12 +464,7 @@ pub fn f32_to_bytes(values: &[f32], dtype: DType) -> Result<Vec<u8>> {
             h.convert_from_f32_slice(values);
             to_le(h.reinterpret_cast(), u16::to_le_bytes)
         }
-        _ => {
-            return Err(TransformError::NotFloat {
-                from: DType::F32,
-                to: dtype,
-            })
-        }
+        _ => return Err(TransformError::NotFloat { from: DType::F32, to: dtype }),
     })
 }
 
@@ -607,15 +510,10 @@ pub fn concat(parts: &[ConcatPart], dim: usize, to: DType) -> Result<Vec<u8>> {
         if p.dtype != first.dtype {
             return Err(err(format!("part {} is {}, part 1 is {}", n + 1, p.dtype, first.dtype)));
         }
-        let agree = p.shape.len() == first.shape.len()
-            && (0..p.shape.len()).all(|a| a == dim || p.shape[a] == first.shape[a]);
+        let agree =
+            p.shape.len() == first.shape.len() && (0..p.shape.len()).all(|a| a == dim || p.shape[a] == first.shape[a]);
         if !agree {
-            return Err(err(format!(
-                "part {} has shape {:?}, part 1 {:?}",
-                n + 1,
-                p.shape,
-                first.shape
-            )));
+            return Err(err(format!("part {} has shape {:?}, part 1 {:?}", n + 1, p.shape, first.shape)));
         }
         let expected = p.shape.iter().product::<usize>() * size;
         if p.bytes.len() != expected {
@@ -629,10 +527,7 @@ pub fn concat(parts: &[ConcatPart], dim: usize, to: DType) -> Result<Vec<u8>> {
     }
     // Rows of the axes before `dim`; each part contributes a contiguous run per row.
     let outer: usize = first.shape[..dim].iter().product();
-    let runs: Vec<usize> = parts
-        .iter()
-        .map(|p| p.shape[dim..].iter().product::<usize>() * size)
-        .collect();
+    let runs: Vec<usize> = parts.iter().map(|p| p.shape[dim..].iter().product::<usize>() * size).collect();
     let mut out = Vec::with_capacity(parts.iter().map(|p| p.bytes.len()).sum());
     for row in 0..outer {
         for (p, &run) in parts.iter().zip(&runs) {
@@ -664,10 +559,7 @@ mod tests {
         assert_eq!(out, [a.bytes.clone(), b.bytes.clone()].concat());
         let c = part(&[7.0, 8.0], &[2, 1]);
         let out = concat(&[a.clone(), c], 1, DType::F32).unwrap();
-        assert_eq!(
-            f32_from_bytes(&out, DType::F32).unwrap(),
-            [1.0, 2.0, 7.0, 3.0, 4.0, 8.0]
-        );
+        assert_eq!(f32_from_bytes(&out, DType::F32).unwrap(), [1.0, 2.0, 7.0, 3.0, 4.0, 8.0]);
         // A shape that disagrees off the axis, a dtype mix and a missing axis are errors.
         assert!(concat(&[a.clone(), b.clone()], 1, DType::F32).is_err());
         let h = ConcatPart { dtype: DType::F16, bytes: vec![0; 4], shape: vec![1, 2] };
@@ -678,31 +570,22 @@ mod tests {
         assert_eq!(out.len(), 6 * 2);
     }
 
-    const FIXTURE: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/transforms.safetensors"
-    );
+    const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/transforms.safetensors");
 
     fn fixture_bytes() -> Vec<u8> {
-        std::fs::read(FIXTURE)
-            .unwrap_or_else(|e| panic!("{FIXTURE}: {e} (made by fixtures/make_fixtures.py)"))
+        std::fs::read(FIXTURE).unwrap_or_else(|e| panic!("{FIXTURE}: {e} (made by fixtures/make_fixtures.py)"))
     }
 
     /// A fixture tensor as f32 (or i64 as f64) with its shape.
     fn load(st: &SafeTensors, name: &str) -> (Vec<f32>, Vec<usize>) {
-        let t = st
-            .tensor(name)
-            .unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
+        let t = st.tensor(name).unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
         let dtype = DType::from_safetensors_code(t.dtype()).unwrap();
         (f32_from_bytes(t.data(), dtype).unwrap(), t.shape().to_vec())
     }
 
     fn max_diff(a: &[f32], b: &[f32]) -> f64 {
         assert_eq!(a.len(), b.len(), "length");
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (*x as f64 - *y as f64).abs())
-            .fold(0.0, f64::max)
+        a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max)
     }
 
     const TOL: f64 = 1e-6;
@@ -720,23 +603,13 @@ mod tests {
         // The same grid with a wrong kernel must miss the reference by far more than TOL.
         let (extra, grid) = x.split_at(dim);
         for (what, kernel) in [
-            (
-                "A=-0.5",
-                (|t| keys_cubic_weights(t, -0.5)) as fn(f32) -> [f32; 4],
-            ),
+            ("A=-0.5", (|t| keys_cubic_weights(t, -0.5)) as fn(f32) -> [f32; 4]),
             ("bilinear", |t| [0.0, 1.0 - t, t, 0.0]),
         ] {
-            let wrong: Vec<f32> = extra
-                .iter()
-                .copied()
-                .chain(resize_grid(grid, dim, old, new, kernel))
-                .collect();
+            let wrong: Vec<f32> = extra.iter().copied().chain(resize_grid(grid, dim, old, new, kernel)).collect();
             let d = max_diff(&wrong, &y);
             eprintln!("{output}: {what} kernel misses by {d:e}");
-            assert!(
-                d > 100.0 * TOL,
-                "{output}: {what} kernel only differs by {d:e}"
-            );
+            assert!(d > 100.0 * TOL, "{output}: {what} kernel only differs by {d:e}");
         }
     }
 
@@ -752,27 +625,17 @@ mod tests {
         let (x, xs) = load(st, input);
         let (y, ys) = load(st, output);
         let heads = xs[1];
-        let (src, dst) = (
-            rel_table_window(xs[0]).unwrap(),
-            rel_table_window(ys[0]).unwrap(),
-        );
+        let (src, dst) = (rel_table_window(xs[0]).unwrap(), rel_table_window(ys[0]).unwrap());
         let got = resize_rel_pos_bias_table(&x, heads, src, dst).unwrap();
         let d = max_diff(&got, &y);
         eprintln!("{output}: max |diff| = {d:e}");
         assert!(d <= TOL, "{output}: max diff {d:e}");
-        assert_eq!(
-            got[got.len() - 3 * heads..],
-            x[x.len() - 3 * heads..],
-            "extras kept"
-        );
+        assert_eq!(got[got.len() - 3 * heads..], x[x.len() - 3 * heads..], "extras kept");
         // A natural spline on the same coordinates must miss by far more than TOL.
         let natural = resize_table(&x, heads, 2 * src - 1, 2 * dst - 1, SplineEnds::Natural);
         let worst = max_diff(&natural, &y);
         eprintln!("{output}: natural spline misses by {worst:e}");
-        assert!(
-            worst > 100.0 * TOL,
-            "{output}: natural spline only differs by {worst:e}"
-        );
+        assert!(worst > 100.0 * TOL, "{output}: natural spline only differs by {worst:e}");
     }
 
     #[test]
@@ -786,10 +649,7 @@ mod tests {
 
     // Issue #13: every resize regime, against numbers made by real SciPy 1.13 / torch
     // (fixtures/make_resize_fixtures.py; versions in the file's `versions` metadata).
-    const RESIZE_FIXTURE: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/resize_cases.safetensors"
-    );
+    const RESIZE_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/resize_cases.safetensors");
 
     /// Bit-close: each value within 1e-6 of the reference, relative to its magnitude (or
     /// absolutely below 1, where f32 rounding of a tiny value has no relative meaning).
@@ -809,9 +669,8 @@ mod tests {
 
     /// The fixture bytes and its `cases` metadata (name → parameters).
     fn resize_cases() -> (Vec<u8>, serde_json::Map<String, serde_json::Value>) {
-        let bytes = std::fs::read(RESIZE_FIXTURE).unwrap_or_else(|e| {
-            panic!("{RESIZE_FIXTURE}: {e} (made by fixtures/make_resize_fixtures.py)")
-        });
+        let bytes = std::fs::read(RESIZE_FIXTURE)
+            .unwrap_or_else(|e| panic!("{RESIZE_FIXTURE}: {e} (made by fixtures/make_resize_fixtures.py)"));
         let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
         let meta = header.metadata().clone().unwrap_or_default();
         eprintln!("fixture versions: {}", meta["versions"]);
@@ -837,23 +696,12 @@ mod tests {
             // The case really is in the regime it claims: as many targets beyond the grid.
             let x = geometric_axis(src, q);
             let half = (dst / 2) as f64;
-            let outside = (0..dst)
-                .map(|i| i as f64 - half)
-                .filter(|t| *t < x[0] || *t > x[src - 1])
-                .count();
-            assert_eq!(
-                outside,
-                num("targets_outside_source"),
-                "{name}: targets outside"
-            );
+            let outside = (0..dst).map(|i| i as f64 - half).filter(|t| *t < x[0] || *t > x[src - 1]).count();
+            assert_eq!(outside, num("targets_outside_source"), "{name}: targets outside");
 
             let (table, _) = load(&st, &format!("{name}.in"));
             let (want, shape) = load(&st, &format!("{name}.out"));
-            assert_eq!(
-                shape,
-                [dst * dst + REL_TABLE_EXTRA_ROWS, heads],
-                "{name}: shape"
-            );
+            assert_eq!(shape, [dst * dst + REL_TABLE_EXTRA_ROWS, heads], "{name}: shape");
             let got = resize_rel_pos_bias_table(&table, heads, sw, dw).unwrap();
             let (abs, rel) = diffs(&got, &want);
             eprintln!("{name}: q = {q:.10}, {outside} targets outside, max |diff| = {abs:.3e}, relative {rel:.3e}");
@@ -862,11 +710,7 @@ mod tests {
                 failed.push(format!("{name}: max diff {abs:e} (relative {rel:e})"));
             }
             let extras = REL_TABLE_EXTRA_ROWS * heads;
-            assert_eq!(
-                got[got.len() - extras..],
-                table[table.len() - extras..],
-                "{name}: extra rows copied"
-            );
+            assert_eq!(got[got.len() - extras..], table[table.len() - extras..], "{name}: extra rows copied");
             checked.push(name.clone());
         }
         assert!(failed.is_empty(), "{failed:#?}");
@@ -879,10 +723,7 @@ mod tests {
         // FITPACK evaluates at the edge instead of continuing the cubic.
         let names = rel_table_regime(|q| q > 1.4999);
         for must in ["rel_4_6", "rel_4_7", "rel_4_8", "rel_4_10", "rel_7_24", "rel_3_5", "rel_5_10"] {
-            assert!(
-                names.iter().any(|n| n == must),
-                "case {must} missing: {names:?}"
-            );
+            assert!(names.iter().any(|n| n == must), "case {must} missing: {names:?}");
         }
     }
 
@@ -890,10 +731,7 @@ mod tests {
     fn rel_table_q_inside_bounds_matches_scipy() {
         let names = rel_table_regime(|q| q > 1.0101 && q < 1.4999);
         for must in ["rel_14_32", "rel_14_40", "rel_4_5"] {
-            assert!(
-                names.iter().any(|n| n == must),
-                "case {must} missing: {names:?}"
-            );
+            assert!(names.iter().any(|n| n == must), "case {must} missing: {names:?}");
         }
     }
 
@@ -902,10 +740,7 @@ mod tests {
         // A smaller window: q ends at the 1.01 bound and every target lies inside the grid.
         let names = rel_table_regime(|q| q < 1.0101);
         for must in ["rel_14_7", "rel_7_3", "rel_4_3", "rel_4_2"] {
-            assert!(
-                names.iter().any(|n| n == must),
-                "case {must} missing: {names:?}"
-            );
+            assert!(names.iter().any(|n| n == must), "case {must} missing: {names:?}");
         }
     }
 
@@ -930,10 +765,7 @@ mod tests {
             checked += 1;
         }
         assert!(failed.is_empty(), "{failed:#?}");
-        assert!(
-            checked >= 9,
-            "only {checked} pos_embed cases in the fixture"
-        );
+        assert!(checked >= 9, "only {checked} pos_embed cases in the fixture");
     }
 
     #[test]
@@ -943,11 +775,7 @@ mod tests {
         for w in [7, 14] {
             let t = st.tensor(&format!("rel_index.{w}")).unwrap();
             assert_eq!(t.dtype(), safetensors::Dtype::I64);
-            let want: Vec<i64> = t
-                .data()
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                .collect();
+            let want: Vec<i64> = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
             assert_eq!(relative_position_index(w), want, "window {w}");
         }
     }
@@ -975,10 +803,7 @@ mod tests {
         assert_eq!(resize_rel_pos_bias_table(&table, 2, 7, 7).unwrap(), table);
         let pos = [f32::INFINITY, 1.0, -0.0, f32::NAN, 2.0];
         let same = resize_abs_pos_embed(&pos, 1, 1, 2, 2).unwrap();
-        assert_eq!(
-            same.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            pos.map(f32::to_bits)
-        );
+        assert_eq!(same.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), pos.map(f32::to_bits));
         let idx = relative_position_index(2);
         // 5×5: nrd = 9 + 3 = 12.
         assert_eq!(&idx[..5], &[11, 9, 9, 9, 9]);
@@ -997,10 +822,7 @@ mod tests {
         let y: Vec<f64> = x.iter().map(|&v| f(v)).collect();
         let worst = |ends| {
             let w = spline_weights(&x, &t, ends);
-            t.iter()
-                .enumerate()
-                .map(|(j, &tj)| (dot(&w[j * 9..][..9], &y) - f(tj)).abs())
-                .fold(0.0, f64::max)
+            t.iter().enumerate().map(|(j, &tj)| (dot(&w[j * 9..][..9], &y) - f(tj)).abs()).fold(0.0, f64::max)
         };
         assert!(worst(SplineEnds::NotAKnot) < 1e-9);
         assert!(worst(SplineEnds::Natural) > 1e-3);
@@ -1010,66 +832,26 @@ mod tests {
     fn size_errors() {
         assert_eq!(
             resize_rel_pos_bias_table(&[0.0; 171 * 2], 2, 7, 14),
-            Err(TransformError::TableLen {
-                got: 342,
-                expected: 344,
-                window: 7,
-                num_heads: 2
-            })
+            Err(TransformError::TableLen { got: 342, expected: 344, window: 7, num_heads: 2 })
         );
-        assert!(matches!(
-            resize_abs_pos_embed(&[0.0; 49 * 4], 1, 4, 7, 14),
-            Err(TransformError::PosEmbedLen { .. })
-        ));
-        assert!(matches!(
-            resize_abs_pos_embed(&[0.0; 4], 1, 4, 0, 14),
-            Err(TransformError::EmptyGrid { .. })
-        ));
-        assert!(matches!(
-            resize_rel_pos_bias_table(&[0.0; 12], 1, 2, 7),
-            Err(TransformError::WindowTooSmall { .. })
-        ));
+        assert!(matches!(resize_abs_pos_embed(&[0.0; 49 * 4], 1, 4, 7, 14), Err(TransformError::PosEmbedLen { .. })));
+        assert!(matches!(resize_abs_pos_embed(&[0.0; 4], 1, 4, 0, 14), Err(TransformError::EmptyGrid { .. })));
+        assert!(matches!(resize_rel_pos_bias_table(&[0.0; 12], 1, 2, 7), Err(TransformError::WindowTooSmall { .. })));
         assert_eq!(pos_embed_grid(197, 1), Ok(14));
-        assert_eq!(
-            pos_embed_grid(198, 1),
-            Err(TransformError::NotSquareGrid {
-                tokens: 198,
-                num_extra: 1
-            })
-        );
+        assert_eq!(pos_embed_grid(198, 1), Err(TransformError::NotSquareGrid { tokens: 198, num_extra: 1 }));
         assert!(pos_embed_grid(0, 1).is_err());
         assert_eq!(rel_table_window(732), Ok(14));
         assert_eq!(rel_table_window(3972), Ok(32));
         for rows in [0, 2, 3, 7, 733, 4 * 4 + 3] {
-            assert_eq!(
-                rel_table_window(rows),
-                Err(TransformError::NotSquareTable { rows }),
-                "{rows}"
-            );
+            assert_eq!(rel_table_window(rows), Err(TransformError::NotSquareTable { rows }), "{rows}");
         }
-        let msg = TransformError::TableLen {
-            got: 342,
-            expected: 344,
-            window: 7,
-            num_heads: 2,
-        }
-        .to_string();
-        assert!(
-            !msg.contains('\n') && msg.contains("342") && msg.contains("344"),
-            "{msg}"
-        );
+        let msg = TransformError::TableLen { got: 342, expected: 344, window: 7, num_heads: 2 }.to_string();
+        assert!(!msg.contains('\n') && msg.contains("342") && msg.contains("344"), "{msg}");
     }
 
     #[test]
     fn casts() {
-        let vals = [
-            1.0f32,
-            -2.5,
-            65504.0,
-            1.0 + 2f32.powi(-11),
-            3.0e-8,
-            f32::INFINITY,
-        ];
+        let vals = [1.0f32, -2.5, 65504.0, 1.0 + 2f32.powi(-11), 3.0e-8, f32::INFINITY];
         let f32b = f32_to_bytes(&vals, DType::F32).unwrap();
         // f32 → f16: 1 + 2^-11 is a tie between 1 and 1 + 2^-10 and rounds to even (1.0).
         let h = cast(&f32b, DType::F32, DType::F16).unwrap();
@@ -1094,31 +876,19 @@ mod tests {
     fn cast_errors() {
         assert_eq!(
             cast(&[0; 8], DType::I64, DType::F32),
-            Err(TransformError::NotFloat {
-                from: DType::I64,
-                to: DType::F32
-            })
+            Err(TransformError::NotFloat { from: DType::I64, to: DType::F32 })
         );
         assert_eq!(
             cast(&[0; 4], DType::F32, DType::I32),
-            Err(TransformError::NotFloat {
-                from: DType::F32,
-                to: DType::I32
-            })
+            Err(TransformError::NotFloat { from: DType::F32, to: DType::I32 })
         );
-        let msg = cast(&[0; 8], DType::I64, DType::F32)
-            .unwrap_err()
-            .to_string();
+        let msg = cast(&[0; 8], DType::I64, DType::F32).unwrap_err().to_string();
         assert!(msg.contains("i64") && msg.contains("f32"), "{msg}");
         assert!(f32_from_bytes(&[0; 2], DType::Bool).is_err());
         assert!(f32_to_bytes(&[0.0], DType::U8).is_err());
         assert_eq!(
             f32_from_bytes(&[0; 3], DType::F16),
-            Err(TransformError::ByteLen {
-                len: 3,
-                dtype: DType::F16,
-                size: 2
-            })
+            Err(TransformError::ByteLen { len: 3, dtype: DType::F16, size: 2 })
         );
     }
 }

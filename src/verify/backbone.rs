@@ -24,8 +24,7 @@ use candle_core::{DType, Device, Tensor, TensorId};
 
 use super::config::{Layout, SHARED_INDEX, SHARED_TABLE};
 use super::layers::{
-    attention_t, check_shape, fused, softmax_last, transposed, BiasTable, LayerNorm,
-    Linear, PatchEmbed, Weights,
+    attention_t, check_shape, fused, softmax_last, transposed, BiasTable, LayerNorm, Linear, PatchEmbed, Weights,
 };
 use super::{Arch, BackboneConfig, Features, Result, VerifyError, WeightMap, LOAD_READY_HINT};
 
@@ -116,24 +115,16 @@ struct RelBias {
 impl RelBias {
     /// `index` must have been checked against the table's rows.
     fn new(table: Tensor, index: &Index, tokens: usize) -> Result<Self> {
-        let cpu = BiasTable::new(&table, index.flat.clone(), index.window)?.ok_or_else(|| {
-            VerifyError::Config("a relative-position index reads outside its table".to_string())
-        })?;
-        Ok(RelBias {
-            table,
-            index: index.tensor.clone(),
-            tokens,
-            cpu,
-        })
+        let cpu = BiasTable::new(&table, index.flat.clone(), index.window)?
+            .ok_or_else(|| VerifyError::Config("a relative-position index reads outside its table".to_string()))?;
+        Ok(RelBias { table, index: index.tensor.clone(), tokens, cpu })
     }
 
     /// `[H, T, T]`: `bias[h, i, j] = table[index[i, j], h]`.
     fn bias(&self) -> Result<Tensor> {
         let h = self.table.dim(1)?;
         let g = self.table.index_select(&self.index, 0)?; // [T*T, H]
-        Ok(g.reshape((self.tokens, self.tokens, h))?
-            .permute((2, 0, 1))?
-            .contiguous()?)
+        Ok(g.reshape((self.tokens, self.tokens, h))?.permute((2, 0, 1))?.contiguous()?)
     }
 }
 
@@ -163,11 +154,7 @@ impl Attention {
         let (b, t, c) = x.dims3()?;
         let h = self.num_heads;
         let hd = c / h;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, t, 3, h, hd))?
-            .permute((2, 0, 3, 1, 4))?; // [3, B, H, T, hd]
+        let qkv = self.qkv.forward(x)?.reshape((b, t, 3, h, hd))?.permute((2, 0, 3, 1, 4))?; // [3, B, H, T, hd]
         let q = qkv.get(0)?.contiguous()?.affine(self.scale, 0.0)?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
@@ -205,17 +192,12 @@ struct Block {
 impl Block {
     /// Token-major, any device: `[B, T, C]` → `[B, T, C]`.
     fn forward(&self, x: &Tensor, shared_bias: Option<&Tensor>) -> Result<Tensor> {
-        let mut y = self
-            .attn
-            .proj
-            .forward(&self.attn.heads(&self.ln1.forward(x)?, shared_bias)?)?;
+        let mut y = self.attn.proj.forward(&self.attn.heads(&self.ln1.forward(x)?, shared_bias)?)?;
         if let Some(g) = &self.gamma_1 {
             y = y.broadcast_mul(g)?;
         }
         let x = (x + y)?;
-        let mut y = self
-            .fc2
-            .forward(&self.fc1.forward(&self.ln2.forward(&x)?)?.gelu_erf()?)?;
+        let mut y = self.fc2.forward(&self.fc1.forward(&self.ln2.forward(&x)?)?.gelu_erf()?)?;
         if let Some(g) = &self.gamma_2 {
             y = y.broadcast_mul(g)?;
         }
@@ -225,13 +207,9 @@ impl Block {
     /// Feature-major (the CPU path): `xt [C, B·T]` → `[C, B·T]`, `b` images.
     fn forward_t(&self, xt: &Tensor, b: usize, shared: Option<&RelBias>) -> Result<Tensor> {
         let a = self.attn.heads_t(&self.ln1.forward_t(xt)?, b, shared)?;
-        let xt = self
-            .attn
-            .proj
-            .forward_residual_t(&a, xt, self.gamma_1.as_ref())?;
+        let xt = self.attn.proj.forward_residual_t(&a, xt, self.gamma_1.as_ref())?;
         let hidden = self.fc1.forward_t(&self.ln2.forward_t(&xt)?, true)?;
-        self.fc2
-            .forward_residual_t(&hidden, &xt, self.gamma_2.as_ref())
+        self.fc2.forward_residual_t(&hidden, &xt, self.gamma_2.as_ref())
     }
 }
 
@@ -398,8 +376,12 @@ impl Backbone {
         let cls_token = w.req_shaped("cls_token", &[1, 1, d], "the cls token is prepended to the patches")?;
         let pos_embed = match (reading, cfg.arch) {
             (Reading::Strict, Arch::Beit) => None, // MMSeg's BEiT has no absolute positions
-            (Reading::Strict, Arch::Mae) => Some(w.req("pos_embed", "MMSeg's MAE adds an absolute position embedding")?),
-            (Reading::AsStored, Arch::Mae) => Some(w.req("pos_embed", "the MAE encoder adds an absolute position embedding")?),
+            (Reading::Strict, Arch::Mae) => {
+                Some(w.req("pos_embed", "MMSeg's MAE adds an absolute position embedding")?)
+            }
+            (Reading::AsStored, Arch::Mae) => {
+                Some(w.req("pos_embed", "the MAE encoder adds an absolute position embedding")?)
+            }
             (Reading::AsStored, Arch::Beit) => w.opt("pos_embed")?,
         };
         if let Some(pe) = &pos_embed {
@@ -414,7 +396,8 @@ impl Backbone {
             }
             _ => None,
         };
-        let blocks = (0..cfg.depth).map(|i| Block::new(&w.pp(format!("{}.{i}", n.blocks)), &b)).collect::<Result<_>>()?;
+        let blocks =
+            (0..cfg.depth).map(|i| Block::new(&w.pp(format!("{}.{i}", n.blocks)), &b)).collect::<Result<_>>()?;
         Ok(Backbone { cfg: cfg.clone(), patch_embed, cls_token, pos_embed, shared, blocks })
     }
 
@@ -428,11 +411,7 @@ impl Backbone {
             )));
         }
         let input = input.to_dtype(DType::F32)?;
-        let kept = if fused(&input) {
-            self.blocks_t(&input)?
-        } else {
-            self.blocks(&input)?
-        };
+        let kept = if fused(&input) { self.blocks_t(&input)? } else { self.blocks(&input)? };
         Ok(cfg
             .out_indices
             .iter()
@@ -460,11 +439,8 @@ impl Backbone {
         for (i, block) in self.blocks.iter().enumerate().take(last + 1) {
             x = block.forward(&x, shared_bias.as_ref())?;
             if cfg.out_indices.contains(&i) {
-                let map = x
-                    .narrow(1, 1, g * g)?
-                    .reshape((b, g, g, cfg.embed_dim))?
-                    .permute((0, 3, 1, 2))?
-                    .contiguous()?;
+                let map =
+                    x.narrow(1, 1, g * g)?.reshape((b, g, g, cfg.embed_dim))?.permute((0, 3, 1, 2))?.contiguous()?;
                 kept.push((i, map));
             }
         }
@@ -479,11 +455,7 @@ impl Backbone {
         let (n, t) = (g * g, cfg.tokens());
         let patches = self.patch_embed.forward_t(input)?; // [D, B·N]
         let cls = self.cls_token.reshape((d, 1))?;
-        let pos = self
-            .pos_embed
-            .as_ref()
-            .map(|pe| transposed(&pe.reshape((t, d))?))
-            .transpose()?; // [D, T]
+        let pos = self.pos_embed.as_ref().map(|pe| transposed(&pe.reshape((t, d))?)).transpose()?; // [D, T]
         let mut images = Vec::with_capacity(b);
         for bi in 0..b {
             let mut image = Tensor::cat(&[&cls, &patches.narrow(1, bi * n, n)?], 1)?; // [D, T]
@@ -531,31 +503,21 @@ mod tests {
             ln_eps: 1e-6,
         };
         let mut rng = SplitMix64::new(5);
-        let v: Vec<f32> = (0..2 * 3 * 48 * 48)
-            .map(|_| rng.next_signed_unit())
-            .collect();
+        let v: Vec<f32> = (0..2 * 3 * 48 * 48).map(|_| rng.next_signed_unit()).collect();
         let input = Tensor::from_vec(v, (2, 3, 48, 48), &Device::Cpu).unwrap();
         let mut cases = Vec::new();
         for arch in [Arch::Mae, Arch::Beit] {
             for layout in [Layout::MMSeg, Layout::Original] {
                 let c = cfg(arch);
-                cases.push((
-                    c.clone(),
-                    layout,
-                    random_weights(&c, layout, 3, &Device::Cpu).unwrap(),
-                ));
+                cases.push((c.clone(), layout, random_weights(&c, layout, 3, &Device::Cpu).unwrap()));
             }
         }
         let c = cfg(Arch::Beit);
         let (rows, t) = (c.table_rows(), c.tokens());
         // Original BEiT with one shared table instead of per-block ones.
         let mut shared = random_weights(&c, Layout::Original, 4, &Device::Cpu).unwrap();
-        let table = shared
-            .remove("blocks.0.attn.relative_position_bias_table")
-            .unwrap();
-        let index = shared
-            .remove("blocks.0.attn.relative_position_index")
-            .unwrap();
+        let table = shared.remove("blocks.0.attn.relative_position_bias_table").unwrap();
+        let index = shared.remove("blocks.0.attn.relative_position_index").unwrap();
         for i in 1..c.depth {
             shared.remove(&format!("blocks.{i}.attn.relative_position_bias_table"));
             shared.remove(&format!("blocks.{i}.attn.relative_position_index"));
@@ -568,10 +530,7 @@ mod tests {
         let reversed: Vec<i64> = (0..t * t).map(|k| (rows - 1 - (k % rows)) as i64).collect();
         let reversed = Tensor::from_vec(reversed, (t, t), &Device::Cpu).unwrap();
         for i in 0..c.depth {
-            odd.insert(
-                format!("blocks.{i}.attn.relative_position_index"),
-                reversed.clone(),
-            );
+            odd.insert(format!("blocks.{i}.attn.relative_position_index"), reversed.clone());
         }
         cases.push((c, Layout::Original, odd));
 
@@ -583,25 +542,9 @@ mod tests {
             assert_eq!(generic.len(), fused.len());
             for ((i, a), (j, b)) in generic.iter().zip(&fused) {
                 assert_eq!((i, a.dims()), (j, b.dims()));
-                let scale = a
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let diff = (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(
-                    diff <= 1e-5 * scale,
-                    "case {n} block {i}: max diff {diff}, scale {scale}"
-                );
+                let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff <= 1e-5 * scale, "case {n} block {i}: max diff {diff}, scale {scale}");
             }
         }
     }

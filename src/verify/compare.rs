@@ -28,10 +28,7 @@ pub struct Tolerance {
 
 impl Default for Tolerance {
     fn default() -> Self {
-        Tolerance {
-            max_rel: 1e-4,
-            min_cosine: 1.0 - 1e-7,
-        }
+        Tolerance { max_rel: 1e-4, min_cosine: 1.0 - 1e-7 }
     }
 }
 
@@ -62,11 +59,7 @@ pub struct OutputReport {
 /// Compares each reference output with ours of the same index. One report per reference
 /// output, in the reference's order; an output of ours the reference lacks is not reported.
 /// A missing output, a shape mismatch or a non-finite value is a failing report, not an error.
-pub fn compare(
-    ours: &[(usize, Tensor)],
-    reference: &[(usize, Tensor)],
-    tol: &Tolerance,
-) -> Result<Vec<OutputReport>> {
+pub fn compare(ours: &[(usize, Tensor)], reference: &[(usize, Tensor)], tol: &Tolerance) -> Result<Vec<OutputReport>> {
     reference
         .iter()
         .map(|(index, r)| {
@@ -88,17 +81,12 @@ pub fn compare(
             };
             if o.dims() != shape.as_slice() {
                 report.our_shape = Some(o.dims().to_vec());
-                report.note = Some(format!(
-                    "shape {:?} differs from the reference's {:?}",
-                    o.dims(),
-                    shape
-                ));
+                report.note = Some(format!("shape {:?} differs from the reference's {:?}", o.dims(), shape));
                 return Ok(report);
             }
             let a = to_f64(o)?;
             let b = to_f64(r)?;
-            let (mut max_abs, mut ref_max, mut dot, mut na, mut nb) =
-                (0f64, 0f64, 0f64, 0f64, 0f64);
+            let (mut max_abs, mut ref_max, mut dot, mut na, mut nb) = (0f64, 0f64, 0f64, 0f64, 0f64);
             let mut finite = true;
             for (&x, &y) in a.iter().zip(&b) {
                 if !x.is_finite() || !y.is_finite() {
@@ -139,10 +127,7 @@ pub fn compare(
 }
 
 fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.to_dtype(DType::F64)?
-        .to_device(&candle_core::Device::Cpu)?
-        .flatten_all()?
-        .to_vec1()?)
+    Ok(t.to_dtype(DType::F64)?.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1()?)
 }
 
 #[cfg(test)]
@@ -176,10 +161,7 @@ mod tests {
             (3, t(&[1.0, 2.0], &[1, 2, 1, 1])),
             (5, t(&[1.0], &[1, 1, 1, 1])),
         ];
-        let ours = vec![
-            (1, t(&[1.0, 2.0, 3.0, 4.0], &[1, 4, 1, 1])),
-            (5, t(&[f32::NAN], &[1, 1, 1, 1])),
-        ];
+        let ours = vec![(1, t(&[1.0, 2.0, 3.0, 4.0], &[1, 4, 1, 1])), (5, t(&[f32::NAN], &[1, 1, 1, 1]))];
         let rep = compare(&ours, &r, &Tolerance::default()).unwrap();
         assert_eq!(rep.len(), 3);
         assert!(rep.iter().all(|r| !r.passed));

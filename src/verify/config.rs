@@ -27,9 +27,7 @@ impl std::str::FromStr for Arch {
         match s.to_ascii_lowercase().as_str() {
             "mae" => Ok(Arch::Mae),
             "beit" => Ok(Arch::Beit),
-            other => Err(VerifyError::Config(format!(
-                "unknown architecture '{other}' (expected mae or beit)"
-            ))),
+            other => Err(VerifyError::Config(format!("unknown architecture '{other}' (expected mae or beit)"))),
         }
     }
 }
@@ -193,9 +191,7 @@ impl BackboneConfig {
         let patch_key = format!("{}.weight", n.patch);
         let pw = shape_of(w, &patch_key, "the patch-embedding convolution")?;
         if pw.len() != 4 || pw[2] != pw[3] {
-            return Err(VerifyError::Config(format!(
-                "'{patch_key}' has shape {pw:?}; expected [embed_dim, 3, p, p]"
-            )));
+            return Err(VerifyError::Config(format!("'{patch_key}' has shape {pw:?}; expected [embed_dim, 3, p, p]")));
         }
         let (embed_dim, patch_size) = (pw[0], pw[2]);
 
@@ -213,9 +209,7 @@ impl BackboneConfig {
         let fc1_key = format!("{}.0.{}.weight", n.blocks, n.fc1);
         let fc1 = shape_of(w, &fc1_key, "the first MLP layer")?;
         if fc1.len() != 2 || fc1[1] != embed_dim {
-            return Err(VerifyError::Config(format!(
-                "'{fc1_key}' has shape {fc1:?}; expected [hidden, {embed_dim}]"
-            )));
+            return Err(VerifyError::Config(format!("'{fc1_key}' has shape {fc1:?}; expected [hidden, {embed_dim}]")));
         }
         let mlp_hidden = fc1[0];
 
@@ -235,14 +229,10 @@ impl BackboneConfig {
         // The shared table of BEiT pretraining checkpoints (unilm, mmpretrain, HF) when the
         // blocks have none.
         let tables = [format!("{}.0.attn.relative_position_bias_table", n.blocks), SHARED_TABLE.to_string()];
-        let table = tables
-            .iter()
-            .find_map(|k| w.get(k).map(|t| (k.clone(), t.dims().to_vec())));
+        let table = tables.iter().find_map(|k| w.get(k).map(|t| (k.clone(), t.dims().to_vec())));
         if let Some((k, s)) = &table {
             if s.len() != 2 {
-                return Err(VerifyError::Config(format!(
-                    "'{k}' has shape {s:?}; expected [(2W-1)^2+3, num_heads]"
-                )));
+                return Err(VerifyError::Config(format!("'{k}' has shape {s:?}; expected [(2W-1)^2+3, num_heads]")));
             }
         }
 
@@ -268,7 +258,8 @@ impl BackboneConfig {
             },
         };
         if num_heads == 0 || !embed_dim.is_multiple_of(num_heads) {
-            let divisors: Vec<String> = (1..=embed_dim).filter(|d| embed_dim % d == 0).take(16).map(|d| d.to_string()).collect();
+            let divisors: Vec<String> =
+                (1..=embed_dim).filter(|d| embed_dim % d == 0).take(16).map(|d| d.to_string()).collect();
             return Err(VerifyError::Config(format!(
                 "--num-heads {num_heads}: the width {embed_dim} must split evenly into the heads; numbers that divide it: {} (the official models use 64 channels per head)",
                 divisors.join(", ")
@@ -334,20 +325,14 @@ impl BackboneConfig {
     /// Checks that the numbers fit together (out indices in range and distinct, ...).
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(VerifyError::Config(m));
-        if self.patch_size == 0
-            || self.img_size == 0
-            || !self.img_size.is_multiple_of(self.patch_size)
-        {
+        if self.patch_size == 0 || self.img_size == 0 || !self.img_size.is_multiple_of(self.patch_size) {
             return bad(format!(
                 "img_size {} is not a positive multiple of patch_size {}",
                 self.img_size, self.patch_size
             ));
         }
         if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
-            return bad(format!(
-                "{} heads do not divide the width {}",
-                self.num_heads, self.embed_dim
-            ));
+            return bad(format!("{} heads do not divide the width {}", self.num_heads, self.embed_dim));
         }
         if self.out_indices.is_empty() {
             return bad("no out indices".to_string());
@@ -369,12 +354,10 @@ impl BackboneConfig {
 }
 
 fn shape_of(w: &WeightMap, key: &str, what: &str) -> Result<Vec<usize>> {
-    w.get(key)
-        .map(|t| t.dims().to_vec())
-        .ok_or_else(|| VerifyError::MissingKey {
-            key: key.to_string(),
-            hint: format!("{what} is needed to read the model size"),
-        })
+    w.get(key).map(|t| t.dims().to_vec()).ok_or_else(|| VerifyError::MissingKey {
+        key: key.to_string(),
+        hint: format!("{what} is needed to read the model size"),
+    })
 }
 
 /// Number of blocks: one more than the largest `i` in `<prefix>.<i>.`; every block below it
@@ -430,11 +413,7 @@ mod tests {
     fn validate_rejects_bad_out_indices() {
         let mut c = BackboneConfig::vit_base(Arch::Mae, 224);
         c.out_indices = vec![3, 12];
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("past the last block"));
+        assert!(c.validate().unwrap_err().to_string().contains("past the last block"));
         c.out_indices = vec![3, 3];
         assert!(c.validate().unwrap_err().to_string().contains("twice"));
     }

@@ -8,8 +8,8 @@ use super::{
     SourceFamily,
 };
 use super::{Arch, BackboneConfig, OutputReport, Reference, Tolerance, VerifyError, WeightMap};
-use crate::formats::checkpoint::Checkpoint;
 use crate::dtype::decode_f64;
+use crate::formats::checkpoint::Checkpoint;
 use crate::DType;
 
 /// Reads the state dict of `ckpt` (found automatically) into a weight map: floats as f32,
@@ -74,31 +74,19 @@ fn read_weights(
                 None => continue,
             },
         };
-        let io = |e: std::io::Error| VerifyError::Io {
-            path: ckpt.path().display().to_string(),
-            source: e,
-        };
+        let io = |e: std::io::Error| VerifyError::Io { path: ckpt.path().display().to_string(), source: e };
         let bytes = ckpt.read(t.view).map_err(io)?;
         let shape = t.view.shape.clone();
         let tensor = match t.view.dtype {
             d if d.is_float() => {
                 let v: Vec<f32> = match d {
-                    DType::F32 => bytes
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                    _ => decode_f64(&bytes, d)
-                        .into_iter()
-                        .map(|x| x as f32)
-                        .collect(),
+                    DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                    _ => decode_f64(&bytes, d).into_iter().map(|x| x as f32).collect(),
                 };
                 Tensor::from_vec(v, shape, device)
             }
             d => {
-                let v: Vec<i64> = decode_f64(&bytes, d)
-                    .into_iter()
-                    .map(|x| x as i64)
-                    .collect();
+                let v: Vec<i64> = decode_f64(&bytes, d).into_iter().map(|x| x as i64).collect();
                 Tensor::from_vec(v, shape, device)
             }
         }
@@ -111,24 +99,13 @@ fn read_weights(
 /// Adds what MMSeg's constructor creates and a clean conversion does not carry: for MAE, zero
 /// relative-position tables and gammas of `init_values`; for both, the relative-position
 /// index of the configured window. Returns the keys it added.
-pub fn add_load_time_defaults(
-    w: &mut WeightMap,
-    cfg: &BackboneConfig,
-    init_values: f64,
-) -> super::Result<Vec<String>> {
-    let device = w
-        .values()
-        .next()
-        .map(|t| t.device().clone())
-        .unwrap_or(Device::Cpu);
+pub fn add_load_time_defaults(w: &mut WeightMap, cfg: &BackboneConfig, init_values: f64) -> super::Result<Vec<String>> {
+    let device = w.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
     let mut added = Vec::new();
     for i in 0..cfg.depth {
         let table = format!("layers.{i}.attn.relative_position_bias_table");
         if cfg.arch == Arch::Mae && !w.contains_key(&table) {
-            w.insert(
-                table.clone(),
-                Tensor::zeros((cfg.table_rows(), cfg.num_heads), CDType::F32, &device)?,
-            );
+            w.insert(table.clone(), Tensor::zeros((cfg.table_rows(), cfg.num_heads), CDType::F32, &device)?);
             added.push(table);
         }
         let index = format!("layers.{i}.attn.relative_position_index");
@@ -139,10 +116,7 @@ pub fn add_load_time_defaults(
         for g in ["gamma_1", "gamma_2"] {
             let key = format!("layers.{i}.{g}");
             if cfg.arch == Arch::Mae && !w.contains_key(&key) {
-                w.insert(
-                    key.clone(),
-                    (Tensor::ones(cfg.embed_dim, CDType::F32, &device)? * init_values)?,
-                );
+                w.insert(key.clone(), (Tensor::ones(cfg.embed_dim, CDType::F32, &device)? * init_values)?);
                 added.push(key);
             }
         }
@@ -212,13 +186,7 @@ pub fn verify_with_reference(
     let filled = add_load_time_defaults(&mut w, &cfg, opts.init_values)?.len();
     let ours = mmseg_forward(&w, &cfg, &r.input)?;
     let reports = compare(&ours, &r.outputs, &opts.tolerance)?;
-    Ok(outcome(
-        format!("reference {}", reference.display()),
-        &cfg,
-        filled,
-        reports,
-        opts.tolerance,
-    ))
+    Ok(outcome(format!("reference {}", reference.display()), &cfg, filled, reports, opts.tolerance))
 }
 
 /// Runs the original in its own family's layout ([`original_weights`]: official, Hugging
@@ -261,12 +229,8 @@ pub fn verify_against_original(
     };
     drop(wo);
     let mut w = converted_weights(converted, device)?;
-    let cfg = BackboneConfig::infer_mmseg(
-        &w,
-        Some(ocfg.img_size),
-        Some(ocfg.num_heads),
-        Some(ocfg.out_indices.clone()),
-    )?;
+    let cfg =
+        BackboneConfig::infer_mmseg(&w, Some(ocfg.img_size), Some(ocfg.num_heads), Some(ocfg.out_indices.clone()))?;
     let filled = add_load_time_defaults(&mut w, &cfg, opts.init_values)?.len();
     let ours = mmseg_forward(&w, &cfg, &input)?;
     let reports = compare(&ours, &expected, &opts.tolerance)?;
@@ -287,7 +251,8 @@ pub fn verify_against_original(
 /// The float type of `converted`'s tensors when it is narrower than every float tensor of
 /// `original` (f16 or bf16 from f32, say).
 fn narrower_float_dtype(converted: &Checkpoint, original: &Checkpoint) -> Option<DType> {
-    let floats = |c: &Checkpoint| -> Vec<DType> { c.tensors().iter().map(|t| t.view.dtype).filter(|d| d.is_float()).collect() };
+    let floats =
+        |c: &Checkpoint| -> Vec<DType> { c.tensors().iter().map(|t| t.view.dtype).filter(|d| d.is_float()).collect() };
     let conv = floats(converted);
     let first = *conv.first()?;
     let narrow = matches!(first, DType::F16 | DType::BF16) && conv.iter().all(|&d| d == first);

@@ -42,30 +42,17 @@ enum RowBias<'a> {
 /// scaling q, adding the gathered bias and [`softmax_last`] in one pass while the row is in
 /// cache.
 #[cfg(test)]
-pub(crate) fn softmax_scaled_biased_(
-    s: &Tensor,
-    scale: f32,
-    bias: Option<(&BiasTable, usize)>,
-) -> Result<()> {
+pub(crate) fn softmax_scaled_biased_(s: &Tensor, scale: f32, bias: Option<(&BiasTable, usize)>) -> Result<()> {
     Ok(s.inplace_op1(&SoftmaxOp { scale, bias: row_bias(bias)? })?)
 }
 
 fn row_bias(bias: Option<(&BiasTable, usize)>) -> Result<RowBias<'_>> {
     let Some((table, head)) = bias else { return Ok(RowBias::None) };
-    let column = table
-        .columns
-        .get(head)
-        .ok_or_else(|| VerifyError::Config(format!("no head {head} in the bias table")))?;
+    let column =
+        table.columns.get(head).ok_or_else(|| VerifyError::Config(format!("no head {head} in the bias table")))?;
     Ok(match table.window {
-        Some(window) => RowBias::Window {
-            column,
-            reversed: &table.reversed[head],
-            window,
-        },
-        None => RowBias::Gather {
-            column,
-            index: &table.index,
-        },
+        Some(window) => RowBias::Window { column, reversed: &table.reversed[head], window },
+        None => RowBias::Gather { column, index: &table.index },
     })
 }
 
@@ -106,7 +93,10 @@ pub(crate) fn attention_t(
     }
     if let Some(RowBias::Gather { index, .. }) = biases.first() {
         if index.len() != t * t {
-            return Err(VerifyError::Config(format!("attention: bias index has {} entries for {t} tokens", index.len())));
+            return Err(VerifyError::Config(format!(
+                "attention: bias index has {} entries for {t} tokens",
+                index.len()
+            )));
         }
     }
     let mut out = vec![0f32; c * cols];
@@ -311,18 +301,10 @@ impl CustomOp1 for ColumnNormOp<'_> {
         "ckptmap-layer-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, c, n) = matrix_ref(storage, layout, self.name())?;
         if c != self.weight.len() || c == 0 {
-            candle_core::bail!(
-                "{}: {c} features, weight has {}",
-                self.name(),
-                self.weight.len()
-            );
+            candle_core::bail!("{}: {c} features, weight has {}", self.name(), self.weight.len());
         }
         let mut out = vec![0f32; x.len()];
         let dst = RowsPtr(out.as_mut_ptr());
@@ -419,9 +401,7 @@ impl InplaceOp1 for RowBiasOp<'_> {
             candle_core::bail!("{}: {rows} rows, bias has {}", self.name(), self.bias.len());
         }
         let ptr = RowsPtr(data.as_mut_ptr());
-        for_rows(rows, n, |range| {
-            bias_rows(ptr, range, n, self.bias, self.gelu)
-        });
+        for_rows(rows, n, |range| bias_rows(ptr, range, n, self.bias, self.gelu));
         Ok(())
     }
 }
@@ -437,19 +417,10 @@ impl InplaceOp2 for RowResidualOp<'_> {
         "ckptmap-residual"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let (res, rr, rn) = matrix_ref(s2, l2, self.name())?;
         let (data, rows, n) = matrix_mut(s1, l1, self.name())?;
-        if (rr, rn) != (rows, n)
-            || rows != self.bias.len()
-            || self.gamma.is_some_and(|g| g.len() != rows)
-        {
+        if (rr, rn) != (rows, n) || rows != self.bias.len() || self.gamma.is_some_and(|g| g.len() != rows) {
             candle_core::bail!("{}: shapes do not match", self.name());
         }
         let ptr = RowsPtr(data.as_mut_ptr());
@@ -486,11 +457,7 @@ impl CustomOp1 for TransposeOp {
         "ckptmap-transpose"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (src, r, c) = matrix_ref(storage, layout, self.name())?;
         const BLOCK: usize = 16;
         let mut out = vec![0f32; src.len()];
@@ -550,8 +517,7 @@ fn exp_f32(x: f32) -> f32 {
     // the loop from vectorising): -126 ..= 128 for finite x.
     let ni = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
         + 0.5; // Cephes: 5.0000001201e-1, the same f32
     let y = p * r * r + r + 1.0;
@@ -584,8 +550,7 @@ fn gelu_f32(x: f32) -> f32 {
                 + t * (0.096_784_18
                     + t * (-0.186_288_06
                         + t * (0.278_868_07
-                            + t * (-1.135_204
-                                + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+                            + t * (-1.135_204 + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
     // exp(−a² + p) as exp(−a_hi²)·exp(−(a² − a_hi²) + p): a_hi keeps 12 significant bits so
     // a_hi² is exact in f32, and a² − a_hi² = a_lo·(a + a_hi) is small; the f32 rounding of a
     // large −a² would otherwise cost up to ~1e-6 relative for |x| near 4.
@@ -681,24 +646,15 @@ impl InplaceOp1 for SoftmaxOp<'_> {
         let (data, rows, n) = matrix_mut(storage, layout, self.name())?;
         match self.bias {
             RowBias::Gather { index, .. } if index.len() != rows * n => {
-                candle_core::bail!(
-                    "{}: index has {} entries for {rows}x{n} logits",
-                    self.name(),
-                    index.len()
-                );
+                candle_core::bail!("{}: index has {} entries for {rows}x{n} logits", self.name(), index.len());
             }
             RowBias::Window { window, .. } if rows != n || n != window * window + 1 => {
-                candle_core::bail!(
-                    "{}: {rows}x{n} logits for a {window}x{window} window",
-                    self.name()
-                );
+                candle_core::bail!("{}: {rows}x{n} logits for a {window}x{window} window", self.name());
             }
             _ => {}
         }
         let ptr = RowsPtr(data.as_mut_ptr());
-        for_rows(rows, n, |range| {
-            softmax_rows(ptr, range, n, self.scale, self.bias)
-        });
+        for_rows(rows, n, |range| softmax_rows(ptr, range, n, self.scale, self.bias));
         Ok(())
     }
 }
@@ -724,10 +680,7 @@ mod tests {
         assert_eq!(a.dims(), b.dims());
         let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
         let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-        a.iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
+        a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
     }
 
     fn ulps(a: f32, b: f32) -> u32 {
@@ -769,11 +722,7 @@ mod tests {
             let got = gelu_f32(x) as f64;
             let err = (got - want).abs();
             // Below 1e-37 the f32 result is subnormal: count absolute error there.
-            let rel = if want.abs() < 1e-37 {
-                err * 1e30
-            } else {
-                err / want.abs()
-            };
+            let rel = if want.abs() < 1e-37 { err * 1e30 } else { err / want.abs() };
             assert!(rel < 5e-7, "gelu({x}) = {got}, want {want}");
             worst = worst.max(rel);
             x += 0.000_61;
@@ -800,18 +749,12 @@ mod tests {
         assert_eq!(max_abs_diff(&xt, &x.t().unwrap()), 0.0);
         let w = random(&[d], 2, 1.0).affine(0.5, 1.0).unwrap();
         let b = random(&[d], 3, 0.1);
-        let ln = LayerNorm {
-            weight_v: w.to_vec1().unwrap(),
-            bias_v: b.to_vec1().unwrap(),
-            weight: w,
-            bias: b,
-            eps: 1e-6,
-        };
+        let ln =
+            LayerNorm { weight_v: w.to_vec1().unwrap(), bias_v: b.to_vec1().unwrap(), weight: w, bias: b, eps: 1e-6 };
         let normed_t = ln.forward_t(&xt).unwrap();
         assert!(max_abs_diff(&normed_t.t().unwrap(), &ln.forward(&x).unwrap()) < 1e-5);
 
-        let fc1 =
-            Linear::from_parts(random(&[hidden, d], 4, 0.2), random(&[hidden], 5, 0.1)).unwrap();
+        let fc1 = Linear::from_parts(random(&[hidden, d], 4, 0.2), random(&[hidden], 5, 0.1)).unwrap();
         let fc2 = Linear::from_parts(random(&[d, hidden], 6, 0.2), random(&[d], 7, 0.1)).unwrap();
         let h_t = fc1.forward_t(&xt, true).unwrap();
         let h = fc1.forward(&x).unwrap().gelu_erf().unwrap();
@@ -833,9 +776,7 @@ mod tests {
         let rows = 11;
         let table = random(&[rows, heads], 9, 3.0);
         let mut rng = SplitMix64::new(10);
-        let index: Vec<u32> = (0..t * t)
-            .map(|_| (rng.next_u64() % rows as u64) as u32)
-            .collect();
+        let index: Vec<u32> = (0..t * t).map(|_| (rng.next_u64() % rows as u64) as u32).collect();
         check_softmax(&table, &index, None, 20);
         let w = if t > 100 { 17 } else { 6 }; // 290 tokens: the split path
         let table = random(&[(2 * w - 1) * (2 * w - 1) + 3, heads], 12, 3.0);
@@ -853,45 +794,26 @@ mod tests {
 
         let out_of_range: Arc<[u32]> = vec![rows as u32; t * t].into();
         let small = random(&[rows, heads], 9, 3.0);
-        assert!(BiasTable::new(&small, out_of_range, None)
-            .unwrap()
-            .is_none());
+        assert!(BiasTable::new(&small, out_of_range, None).unwrap().is_none());
         let index: Arc<[u32]> = index.into();
-        assert!(BiasTable::new(&table, index, Some(w + 1))
-            .unwrap()
-            .is_none());
+        assert!(BiasTable::new(&table, index, Some(w + 1)).unwrap().is_none());
     }
 
     fn check_softmax(table: &Tensor, index: &[u32], window: Option<usize>, seed: u64) {
         let (rows, heads) = table.dims2().unwrap();
         let t = (index.len() as f64).sqrt() as usize;
-        let bias = BiasTable::new(table, index.to_vec().into(), window)
-            .unwrap()
-            .unwrap();
-        let index_t = Tensor::from_vec(
-            index.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-            t * t,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let bias = BiasTable::new(table, index.to_vec().into(), window).unwrap().unwrap();
+        let index_t =
+            Tensor::from_vec(index.iter().map(|&i| i as i64).collect::<Vec<_>>(), t * t, &Device::Cpu).unwrap();
         assert!(index.iter().all(|&i| (i as usize) < rows));
         for head in 0..heads {
             let logits = random(&[t, t], seed + head as u64, 20.0);
             let fused_s = logits.copy().unwrap();
             softmax_scaled_biased_(&fused_s, 0.125, Some((&bias, head))).unwrap();
-            let gathered = table
-                .index_select(&index_t, 0)
-                .unwrap()
-                .narrow(1, head, 1)
-                .unwrap()
-                .reshape((t, t))
-                .unwrap();
-            let plain_s =
-                softmax_last(&(logits.affine(0.125, 0.0).unwrap() + gathered).unwrap()).unwrap();
-            assert!(
-                max_abs_diff(&fused_s, &plain_s) < 1e-6,
-                "window {window:?} head {head}"
-            );
+            let gathered =
+                table.index_select(&index_t, 0).unwrap().narrow(1, head, 1).unwrap().reshape((t, t)).unwrap();
+            let plain_s = softmax_last(&(logits.affine(0.125, 0.0).unwrap() + gathered).unwrap()).unwrap();
+            assert!(max_abs_diff(&fused_s, &plain_s) < 1e-6, "window {window:?} head {head}");
         }
     }
 }

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 
-pub(crate) use super::kernels::{attention_t, fused, transposed};
 use super::kernels;
+pub(crate) use super::kernels::{attention_t, fused, transposed};
 use super::matmul::matmul;
 use super::{Result, VerifyError, WeightMap};
 
@@ -115,13 +115,7 @@ impl LayerNorm {
     pub fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
         let weight = w.req_shaped("weight", &[dim], WEIGHT_HINT)?;
         let bias = w.req_shaped("bias", &[dim], WEIGHT_HINT)?;
-        Ok(LayerNorm {
-            weight_v: weight.to_vec1()?,
-            bias_v: bias.to_vec1()?,
-            weight,
-            bias,
-            eps,
-        })
+        Ok(LayerNorm { weight_v: weight.to_vec1()?, bias_v: bias.to_vec1()?, weight, bias, eps })
     }
 
     /// Token-major: normalises over the last dimension.
@@ -130,9 +124,7 @@ impl LayerNorm {
         let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?)
+        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
     }
 
     /// Feature-major: `xt [C, N]`, each column normalised.
@@ -161,11 +153,7 @@ impl Linear {
     }
 
     pub fn from_parts(weight: Tensor, bias: Tensor) -> Result<Self> {
-        Ok(Linear {
-            bias_v: bias.to_vec1()?,
-            weight,
-            bias,
-        })
+        Ok(Linear { bias_v: bias.to_vec1()?, weight, bias })
     }
 
     /// Token-major: `x [..., in]` → `x · Wᵀ + b`, `[..., out]`.
@@ -194,12 +182,7 @@ impl Linear {
 
     /// Feature-major end of a residual branch: `residual + gamma ⊙ (W · xt + b)` (without
     /// gamma: `residual + (W · xt + b)`), evaluated in that order; `residual [out, N]`.
-    pub fn forward_residual_t(
-        &self,
-        xt: &Tensor,
-        residual: &Tensor,
-        gamma: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    pub fn forward_residual_t(&self, xt: &Tensor, residual: &Tensor, gamma: Option<&Tensor>) -> Result<Tensor> {
         let y = matmul(&self.weight, xt)?;
         if fused(&y) && fused(residual) && y.dims() == residual.dims() {
             let gamma_v = gamma.map(|g| g.to_vec1::<f32>()).transpose()?;
@@ -228,25 +211,12 @@ impl PatchEmbed {
         let weight = w.req("weight", "the patch embedding is the model's first layer")?;
         let d = weight.dims().to_vec();
         if d.len() != 4 || d[0] != dim || d[2] != patch || d[3] != patch {
-            return Err(VerifyError::Shape {
-                key,
-                got: d,
-                expected: vec![dim, 3, patch, patch],
-                hint: String::new(),
-            });
+            return Err(VerifyError::Shape { key, got: d, expected: vec![dim, 3, patch, patch], hint: String::new() });
         }
         let in_chans = d[1];
-        let bias = w.req_shaped(
-            "bias",
-            &[dim],
-            "the patch-embedding convolution has a bias",
-        )?;
+        let bias = w.req_shaped("bias", &[dim], "the patch-embedding convolution has a bias")?;
         let proj = Linear::from_parts(weight.reshape((dim, in_chans * patch * patch))?, bias)?;
-        Ok(PatchEmbed {
-            proj,
-            patch,
-            in_chans,
-        })
+        Ok(PatchEmbed { proj, patch, in_chans })
     }
 
     fn grid(&self, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
@@ -329,22 +299,11 @@ impl BiasTable {
             }
         }
         let heads = table.dim(1)?;
-        let columns: Vec<Vec<f32>> = (0..heads)
-            .map(|h| rows.iter().map(|r| r[h]).collect())
-            .collect();
+        let columns: Vec<Vec<f32>> = (0..heads).map(|h| rows.iter().map(|r| r[h]).collect()).collect();
         let reversed = match window {
-            Some(_) => columns
-                .iter()
-                .map(|c| c.iter().rev().copied().collect())
-                .collect(),
+            Some(_) => columns.iter().map(|c| c.iter().rev().copied().collect()).collect(),
             None => Vec::new(),
         };
-        Ok(Some(BiasTable {
-            columns,
-            reversed,
-            index,
-            window,
-        }))
+        Ok(Some(BiasTable { columns, reversed, index, window }))
     }
 }
-

@@ -115,7 +115,27 @@ pub(crate) unsafe fn gemm_into(
     rhs_rs: isize,
     rhs_cs: isize,
 ) {
-    gemm::gemm(m, n, k, dst, dst_cs, dst_rs, false, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None);
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs,
+        dst_rs,
+        false,
+        lhs,
+        lhs_cs,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        0.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }
 
 /// The output buffer, shared by the parts (each writes only its own block).
@@ -137,7 +157,9 @@ mod tests {
     use candle_core::Device;
 
     fn t(rows: usize, cols: usize, seed: u32) -> Tensor {
-        let v: Vec<f32> = (0..rows * cols).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect();
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
         Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
     }
 
@@ -156,7 +178,10 @@ mod tests {
                 for threads in [1, 2, 3] {
                     let got = matmul_threads(a, b, threads).unwrap();
                     assert_eq!(got.dims(), &[m, n]);
-                    let (g, w) = (got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                    let (g, w) = (
+                        got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    );
                     assert_eq!(g.len(), w.len());
                     let diff = g.iter().zip(&w).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
                     assert!(diff <= 1e-4, "{name} {m}x{k}x{n}, {threads} threads: max diff {diff}");

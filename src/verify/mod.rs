@@ -63,12 +63,7 @@ pub enum VerifyError {
     MissingKey { key: String, hint: String },
     /// A weight has a shape the configuration contradicts.
     #[error("weight '{key}' has shape {got:?}, expected {expected:?}{}", hint_suffix(.hint))]
-    Shape {
-        key: String,
-        got: Vec<usize>,
-        expected: Vec<usize>,
-        hint: String,
-    },
+    Shape { key: String, got: Vec<usize>, expected: Vec<usize>, hint: String },
     /// The configuration cannot be inferred or is inconsistent.
     #[error("backbone configuration: {0}")]
     Config(String),
@@ -148,6 +143,6 @@ fn cuda_device(name: &str, _ordinal: usize) -> Result<candle_core::Device> {
 
 mod from_checkpoint;
 pub use from_checkpoint::{
-    add_load_time_defaults, original_weights, verify_against_original, verify_with_reference, weights_from_checkpoint, VerifyOptions,
-    VerifyOutcome,
+    add_load_time_defaults, original_weights, verify_against_original, verify_with_reference, weights_from_checkpoint,
+    VerifyOptions, VerifyOutcome,
 };

@@ -58,21 +58,14 @@ pub fn random_mmseg_weights(cfg: &BackboneConfig, device: &Device) -> Result<Wei
 
 /// Random weights in either layout (see [`random_mmseg_weights`]). In the original layout
 /// every block gets its own table and gammas, like a fine-tuned BEiT.
-pub(crate) fn random_weights(
-    cfg: &BackboneConfig,
-    layout: Layout,
-    seed: u64,
-    device: &Device,
-) -> Result<WeightMap> {
+pub(crate) fn random_weights(cfg: &BackboneConfig, layout: Layout, seed: u64, device: &Device) -> Result<WeightMap> {
     let mut rng = SplitMix64::new(seed);
     let mut w = WeightMap::new();
     // std of U(-a, a) is a/sqrt(3).
     let mut put = |w: &mut WeightMap, key: String, shape: &[usize], centre: f32, std: f32| {
         let a = std * 3f32.sqrt();
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| centre + a * rng.next_signed_unit())
-            .collect();
+        let v: Vec<f32> = (0..n).map(|_| centre + a * rng.next_signed_unit()).collect();
         Tensor::from_vec(v, shape, device).map(|t| {
             w.insert(key, t);
         })
@@ -83,13 +76,7 @@ pub(crate) fn random_weights(
     if cfg.arch == Arch::Mae {
         put(&mut w, "pos_embed".into(), &[1, t, d], 0.0, 0.02)?;
     }
-    put(
-        &mut w,
-        format!("{}.weight", n.patch),
-        &[d, 3, p, p],
-        0.0,
-        0.02,
-    )?;
+    put(&mut w, format!("{}.weight", n.patch), &[d, 3, p, p], 0.0, 0.02)?;
     put(&mut w, format!("{}.bias", n.patch), &[d], 0.0, 0.02)?;
     let index = relative_position_index(cfg.grid(), device)?;
     for i in 0..cfg.depth {
@@ -98,13 +85,7 @@ pub(crate) fn random_weights(
             put(&mut w, format!("{b}.{ln}.weight"), &[d], 1.0, 0.1)?;
             put(&mut w, format!("{b}.{ln}.bias"), &[d], 0.0, 0.02)?;
         }
-        put(
-            &mut w,
-            format!("{b}.attn.qkv.weight"),
-            &[3 * d, d],
-            0.0,
-            0.02,
-        )?;
+        put(&mut w, format!("{b}.attn.qkv.weight"), &[3 * d, d], 0.0, 0.02)?;
         match cfg.arch {
             Arch::Mae => put(&mut w, format!("{b}.attn.qkv.bias"), &[3 * d], 0.0, 0.02)?,
             Arch::Beit => {
@@ -112,13 +93,7 @@ pub(crate) fn random_weights(
                 put(&mut w, format!("{b}.attn.v_bias"), &[d], 0.0, 0.02)?;
             }
         }
-        put(
-            &mut w,
-            format!("{b}.attn.relative_position_bias_table"),
-            &[cfg.table_rows(), cfg.num_heads],
-            0.0,
-            0.5,
-        )?;
+        put(&mut w, format!("{b}.attn.relative_position_bias_table"), &[cfg.table_rows(), cfg.num_heads], 0.0, 0.5)?;
         w.insert(format!("{b}.attn.relative_position_index"), index.clone());
         put(&mut w, format!("{b}.attn.proj.weight"), &[d, d], 0.0, 0.02)?;
         put(&mut w, format!("{b}.attn.proj.bias"), &[d], 0.0, 0.02)?;

@@ -16,26 +16,15 @@ pub fn load_safetensors_f32(path: impl AsRef<Path>, device: &Device) -> Result<W
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| VerifyError::Io {
-        path: path.display().to_string(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| VerifyError::Io { path: path.display().to_string(), source })
 }
 
 fn load_buffer_f32(bytes: &[u8], path: &Path, device: &Device) -> Result<WeightMap> {
-    let raw = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| {
-        VerifyError::Safetensors {
-            path: path.display().to_string(),
-            msg: e.to_string(),
-        }
-    })?;
+    let raw = candle_core::safetensors::load_buffer(bytes, device)
+        .map_err(|e| VerifyError::Safetensors { path: path.display().to_string(), msg: e.to_string() })?;
     raw.into_iter()
         .map(|(k, t)| {
-            let t = if t.dtype().is_float() && t.dtype() != DType::F32 {
-                t.to_dtype(DType::F32)?
-            } else {
-                t
-            };
+            let t = if t.dtype().is_float() && t.dtype() != DType::F32 { t.to_dtype(DType::F32)? } else { t };
             Ok((k, t))
         })
         .collect()
@@ -57,24 +46,18 @@ impl Reference {
     /// Reads a reference onto `device` (f32).
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
-        let err = |msg: String| VerifyError::Reference {
-            path: path.display().to_string(),
-            msg,
-        };
+        let err = |msg: String| VerifyError::Reference { path: path.display().to_string(), msg };
         let bytes = read(path)?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| err(format!("not a safetensors file: {e}")))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| err(format!("not a safetensors file: {e}")))?;
         let metadata = header.metadata().clone().unwrap_or_default();
         let mut tensors = load_buffer_f32(&bytes, path, device)?;
 
-        let input = tensors.remove("input").ok_or_else(|| {
-            err("no 'input' tensor (the image the outputs were computed from)".to_string())
-        })?;
+        let input = tensors
+            .remove("input")
+            .ok_or_else(|| err("no 'input' tensor (the image the outputs were computed from)".to_string()))?;
         if input.rank() != 4 || input.dim(1)? != 3 {
-            return Err(err(format!(
-                "'input' has shape {:?}; expected [B, 3, N, N]",
-                input.dims()
-            )));
+            return Err(err(format!("'input' has shape {:?}; expected [B, 3, N, N]", input.dims())));
         }
         let mut outputs = Vec::new();
         let mut others = Vec::new();
@@ -88,19 +71,11 @@ impl Reference {
             others.sort();
             return Err(err(format!(
                 "no 'out.<block index>' tensors (found: {})",
-                if others.is_empty() {
-                    "only 'input'".to_string()
-                } else {
-                    others.join(", ")
-                }
+                if others.is_empty() { "only 'input'".to_string() } else { others.join(", ") }
             )));
         }
         outputs.sort_by_key(|(i, _)| *i);
-        let reference = Reference {
-            input: input.to_dtype(DType::F32)?,
-            outputs,
-            metadata,
-        };
+        let reference = Reference { input: input.to_dtype(DType::F32)?, outputs, metadata };
         if let Some(listed) = reference.metadata.get("out_indices") {
             let listed = parse_indices(listed).map_err(err)?;
             let mut sorted = listed.clone();
@@ -129,9 +104,11 @@ impl Reference {
     pub fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.metadata.get(key) {
             None => Ok(None),
-            Some(v) => v.trim().parse().map(Some).map_err(|_| {
-                VerifyError::Config(format!("reference metadata {key}='{v}' is not a number"))
-            }),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| VerifyError::Config(format!("reference metadata {key}='{v}' is not a number"))),
         }
     }
 }
@@ -140,10 +117,7 @@ fn parse_indices(s: &str) -> std::result::Result<Vec<usize>, String> {
     s.split(',')
         .map(|p| p.trim())
         .filter(|p| !p.is_empty())
-        .map(|p| {
-            p.parse::<usize>()
-                .map_err(|_| format!("metadata out_indices '{s}' is not a comma-separated list"))
-        })
+        .map(|p| p.parse::<usize>().map_err(|_| format!("metadata out_indices '{s}' is not a comma-separated list")))
         .collect()
 }
 
@@ -152,14 +126,8 @@ mod tests {
     use super::*;
 
     fn write(path: &Path, tensors: &[(&str, Tensor)], meta: &[(&str, &str)]) {
-        let data: Vec<(String, Tensor)> = tensors
-            .iter()
-            .map(|(k, t)| (k.to_string(), t.clone()))
-            .collect();
-        let meta: HashMap<String, String> = meta
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let data: Vec<(String, Tensor)> = tensors.iter().map(|(k, t)| (k.to_string(), t.clone())).collect();
+        let meta: HashMap<String, String> = meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         safetensors::serialize_to_file(data, Some(meta), path).unwrap();
     }
 
@@ -173,11 +141,7 @@ mod tests {
         let good = dir.path().join("good.safetensors");
         write(
             &good,
-            &[
-                ("input", input.clone()),
-                ("out.3", out.clone()),
-                ("out.1", out.clone()),
-            ],
+            &[("input", input.clone()), ("out.3", out.clone()), ("out.1", out.clone())],
             &[("arch", "mae"), ("out_indices", "1,3"), ("img_size", "32")],
         );
         let r = Reference::load(&good, &dev).unwrap();
@@ -193,29 +157,16 @@ mod tests {
         assert!(e.contains("no 'input'"), "{e}");
 
         let no_out = dir.path().join("no_out.safetensors");
-        write(
-            &no_out,
-            &[("input", input.clone()), ("x", out.clone())],
-            &[],
-        );
+        write(&no_out, &[("input", input.clone()), ("x", out.clone())], &[]);
         let e = Reference::load(&no_out, &dev).unwrap_err().to_string();
-        assert!(
-            e.contains("no 'out.<block index>'") && e.contains("x"),
-            "{e}"
-        );
+        assert!(e.contains("no 'out.<block index>'") && e.contains("x"), "{e}");
 
         let bad_meta = dir.path().join("bad_meta.safetensors");
-        write(
-            &bad_meta,
-            &[("input", input), ("out.1", out)],
-            &[("out_indices", "1,3")],
-        );
+        write(&bad_meta, &[("input", input), ("out.1", out)], &[("out_indices", "1,3")]);
         let e = Reference::load(&bad_meta, &dev).unwrap_err().to_string();
         assert!(e.contains("disagree"), "{e}");
 
-        let e = Reference::load(dir.path().join("absent.safetensors"), &dev)
-            .unwrap_err()
-            .to_string();
+        let e = Reference::load(dir.path().join("absent.safetensors"), &dev).unwrap_err().to_string();
         assert!(e.contains("absent.safetensors"), "{e}");
     }
 }

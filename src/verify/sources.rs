@@ -61,10 +61,8 @@ impl SourceFamily {
             return Some(SourceFamily::HuggingFace { prefix: p.to_string() });
         }
         if has("backbone.patch_embed.projection.weight") {
-            let heads = names
-                .clone()
-                .into_iter()
-                .any(|n| n.starts_with("decode_head.") || n.starts_with("auxiliary_head."));
+            let heads =
+                names.clone().into_iter().any(|n| n.starts_with("decode_head.") || n.starts_with("auxiliary_head."));
             return Some(if heads { SourceFamily::Segmentor } else { SourceFamily::MmPretrain });
         }
         if has("patch_embed.projection.weight") {
@@ -185,10 +183,7 @@ const HF_LAYER: &[(&str, &str)] = &[
     ("output.dense.bias", "mlp.fc2.bias"),
     ("lambda_1", "gamma_1"),
     ("lambda_2", "gamma_2"),
-    (
-        "attention.attention.relative_position_bias.relative_position_bias_table",
-        "attn.relative_position_bias_table",
-    ),
+    ("attention.attention.relative_position_bias.relative_position_bias_table", "attn.relative_position_bias_table"),
     ("attention.attention.relative_position_bias.relative_position_index", "attn.relative_position_index"),
 ];
 
@@ -290,15 +285,25 @@ mod tests {
         let f = |names: &[&str]| SourceFamily::recognise(names.iter().copied());
         assert_eq!(f(&["patch_embed.proj.weight", "blocks.0.attn.qkv.weight"]), Some(SourceFamily::Official));
         assert_eq!(
-            f(&["vit.embeddings.patch_embeddings.projection.weight", "vit.encoder.layer.0.output.dense.weight", "decoder.decoder_embed.weight"]),
+            f(&[
+                "vit.embeddings.patch_embeddings.projection.weight",
+                "vit.encoder.layer.0.output.dense.weight",
+                "decoder.decoder_embed.weight"
+            ]),
             Some(SourceFamily::HuggingFace { prefix: "vit.".into() })
         );
         assert_eq!(
             f(&["embeddings.patch_embeddings.projection.weight", "encoder.layer.0.lambda_1"]),
             Some(SourceFamily::HuggingFace { prefix: String::new() })
         );
-        assert_eq!(f(&["backbone.patch_embed.projection.weight", "neck.decoder_embed.weight"]), Some(SourceFamily::MmPretrain));
-        assert_eq!(f(&["backbone.patch_embed.projection.weight", "decode_head.conv_seg.weight"]), Some(SourceFamily::Segmentor));
+        assert_eq!(
+            f(&["backbone.patch_embed.projection.weight", "neck.decoder_embed.weight"]),
+            Some(SourceFamily::MmPretrain)
+        );
+        assert_eq!(
+            f(&["backbone.patch_embed.projection.weight", "decode_head.conv_seg.weight"]),
+            Some(SourceFamily::Segmentor)
+        );
         assert_eq!(f(&["patch_embed.projection.weight", "layers.0.ln1.weight"]), Some(SourceFamily::MMSeg));
         assert_eq!(f(&["foo.weight"]), None);
     }
@@ -308,7 +313,10 @@ mod tests {
         let hf = SourceFamily::HuggingFace { prefix: "beit.".into() };
         assert_eq!(hf.rename("beit.encoder.layer.3.lambda_2").as_deref(), Some("blocks.3.gamma_2"));
         assert_eq!(hf.rename("beit.encoder.layer.0.layernorm_before.bias").as_deref(), Some("blocks.0.norm1.bias"));
-        assert_eq!(hf.rename("beit.encoder.relative_position_bias.relative_position_bias_table").as_deref(), Some(SHARED_TABLE));
+        assert_eq!(
+            hf.rename("beit.encoder.relative_position_bias.relative_position_bias_table").as_deref(),
+            Some(SHARED_TABLE)
+        );
         assert_eq!(hf.rename("beit.layernorm.weight"), None);
         assert_eq!(hf.rename("lm_head.weight"), None);
         assert_eq!(hf.source_key("blocks.3.gamma_2"), "beit.encoder.layer.3.lambda_2");
@@ -317,7 +325,10 @@ mod tests {
         let mm = SourceFamily::MmPretrain;
         assert_eq!(mm.rename("backbone.layers.2.attn.gamma1.weight").as_deref(), Some("layers.2.gamma_1"));
         assert_eq!(mm.rename("backbone.layers.2.ffn.gamma2.weight").as_deref(), Some("layers.2.gamma_2"));
-        assert_eq!(mm.rename("backbone.layers.2.ffn.layers.0.0.weight").as_deref(), Some("layers.2.ffn.layers.0.0.weight"));
+        assert_eq!(
+            mm.rename("backbone.layers.2.ffn.layers.0.0.weight").as_deref(),
+            Some("layers.2.ffn.layers.0.0.weight")
+        );
         assert_eq!(mm.rename("neck.decoder_embed.weight"), None);
     }
 

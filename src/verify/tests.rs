@@ -10,18 +10,12 @@ use super::random::random_weights;
 use super::*;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
 
 fn load(name: &str) -> WeightMap {
     let p = fixture(name);
-    assert!(
-        p.exists(),
-        "fixture {} is missing (see fixtures/make_fixtures.py)",
-        p.display()
-    );
+    assert!(p.exists(), "fixture {} is missing (see fixtures/make_fixtures.py)", p.display());
     load_safetensors_f32(&p, &Device::Cpu).unwrap()
 }
 
@@ -55,10 +49,7 @@ fn to_mmseg(orig: &WeightMap, cfg: &BackboneConfig) -> WeightMap {
                 Tensor::zeros((cfg.table_rows(), cfg.num_heads), DType::F32, &Device::Cpu).unwrap(),
             );
             for g in ["gamma_1", "gamma_2"] {
-                out.insert(
-                    format!("layers.{i}.{g}"),
-                    Tensor::ones(d, DType::F32, &Device::Cpu).unwrap(),
-                );
+                out.insert(format!("layers.{i}.{g}"), Tensor::ones(d, DType::F32, &Device::Cpu).unwrap());
             }
         }
     }
@@ -66,23 +57,12 @@ fn to_mmseg(orig: &WeightMap, cfg: &BackboneConfig) -> WeightMap {
 }
 
 fn worst(reports: &[OutputReport]) -> (f64, f64) {
-    let rel = reports
-        .iter()
-        .map(|r| r.max_rel.unwrap_or(f64::INFINITY))
-        .fold(0.0, f64::max);
-    let cos = reports
-        .iter()
-        .map(|r| r.cosine.unwrap_or(-1.0))
-        .fold(1.0, f64::min);
+    let rel = reports.iter().map(|r| r.max_rel.unwrap_or(f64::INFINITY)).fold(0.0, f64::max);
+    let cos = reports.iter().map(|r| r.cosine.unwrap_or(-1.0)).fold(1.0, f64::min);
     (rel, cos)
 }
 
-fn run_and_compare(
-    layout: Layout,
-    w: &WeightMap,
-    cfg: &BackboneConfig,
-    r: &Reference,
-) -> Vec<OutputReport> {
+fn run_and_compare(layout: Layout, w: &WeightMap, cfg: &BackboneConfig, r: &Reference) -> Vec<OutputReport> {
     let out = match layout {
         Layout::MMSeg => mmseg_forward(w, cfg, &r.input),
         Layout::Original => original_forward(w, cfg, &r.input),
@@ -97,10 +77,7 @@ fn assert_pass(label: &str, reports: &[OutputReport]) {
     eprintln!(
         "PASS-CASE {label}: max_rel {rel:.3e}, 1-cosine {:.3e}, max_abs {:?}",
         1.0 - cos,
-        reports
-            .iter()
-            .map(|r| r.max_abs.unwrap())
-            .collect::<Vec<_>>()
+        reports.iter().map(|r| r.max_abs.unwrap()).collect::<Vec<_>>()
     );
     assert!(reports.iter().all(|r| r.passed), "{label}: {reports:#?}");
 }
@@ -108,14 +85,8 @@ fn assert_pass(label: &str, reports: &[OutputReport]) {
 /// Asserts the reports fail, with an error more than `factor` times the tolerance.
 fn assert_broken(label: &str, reports: &[OutputReport], factor: f64) {
     let (rel, cos) = worst(reports);
-    eprintln!(
-        "BROKEN-CASE {label}: max_rel {rel:.3e}, 1-cosine {:.3e}",
-        1.0 - cos
-    );
-    assert!(
-        reports.iter().any(|r| !r.passed),
-        "{label} passed: {reports:#?}"
-    );
+    eprintln!("BROKEN-CASE {label}: max_rel {rel:.3e}, 1-cosine {:.3e}", 1.0 - cos);
+    assert!(reports.iter().any(|r| !r.passed), "{label} passed: {reports:#?}");
     assert!(
         rel > factor * Tolerance::default().max_rel,
         "{label}: max_rel {rel:e} is not {factor}x outside the tolerance"
@@ -139,16 +110,11 @@ fn mae_original_layout_matches_timm() {
     let w = load("mae_tiny.safetensors");
     let r = reference("ref_mae_tiny_112.safetensors");
     // Width 32 has no head preset and MAE has no table: the heads must be given.
-    let e = BackboneConfig::infer_original(&w, None, None, None)
-        .unwrap_err()
-        .to_string();
+    let e = BackboneConfig::infer_original(&w, None, None, None).unwrap_err().to_string();
     assert!(e.contains("--num-heads"), "{e}");
     let cfg = cfg_for(Layout::Original, &w, &r, Some(2));
     assert_eq!(cfg.arch, Arch::Mae);
-    assert_pass(
-        "mae original",
-        &run_and_compare(Layout::Original, &w, &cfg, &r),
-    );
+    assert_pass("mae original", &run_and_compare(Layout::Original, &w, &cfg, &r));
 }
 
 #[test]
@@ -157,18 +123,12 @@ fn beit_original_layout_matches_timm() {
     let r = reference("ref_beit_tiny_ft_112.safetensors");
     let cfg = cfg_for(Layout::Original, &w, &r, None); // heads and size from the table
     assert_eq!(cfg.arch, Arch::Beit);
-    assert_pass(
-        "beit-ft original",
-        &run_and_compare(Layout::Original, &w, &cfg, &r),
-    );
+    assert_pass("beit-ft original", &run_and_compare(Layout::Original, &w, &cfg, &r));
 
     // Without the stored index the generated one is used: same result.
     let mut no_index = w.clone();
     no_index.retain(|k, _| !k.ends_with("relative_position_index"));
-    assert_pass(
-        "beit-ft original, generated index",
-        &run_and_compare(Layout::Original, &no_index, &cfg, &r),
-    );
+    assert_pass("beit-ft original, generated index", &run_and_compare(Layout::Original, &no_index, &cfg, &r));
 }
 
 #[test]
@@ -180,29 +140,15 @@ fn beit_shared_table_is_used_by_every_block() {
     let mut shared = w.clone();
     shared.retain(|k, _| !k.contains("relative_position"));
     let table = w["blocks.0.attn.relative_position_bias_table"].clone();
-    shared.insert(
-        "rel_pos_bias.relative_position_bias_table".into(),
-        table.clone(),
-    );
+    shared.insert("rel_pos_bias.relative_position_bias_table".into(), table.clone());
     let mut copies = shared.clone();
     copies.remove("rel_pos_bias.relative_position_bias_table");
     for i in 0..cfg.depth {
-        copies.insert(
-            format!("blocks.{i}.attn.relative_position_bias_table"),
-            table.clone(),
-        );
+        copies.insert(format!("blocks.{i}.attn.relative_position_bias_table"), table.clone());
     }
     let a = original_forward(&shared, &cfg, &r.input).unwrap();
     let b = original_forward(&copies, &cfg, &r.input).unwrap();
-    let rep = compare(
-        &a,
-        &b,
-        &Tolerance {
-            max_rel: 0.0,
-            min_cosine: 1.0 - 1e-12,
-        },
-    )
-    .unwrap();
+    let rep = compare(&a, &b, &Tolerance { max_rel: 0.0, min_cosine: 1.0 - 1e-12 }).unwrap();
     assert!(rep.iter().all(|r| r.passed), "{rep:#?}");
 }
 
@@ -223,10 +169,7 @@ fn beit_mmseg_layout_matches_timm() {
     let r = reference("ref_beit_tiny_ft_112.safetensors");
     let w = to_mmseg(&orig, &cfg_for(Layout::Original, &orig, &r, None));
     let cfg = cfg_for(Layout::MMSeg, &w, &r, None);
-    assert_pass(
-        "beit-ft mmseg",
-        &run_and_compare(Layout::MMSeg, &w, &cfg, &r),
-    );
+    assert_pass("beit-ft mmseg", &run_and_compare(Layout::MMSeg, &w, &cfg, &r));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -276,42 +219,16 @@ fn zero(w: &mut WeightMap, key: &str) {
 fn broken_mae_conversions_fail() {
     let (w, cfg, r) = mae_mmseg();
     // fc1 and fc2 exchanged (transposed so the shapes fit), in block 0.
-    broken_mmseg(
-        "mae fc1<->fc2 transposed, block 0",
-        100.0,
-        &w,
-        &cfg,
-        &r,
-        |w| {
-            let f1 = w["layers.0.ffn.layers.0.0.weight"]
-                .t()
-                .unwrap()
-                .contiguous()
-                .unwrap();
-            let f2 = w["layers.0.ffn.layers.1.weight"]
-                .t()
-                .unwrap()
-                .contiguous()
-                .unwrap();
-            w.insert("layers.0.ffn.layers.0.0.weight".into(), f2);
-            w.insert("layers.0.ffn.layers.1.weight".into(), f1);
-        },
-    );
+    broken_mmseg("mae fc1<->fc2 transposed, block 0", 100.0, &w, &cfg, &r, |w| {
+        let f1 = w["layers.0.ffn.layers.0.0.weight"].t().unwrap().contiguous().unwrap();
+        let f2 = w["layers.0.ffn.layers.1.weight"].t().unwrap().contiguous().unwrap();
+        w.insert("layers.0.ffn.layers.0.0.weight".into(), f2);
+        w.insert("layers.0.ffn.layers.1.weight".into(), f1);
+    });
     // fc1 weights of two blocks exchanged (a block-number mix-up).
-    broken_mmseg(
-        "mae fc1 of blocks 0 and 1 swapped",
-        100.0,
-        &w,
-        &cfg,
-        &r,
-        |w| {
-            swap(
-                w,
-                "layers.0.ffn.layers.0.0.weight",
-                "layers.1.ffn.layers.0.0.weight",
-            )
-        },
-    );
+    broken_mmseg("mae fc1 of blocks 0 and 1 swapped", 100.0, &w, &cfg, &r, |w| {
+        swap(w, "layers.0.ffn.layers.0.0.weight", "layers.1.ffn.layers.0.0.weight")
+    });
     // qkv bias dropped (what loading MAE weights into MMSeg's BEiT does).
     broken_mmseg("mae qkv.bias zeroed", 100.0, &w, &cfg, &r, |w| {
         for i in 0..cfg.depth {
@@ -341,11 +258,8 @@ fn broken_mae_conversions_fail() {
             for suffix in ["weight", "bias"] {
                 let key = format!("layers.{i}.attn.qkv.{suffix}");
                 let t = &w[&key];
-                let (q, k, v) = (
-                    t.narrow(0, 0, d).unwrap(),
-                    t.narrow(0, d, d).unwrap(),
-                    t.narrow(0, 2 * d, d).unwrap(),
-                );
+                let (q, k, v) =
+                    (t.narrow(0, 0, d).unwrap(), t.narrow(0, d, d).unwrap(), t.narrow(0, 2 * d, d).unwrap());
                 w.insert(key, Tensor::cat(&[&k, &q, &v], 0).unwrap());
             }
         }
@@ -365,41 +279,15 @@ fn broken_mae_conversions_fail() {
 #[test]
 fn broken_beit_conversions_fail() {
     let (w, cfg, r) = beit_mmseg();
-    broken_mmseg(
-        "beit fc1<->fc2 transposed, block 0",
-        100.0,
-        &w,
-        &cfg,
-        &r,
-        |w| {
-            let f1 = w["layers.0.ffn.layers.0.0.weight"]
-                .t()
-                .unwrap()
-                .contiguous()
-                .unwrap();
-            let f2 = w["layers.0.ffn.layers.1.weight"]
-                .t()
-                .unwrap()
-                .contiguous()
-                .unwrap();
-            w.insert("layers.0.ffn.layers.0.0.weight".into(), f2);
-            w.insert("layers.0.ffn.layers.1.weight".into(), f1);
-        },
-    );
-    broken_mmseg(
-        "beit fc1 of blocks 0 and 1 swapped",
-        100.0,
-        &w,
-        &cfg,
-        &r,
-        |w| {
-            swap(
-                w,
-                "layers.0.ffn.layers.0.0.weight",
-                "layers.1.ffn.layers.0.0.weight",
-            )
-        },
-    );
+    broken_mmseg("beit fc1<->fc2 transposed, block 0", 100.0, &w, &cfg, &r, |w| {
+        let f1 = w["layers.0.ffn.layers.0.0.weight"].t().unwrap().contiguous().unwrap();
+        let f2 = w["layers.0.ffn.layers.1.weight"].t().unwrap().contiguous().unwrap();
+        w.insert("layers.0.ffn.layers.0.0.weight".into(), f2);
+        w.insert("layers.0.ffn.layers.1.weight".into(), f1);
+    });
+    broken_mmseg("beit fc1 of blocks 0 and 1 swapped", 100.0, &w, &cfg, &r, |w| {
+        swap(w, "layers.0.ffn.layers.0.0.weight", "layers.1.ffn.layers.0.0.weight")
+    });
     // The tiny BEiT has gamma ~0.1, so each block adds little to the residual stream (the
     // patch embedding dominates the outputs), and the q/v biases (rms 0.08) and the tables move
     // the outputs least: measured max_rel 2.2e-3 .. 3.2e-3, 20-30x the tolerance and ~3000x
@@ -415,36 +303,18 @@ fn broken_beit_conversions_fail() {
             zero(w, &format!("layers.{i}.attn.relative_position_bias_table"));
         }
     });
-    broken_mmseg(
-        "beit relative tables of blocks 0 and 1 swapped",
-        10.0,
-        &w,
-        &cfg,
-        &r,
-        |w| {
-            swap(
-                w,
-                "layers.0.attn.relative_position_bias_table",
-                "layers.1.attn.relative_position_bias_table",
-            )
-        },
-    );
-    broken_mmseg(
-        "beit gamma = 1 instead of the checkpoint's",
-        100.0,
-        &w,
-        &cfg,
-        &r,
-        |w| {
-            for i in 0..cfg.depth {
-                for g in ["gamma_1", "gamma_2"] {
-                    let key = format!("layers.{i}.{g}");
-                    let t = w[&key].ones_like().unwrap();
-                    w.insert(key, t);
-                }
+    broken_mmseg("beit relative tables of blocks 0 and 1 swapped", 10.0, &w, &cfg, &r, |w| {
+        swap(w, "layers.0.attn.relative_position_bias_table", "layers.1.attn.relative_position_bias_table")
+    });
+    broken_mmseg("beit gamma = 1 instead of the checkpoint's", 100.0, &w, &cfg, &r, |w| {
+        for i in 0..cfg.depth {
+            for g in ["gamma_1", "gamma_2"] {
+                let key = format!("layers.{i}.{g}");
+                let t = w[&key].ones_like().unwrap();
+                w.insert(key, t);
             }
-        },
-    );
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -456,36 +326,19 @@ fn plain_rename_without_load_ready_tensors_is_an_error_naming_key_and_flag() {
     let (w, cfg, r) = mae_mmseg();
     let mut no_table = w.clone();
     no_table.remove("layers.2.attn.relative_position_bias_table");
-    let e = mmseg_forward(&no_table, &cfg, &r.input)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("layers.2.attn.relative_position_bias_table") && e.contains("--img-size"),
-        "{e}"
-    );
+    let e = mmseg_forward(&no_table, &cfg, &r.input).unwrap_err().to_string();
+    assert!(e.contains("layers.2.attn.relative_position_bias_table") && e.contains("--img-size"), "{e}");
 
     let mut no_gamma = w.clone();
     no_gamma.remove("layers.3.gamma_2");
-    let e = mmseg_forward(&no_gamma, &cfg, &r.input)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("layers.3.gamma_2") && e.contains("--img-size"),
-        "{e}"
-    );
+    let e = mmseg_forward(&no_gamma, &cfg, &r.input).unwrap_err().to_string();
+    assert!(e.contains("layers.3.gamma_2") && e.contains("--img-size"), "{e}");
 
     // An index that is not MMSeg's for this window.
     let mut bad_index = w.clone();
-    let idx = relative_position_index(cfg.grid(), &Device::Cpu)
-        .unwrap()
-        .t()
-        .unwrap()
-        .contiguous()
-        .unwrap();
+    let idx = relative_position_index(cfg.grid(), &Device::Cpu).unwrap().t().unwrap().contiguous().unwrap();
     bad_index.insert("layers.1.attn.relative_position_index".into(), idx);
-    let e = mmseg_forward(&bad_index, &cfg, &r.input)
-        .unwrap_err()
-        .to_string();
+    let e = mmseg_forward(&bad_index, &cfg, &r.input).unwrap_err().to_string();
     assert!(e.contains("layers.1.attn.relative_position_index"), "{e}");
     // The right one is accepted.
     let mut good_index = w.clone();
@@ -504,10 +357,7 @@ fn size_mismatches_are_errors_not_panics() {
     big.img_size = 224;
     let input = deterministic_input(224, &Device::Cpu).unwrap();
     let e = mmseg_forward(&w, &big, &input).unwrap_err().to_string();
-    assert!(
-        e.contains("relative_position_bias_table") && e.contains("img_size 224"),
-        "{e}"
-    );
+    assert!(e.contains("relative_position_bias_table") && e.contains("img_size 224"), "{e}");
     // An input of the wrong size.
     let small = deterministic_input(96, &Device::Cpu).unwrap();
     let e = mmseg_forward(&w, &cfg, &small).unwrap_err().to_string();
@@ -533,34 +383,18 @@ fn infer_reads_the_fixture_configs() {
     let (w, cfg, _) = beit_mmseg();
     let c = BackboneConfig::infer_mmseg(&w, None, None, None).unwrap();
     assert_eq!(
-        (
-            c.arch,
-            c.img_size,
-            c.patch_size,
-            c.embed_dim,
-            c.depth,
-            c.num_heads,
-            c.mlp_hidden
-        ),
+        (c.arch, c.img_size, c.patch_size, c.embed_dim, c.depth, c.num_heads, c.mlp_hidden),
         (Arch::Beit, 112, 16, 32, 4, 2, 128)
     );
     assert_eq!(c.out_indices, vec![0, 1, 2, 3]);
-    let e = BackboneConfig::infer_mmseg(&w, None, Some(4), None)
-        .unwrap_err()
-        .to_string();
+    let e = BackboneConfig::infer_mmseg(&w, None, Some(4), None).unwrap_err().to_string();
     assert!(e.contains("contradicts"), "{e}");
-    let e = BackboneConfig::infer_mmseg(&w, Some(100), None, None)
-        .unwrap_err()
-        .to_string();
+    let e = BackboneConfig::infer_mmseg(&w, Some(100), None, None).unwrap_err().to_string();
     assert!(e.contains("multiple"), "{e}");
-    let e = BackboneConfig::infer_mmseg(&w, None, None, Some(vec![4]))
-        .unwrap_err()
-        .to_string();
+    let e = BackboneConfig::infer_mmseg(&w, None, None, Some(vec![4])).unwrap_err().to_string();
     assert!(e.contains("past the last block"), "{e}");
     // Original-layout weights are not MMSeg-layout weights.
-    let e = BackboneConfig::infer_mmseg(&load("beit_tiny_ft.safetensors"), None, None, None)
-        .unwrap_err()
-        .to_string();
+    let e = BackboneConfig::infer_mmseg(&load("beit_tiny_ft.safetensors"), None, None, None).unwrap_err().to_string();
     assert!(e.contains("patch_embed.projection.weight"), "{e}");
     let _ = cfg;
 }
@@ -570,12 +404,7 @@ fn infer_reads_the_fixture_configs() {
 // ---------------------------------------------------------------------------------------
 
 fn vals(w: &WeightMap, k: &str) -> Vec<f64> {
-    w[k].to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    w[k].to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
 /// erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7): independent of candle's.
@@ -584,21 +413,14 @@ fn erf(x: f64) -> f64 {
     let x = x.abs();
     let t = 1.0 / (1.0 + 0.3275911 * x);
     let y = 1.0
-        - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t
-            + 0.254829592)
+        - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592)
             * t
             * (-x * x).exp();
     s * y
 }
 
 fn naive_forward(w: &WeightMap, cfg: &BackboneConfig, img: &[f64]) -> Vec<(usize, Vec<f64>)> {
-    let (d, p, g, hs, nh) = (
-        cfg.embed_dim,
-        cfg.patch_size,
-        cfg.grid(),
-        cfg.mlp_hidden,
-        cfg.num_heads,
-    );
+    let (d, p, g, hs, nh) = (cfg.embed_dim, cfg.patch_size, cfg.grid(), cfg.mlp_hidden, cfg.num_heads);
     let n = cfg.img_size;
     let t = g * g + 1;
     let hd = d / nh;
@@ -614,8 +436,7 @@ fn naive_forward(w: &WeightMap, cfg: &BackboneConfig, img: &[f64]) -> Vec<(usize
                 for c in 0..3 {
                     for ky in 0..p {
                         for kx in 0..p {
-                            s += pw[((o * 3 + c) * p + ky) * p + kx]
-                                * img[(c * n + py * p + ky) * n + px * p + kx];
+                            s += pw[((o * 3 + c) * p + ky) * p + kx] * img[(c * n + py * p + ky) * n + px * p + kx];
                         }
                     }
                 }
@@ -634,26 +455,12 @@ fn naive_forward(w: &WeightMap, cfg: &BackboneConfig, img: &[f64]) -> Vec<(usize
     let ln = |v: &[f64], wt: &[f64], b: &[f64]| -> Vec<f64> {
         let m = v.iter().sum::<f64>() / v.len() as f64;
         let var = v.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / v.len() as f64;
-        v.iter()
-            .enumerate()
-            .map(|(i, a)| (a - m) / (var + cfg.ln_eps).sqrt() * wt[i] + b[i])
-            .collect()
+        v.iter().enumerate().map(|(i, a)| (a - m) / (var + cfg.ln_eps).sqrt() * wt[i] + b[i]).collect()
     };
     let lin = |v: &[f64], wt: &[f64], b: &[f64], out: usize| -> Vec<f64> {
-        (0..out)
-            .map(|o| {
-                b[o] + (0..v.len())
-                    .map(|i| wt[o * v.len() + i] * v[i])
-                    .sum::<f64>()
-            })
-            .collect()
+        (0..out).map(|o| b[o] + (0..v.len()).map(|i| wt[o * v.len() + i] * v[i]).sum::<f64>()).collect()
     };
-    let index: Vec<i64> = relative_position_index(g, &Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let index: Vec<i64> = relative_position_index(g, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let mut outs = Vec::new();
     for l in 0..cfg.depth {
         let k = |s: &str| format!("layers.{l}.{s}");
@@ -661,26 +468,16 @@ fn naive_forward(w: &WeightMap, cfg: &BackboneConfig, img: &[f64]) -> Vec<(usize
         let qkvw = vals(w, &k("attn.qkv.weight"));
         let qkvb = match cfg.arch {
             Arch::Mae => vals(w, &k("attn.qkv.bias")),
-            Arch::Beit => [
-                vals(w, &k("attn.q_bias")),
-                vec![0.0; d],
-                vals(w, &k("attn.v_bias")),
-            ]
-            .concat(),
+            Arch::Beit => [vals(w, &k("attn.q_bias")), vec![0.0; d], vals(w, &k("attn.v_bias"))].concat(),
         };
         let table = vals(w, &k("attn.relative_position_bias_table"));
-        let y: Vec<Vec<f64>> = x
-            .iter()
-            .map(|v| lin(&ln(v, &l1w, &l1b), &qkvw, &qkvb, 3 * d))
-            .collect();
+        let y: Vec<Vec<f64>> = x.iter().map(|v| lin(&ln(v, &l1w, &l1b), &qkvw, &qkvb, 3 * d)).collect();
         let mut att = vec![vec![0f64; d]; t];
         for h in 0..nh {
             for i in 0..t {
                 let logits: Vec<f64> = (0..t)
                     .map(|j| {
-                        let dot: f64 = (0..hd)
-                            .map(|e| y[i][h * hd + e] * y[j][d + h * hd + e])
-                            .sum();
+                        let dot: f64 = (0..hd).map(|e| y[i][h * hd + e] * y[j][d + h * hd + e]).sum();
                         dot / (hd as f64).sqrt() + table[index[i * t + j] as usize * nh + h]
                     })
                     .collect();
@@ -688,25 +485,15 @@ fn naive_forward(w: &WeightMap, cfg: &BackboneConfig, img: &[f64]) -> Vec<(usize
                 let e: Vec<f64> = logits.iter().map(|a| (a - m).exp()).collect();
                 let s: f64 = e.iter().sum();
                 for e2 in 0..hd {
-                    att[i][h * hd + e2] =
-                        (0..t).map(|j| e[j] / s * y[j][2 * d + h * hd + e2]).sum();
+                    att[i][h * hd + e2] = (0..t).map(|j| e[j] / s * y[j][2 * d + h * hd + e2]).sum();
                 }
             }
         }
-        let (pjw, pjb) = (
-            vals(w, &k("attn.proj.weight")),
-            vals(w, &k("attn.proj.bias")),
-        );
+        let (pjw, pjb) = (vals(w, &k("attn.proj.weight")), vals(w, &k("attn.proj.bias")));
         let (g1, g2) = (vals(w, &k("gamma_1")), vals(w, &k("gamma_2")));
         let (l2w, l2b) = (vals(w, &k("ln2.weight")), vals(w, &k("ln2.bias")));
-        let (f1w, f1b) = (
-            vals(w, &k("ffn.layers.0.0.weight")),
-            vals(w, &k("ffn.layers.0.0.bias")),
-        );
-        let (f2w, f2b) = (
-            vals(w, &k("ffn.layers.1.weight")),
-            vals(w, &k("ffn.layers.1.bias")),
-        );
+        let (f1w, f1b) = (vals(w, &k("ffn.layers.0.0.weight")), vals(w, &k("ffn.layers.0.0.bias")));
+        let (f2w, f2b) = (vals(w, &k("ffn.layers.1.weight")), vals(w, &k("ffn.layers.1.bias")));
         for i in 0..t {
             let a = lin(&att[i], &pjw, &pjb, d);
             for o in 0..d {
@@ -751,13 +538,7 @@ fn mmseg_forward_matches_a_naive_scalar_implementation() {
         };
         let w = random_weights(&cfg, Layout::MMSeg, 7, &Device::Cpu).unwrap();
         let input = deterministic_input(48, &Device::Cpu).unwrap();
-        let img: Vec<f64> = input
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let img: Vec<f64> = input.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let ours = mmseg_forward(&w, &cfg, &input).unwrap();
         assert_eq!(ours.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![2, 0]);
         let naive: Vec<(usize, Tensor)> = naive_forward(&w, &cfg, &img)
@@ -782,28 +563,14 @@ fn random_weights_infer_back_and_run_in_both_layouts() {
         cfg.depth = 3;
         cfg.out_indices = BackboneConfig::default_out_indices(3);
         let m = random_mmseg_weights(&cfg, &Device::Cpu).unwrap();
-        assert_eq!(
-            BackboneConfig::infer_mmseg(&m, None, None, None).unwrap(),
-            cfg
-        );
+        assert_eq!(BackboneConfig::infer_mmseg(&m, None, None, None).unwrap(), cfg);
         let o = random_weights(&cfg, Layout::Original, 0, &Device::Cpu).unwrap();
-        assert_eq!(
-            BackboneConfig::infer_original(&o, None, None, None).unwrap(),
-            cfg
-        );
+        assert_eq!(BackboneConfig::infer_original(&o, None, None, None).unwrap(), cfg);
         // Same seed, same values: the two layouts compute the same thing.
         let x = deterministic_input(64, &Device::Cpu).unwrap();
         let a = mmseg_forward(&m, &cfg, &x).unwrap();
         let b = original_forward(&o, &cfg, &x).unwrap();
-        let rep = compare(
-            &a,
-            &b,
-            &Tolerance {
-                max_rel: 0.0,
-                min_cosine: 1.0 - 1e-12,
-            },
-        )
-        .unwrap();
+        let rep = compare(&a, &b, &Tolerance { max_rel: 0.0, min_cosine: 1.0 - 1e-12 }).unwrap();
         assert!(rep.iter().all(|r| r.passed), "{rep:#?}");
         assert_eq!(a[0].1.dims(), &[1, 64, 4, 4]);
     }
@@ -812,16 +579,10 @@ fn random_weights_infer_back_and_run_in_both_layouts() {
 #[test]
 fn device_names() {
     assert!(matches!(device("cpu").unwrap(), Device::Cpu));
-    assert!(device("tpu")
-        .unwrap_err()
-        .to_string()
-        .contains("unknown device"));
+    assert!(device("tpu").unwrap_err().to_string().contains("unknown device"));
     assert!(device("cuda:x").unwrap_err().to_string().contains("cuda:N"));
     #[cfg(not(feature = "cuda"))]
-    assert!(device("cuda")
-        .unwrap_err()
-        .to_string()
-        .contains("without the `cuda` feature"));
+    assert!(device("cuda").unwrap_err().to_string().contains("without the `cuda` feature"));
 }
 
 /// Rough CPU timing of a ViT-B/16 at 224 (random weights). Run with
@@ -841,11 +602,7 @@ fn vit_b_timing() {
         for _ in 0..n {
             mmseg_forward(&w, &cfg, &x).unwrap();
         }
-        eprintln!(
-            "TIMING vit-b/16 {arch} 224: weights {:.2?}, forward {:.2?} per image",
-            gen,
-            t1.elapsed() / n
-        );
+        eprintln!("TIMING vit-b/16 {arch} 224: weights {:.2?}, forward {:.2?} per image", gen, t1.elapsed() / n);
     }
     // The same machine's plain matmul throughput, to tell overhead from arithmetic:
     // ViT-B/16 at 224 is ~35 GFLOP (2 per multiply-add), almost all in such matmuls.

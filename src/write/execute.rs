@@ -11,12 +11,12 @@ use serde::Serialize;
 
 use super::atomic::AtomicFile;
 use crate::formats::checkpoint::{Checkpoint, TensorEntry};
+use crate::formats::Value;
 use crate::mapping::plan::{Origin, Plan, PlannedTensor};
 use crate::mapping::transforms;
-use crate::write::outfile::{OutFile, TensorSink};
 use crate::progress::Progress;
+use crate::write::outfile::{OutFile, TensorSink};
 use crate::write::pth::{write_pth_nested, TensorToWrite, TopEntry};
-use crate::formats::Value;
 use crate::DType;
 
 #[derive(Debug, thiserror::Error)]
@@ -127,8 +127,11 @@ impl<'a> Producer<'a> {
                 return Err(io::Error::other("big-endian hosts are not supported"));
             }
             match to {
-                DType::F16 => HalfBitsSliceExt::reinterpret_cast_mut::<half::f16>(&mut dst[..n]).convert_from_f32_slice(&src[..n]),
-                _ => HalfBitsSliceExt::reinterpret_cast_mut::<half::bf16>(&mut dst[..n]).convert_from_f32_slice(&src[..n]),
+                DType::F16 => {
+                    HalfBitsSliceExt::reinterpret_cast_mut::<half::f16>(&mut dst[..n]).convert_from_f32_slice(&src[..n])
+                }
+                _ => HalfBitsSliceExt::reinterpret_cast_mut::<half::bf16>(&mut dst[..n])
+                    .convert_from_f32_slice(&src[..n]),
             }
             // SAFETY: a u16 buffer viewed as its (little-endian) bytes.
             out.write_all(unsafe { std::slice::from_raw_parts(dst.as_ptr() as *const u8, n * 2) })?;
@@ -222,7 +225,18 @@ impl<'a> Producer<'a> {
                 return out.write_all(&bytes).map_err(|e| Self::terr(t, e));
             }
             Origin::Concat { sources, dim } => {
-                let parts = sources.iter().map(|s| self.source(s).and_then(|e| Ok(transforms::ConcatPart { bytes: self.ckpt.read(e.view).map_err(|err| Self::terr(t, err))?, dtype: e.view.dtype, shape: e.view.shape.clone() }))).collect::<Result<Vec<_>, _>>()?;
+                let parts = sources
+                    .iter()
+                    .map(|s| {
+                        self.source(s).and_then(|e| {
+                            Ok(transforms::ConcatPart {
+                                bytes: self.ckpt.read(e.view).map_err(|err| Self::terr(t, err))?,
+                                dtype: e.view.dtype,
+                                shape: e.view.shape.clone(),
+                            })
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
                 transforms::concat(&parts, *dim, to).map_err(|e| Self::terr(t, e))?
             }
             Origin::Fill { value } => {
@@ -232,7 +246,10 @@ impl<'a> Producer<'a> {
         };
         let expected = t.shape.iter().product::<usize>() * to.size();
         if bytes.len() != expected {
-            return Err(Self::terr(t, format!("produced {} bytes, expected {expected} for shape {:?}", bytes.len(), t.shape)));
+            return Err(Self::terr(
+                t,
+                format!("produced {} bytes, expected {expected} for shape {:?}", bytes.len(), t.shape),
+            ));
         }
         out.write_all(&bytes).map_err(|e| Self::terr(t, e))
     }
@@ -268,9 +285,10 @@ impl Written {
 
     pub fn commit(self) -> Result<WriteSummary, ConvertError> {
         let dest = PathBuf::from(&self.summary.output);
-        self.file
-            .commit()
-            .map_err(|e| ConvertError::Output { path: dest, msg: format!("cannot move the finished file into place: {e}") })?;
+        self.file.commit().map_err(|e| ConvertError::Output {
+            path: dest,
+            msg: format!("cannot move the finished file into place: {e}"),
+        })?;
         Ok(self.summary)
     }
 }
@@ -294,7 +312,8 @@ pub fn write_plan_uncommitted(
     }
     // The plain values kept next to the state dict (a segmentor's meta), and the file's
     // top-level entries in the source's order.
-    let meta: Option<(String, Value)> = plan.layout.meta.as_ref().map(|k| (k.clone(), super::meta::output_meta(ckpt.root(), k).0));
+    let meta: Option<(String, Value)> =
+        plan.layout.meta.as_ref().map(|k| (k.clone(), super::meta::output_meta(ckpt.root(), k).0));
     let top = top_entries(ckpt.root(), &plan.layout, meta.as_ref());
     let out_err = |msg: String| ConvertError::Output { path: dest.to_path_buf(), msg };
     let producer = Producer {
@@ -305,7 +324,8 @@ pub fn write_plan_uncommitted(
         index_cache: RefCell::new(std::collections::HashMap::new()),
     };
     let dtypes: Vec<DType> = plan.outputs.iter().map(|t| output_dtype(t, cast)).collect();
-    let total: u64 = plan.outputs.iter().zip(&dtypes).map(|(t, d)| (t.shape.iter().product::<usize>() * d.size()) as u64).sum();
+    let total: u64 =
+        plan.outputs.iter().zip(&dtypes).map(|(t, d)| (t.shape.iter().product::<usize>() * d.size()) as u64).sum();
     // Writing over the input would replace the only copy of the original (the rename at the
     // end succeeds): refuse before anything is touched.
     if super::atomic::same_file(ckpt.path(), dest) {
@@ -315,8 +335,10 @@ pub fn write_plan_uncommitted(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    super::atomic::create_parent_dirs(dest).map_err(|e| out_err(format!("cannot create the folder {}: {e}", folder.display())))?;
-    let mut atomic = AtomicFile::create(dest).map_err(|e| out_err(format!("cannot write into the folder {}: {e}", folder.display())))?;
+    super::atomic::create_parent_dirs(dest)
+        .map_err(|e| out_err(format!("cannot create the folder {}: {e}", folder.display())))?;
+    let mut atomic = AtomicFile::create(dest)
+        .map_err(|e| out_err(format!("cannot write into the folder {}: {e}", folder.display())))?;
     progress.begin("converting", Some(total));
     atomic.reserve(total).map_err(|e| out_err(format!("cannot reserve {total} bytes for it: {e}")))?;
 
@@ -343,7 +365,8 @@ pub fn write_plan_uncommitted(
 
     // Re-read what we wrote before it replaces anything: names, order and shapes must be
     // the plan's.
-    let reread = Checkpoint::open(&atomic.read_path()).map_err(|e| out_err(format!("written file does not read back: {}", e.source)))?;
+    let reread = Checkpoint::open(&atomic.read_path())
+        .map_err(|e| out_err(format!("written file does not read back: {}", e.source)))?;
     let written = match &plan.layout.container {
         Some(c) => reread.tensors_under(c).unwrap_or_default(),
         None => reread.tensors(),
@@ -373,7 +396,11 @@ pub fn write_plan_uncommitted(
 
 /// The top-level entries of a nested file, in the source's order of those keys (a key the
 /// source lacks goes first, as MMSeg writes `meta` before `state_dict`); empty for a flat one.
-fn top_entries<'a>(root: &Value, layout: &'a crate::mapping::plan::OutputLayout, meta: Option<&'a (String, Value)>) -> Vec<TopEntry<'a>> {
+fn top_entries<'a>(
+    root: &Value,
+    layout: &'a crate::mapping::plan::OutputLayout,
+    meta: Option<&'a (String, Value)>,
+) -> Vec<TopEntry<'a>> {
     let Some(container) = layout.container.as_deref() else { return Vec::new() };
     let mut top = vec![TopEntry::StateDict(container)];
     if let Some((key, value)) = meta {
@@ -445,7 +472,12 @@ fn write_outputs(
                 let start = out.position();
                 producer.write_to_sink(&plan.outputs[i], &mut out)?;
                 if out.position() - start != nbytes(i) {
-                    let msg = format!("tensor {}: produced {} bytes, expected {}", plan.outputs[i].target, out.position() - start, nbytes(i));
+                    let msg = format!(
+                        "tensor {}: produced {} bytes, expected {}",
+                        plan.outputs[i].target,
+                        out.position() - start,
+                        nbytes(i)
+                    );
                     return Err(out_err(msg));
                 }
                 progress.advance(nbytes(i));
@@ -455,5 +487,3 @@ fn write_outputs(
         }
     }
 }
-
-

@@ -127,7 +127,13 @@ mod tests {
             (s("seed"), Value::Int(1234)),
             (s("classes"), Value::Tuple(vec![s("road"), s("sky")])),
             (s("palette"), Value::List(vec![Value::List(vec![Value::Int(1)]), Value::Opaque("numpy.ndarray".into())])),
-            (s("hub"), Value::Dict(vec![(s("loss"), Value::Opaque("mmengine.logging.history_buffer.HistoryBuffer".into())), (s("n"), Value::Float(0.5))])),
+            (
+                s("hub"),
+                Value::Dict(vec![
+                    (s("loss"), Value::Opaque("mmengine.logging.history_buffer.HistoryBuffer".into())),
+                    (s("n"), Value::Float(0.5)),
+                ]),
+            ),
             (Value::Tuple(vec![Value::Int(1), s("a")]), Value::None),
             (Value::Opaque("x.Y".into()), Value::Bool(true)),
         ]);

@@ -91,7 +91,13 @@ pub(crate) fn start_writeback(file: &File, from: u64, to: u64) -> u64 {
 
 /// `copy_file_range` until done, falling back to positioned read/write where the kernel or
 /// file system refuses (EXDEV, ENOSYS, EINVAL, EOPNOTSUPP, EPERM on some file systems).
-pub(crate) fn copy_file_range_all(src: &File, mut src_off: u64, dst: &File, mut dst_off: u64, mut len: u64) -> io::Result<()> {
+pub(crate) fn copy_file_range_all(
+    src: &File,
+    mut src_off: u64,
+    dst: &File,
+    mut dst_off: u64,
+    mut len: u64,
+) -> io::Result<()> {
     while len > 0 {
         let mut so = src_off as i64;
         let mut d = dst_off as i64;
@@ -102,9 +108,11 @@ pub(crate) fn copy_file_range_all(src: &File, mut src_off: u64, dst: &File, mut 
         if n < 0 {
             let err = io::Error::last_os_error();
             return match err.raw_os_error() {
-                Some(libc::EXDEV) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(libc::EPERM) => {
-                    copy_by_reads(src, src_off, dst, dst_off, len)
-                }
+                Some(libc::EXDEV)
+                | Some(libc::ENOSYS)
+                | Some(libc::EINVAL)
+                | Some(libc::EOPNOTSUPP)
+                | Some(libc::EPERM) => copy_by_reads(src, src_off, dst, dst_off, len),
                 _ => Err(err),
             };
         }

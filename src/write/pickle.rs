@@ -247,7 +247,15 @@ impl Emitter {
                     }
                     for (k, item) in batch {
                         let p = format!("{path}[{}]", k.summary());
-                        if !matches!(k, Value::None | Value::Bool(_) | Value::Int(_) | Value::Float(_) | Value::Str(_) | Value::Tuple(_)) {
+                        if !matches!(
+                            k,
+                            Value::None
+                                | Value::Bool(_)
+                                | Value::Int(_)
+                                | Value::Float(_)
+                                | Value::Str(_)
+                                | Value::Tuple(_)
+                        ) {
                             return Err(format!("{p}: a dict key that is not a plain value ({})", k.summary()));
                         }
                         self.plain(k, &p)?;
@@ -256,7 +264,12 @@ impl Emitter {
                     self.out.push(if batch.len() > 1 { b'u' } else { b's' });
                 }
             }
-            other => return Err(format!("{path}: {} is not a plain value; torch.load(weights_only=True) would refuse it", other.summary())),
+            other => {
+                return Err(format!(
+                    "{path}: {} is not a plain value; torch.load(weights_only=True) would refuse it",
+                    other.summary()
+                ))
+            }
         }
         Ok(())
     }

@@ -5,10 +5,10 @@
 
 use std::io::{self, Write};
 
-use super::pickle::{checkpoint_pickle, PickledTensor};
 pub use super::pickle::TopEntry;
-pub use super::zip::{EntryWriter, ZipSink};
+use super::pickle::{checkpoint_pickle, PickledTensor};
 use super::zip::ZipOut;
+pub use super::zip::{EntryWriter, ZipSink};
 use crate::DType;
 
 /// One tensor to write: contiguous bytes, `nbytes` long, produced by the caller on demand.
@@ -65,9 +65,11 @@ pub fn write_pth_nested<S: ZipSink>(
 
 /// torch names the folder after the file stem; keep it to safe characters.
 fn sanitize_folder(stem: &str) -> String {
-    let s: String = stem
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
-        .collect();
-    if s.is_empty() || s.starts_with('.') { "archive".into() } else { s }
+    let s: String =
+        stem.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    if s.is_empty() || s.starts_with('.') {
+        "archive".into()
+    } else {
+        s
+    }
 }

@@ -31,7 +31,14 @@ pub fn safetensors_layout(tensors: &[(&str, DType, &[usize])]) -> Result<Safeten
     for &i in &order {
         let (name, dtype, shape) = tensors[i];
         let n = shape.iter().product::<usize>() * dtype.size();
-        infos.push((name.to_string(), safetensors::tensor::TensorInfo { dtype: dtype.safetensors_code(), shape: shape.to_vec(), data_offsets: (offset, offset + n) }));
+        infos.push((
+            name.to_string(),
+            safetensors::tensor::TensorInfo {
+                dtype: dtype.safetensors_code(),
+                shape: shape.to_vec(),
+                data_offsets: (offset, offset + n),
+            },
+        ));
         offset += n;
     }
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);

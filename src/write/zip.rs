@@ -4,10 +4,10 @@
 //! (`copy_file_range`), and a CRC-32 already known (from the source archive) is reused, so
 //! renamed tensors are never pulled through user space.
 
+use super::outfile::{copy_file_range_all, TensorSink};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
-use super::outfile::{copy_file_range_all, TensorSink};
 
 const ALIGN: u64 = 64;
 const PAD_FIELD: u16 = 0x4246; // "FB", the id torch's writer uses for its padding field
@@ -122,7 +122,12 @@ impl<S: ZipSink> ZipOut<S> {
     }
 
     /// Starts an entry of exactly `size` bytes; `fill` writes them.
-    pub fn entry(&mut self, name: &str, size: u64, fill: impl FnOnce(&mut EntryWriter<S>) -> io::Result<()>) -> io::Result<()> {
+    pub fn entry(
+        &mut self,
+        name: &str,
+        size: u64,
+        fill: impl FnOnce(&mut EntryWriter<S>) -> io::Result<()>,
+    ) -> io::Result<()> {
         let header_offset = self.pos;
         let zip64 = size >= U32_MAX;
         let zip64_len = if zip64 { 20 } else { 0 };

@@ -20,7 +20,12 @@ fn report(dir: &Path) -> Value {
 }
 
 fn item<'a>(report: &'a Value, output: &str) -> &'a Value {
-    report["items"].as_array().unwrap().iter().find(|i| i["output"] == output).unwrap_or_else(|| panic!("no item {output} in {report:#}"))
+    report["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["output"] == output)
+        .unwrap_or_else(|| panic!("no item {output} in {report:#}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -61,7 +66,13 @@ fn list_syntax() {
             mapping: Some("/lists/tables/my.toml".into()),
             sha256: None,
         },
-        ListItem { line: 6, source: Source::Path("/abs/other.pth".into()), output: "o.pth".into(), mapping: None, sha256: None },
+        ListItem {
+            line: 6,
+            source: Source::Path("/abs/other.pth".into()),
+            output: "o.pth".into(),
+            mapping: None,
+            sha256: None,
+        },
     ];
     assert_eq!(items, expected);
     assert_eq!(parse_list("# nothing\n\n   \n", list).unwrap(), vec![]);
@@ -151,7 +162,8 @@ fn mixed_list_reports_each_item_and_a_rerun_skips_the_good_ones() {
     let good = ["mae_tiny_mmseg.pth", "beit_pt.safetensors", "beit_tiny_ft_mmseg.pth"];
     let bad = ["missing_mmseg.pth", "beit_wrong_hash.pth", "corrupt_mmseg.pth", "mae_copy_mmseg.pth"];
     // Only finished outputs and the report: no staging folder, no temporary files.
-    let mut expected: Vec<String> = good.iter().map(|s| s.to_string()).chain([".ckptmap-batch.lock".into(), "report.json".into()]).collect();
+    let mut expected: Vec<String> =
+        good.iter().map(|s| s.to_string()).chain([".ckptmap-batch.lock".into(), "report.json".into()]).collect();
     expected.sort();
     assert_eq!(names_in(&out), expected);
     let stdout = String::from_utf8_lossy(&run.stdout);
@@ -207,7 +219,10 @@ fn mixed_list_reports_each_item_and_a_rerun_skips_the_good_ones() {
     // The same command again: the good items are skipped without a request, the failures
     // are retried (the corrupt file comes from the cache, so it needs no request either).
     let before: HashMap<&str, usize> =
-        ["/mae/mae_tiny.pth", "/beit/beit_tiny_pt.pth", "/missing.pth", "/beit/beit_copy.pth"].into_iter().map(|p| (p, server.hits(p))).collect();
+        ["/mae/mae_tiny.pth", "/beit/beit_tiny_pt.pth", "/missing.pth", "/beit/beit_copy.pth"]
+            .into_iter()
+            .map(|p| (p, server.hits(p)))
+            .collect();
     assert_eq!(before["/mae/mae_tiny.pth"], 1);
     let mtimes: Vec<_> = good.iter().map(|n| fs::metadata(out.join(n)).unwrap().modified().unwrap()).collect();
     let again = ckptmap(&args);
@@ -228,13 +243,18 @@ fn mixed_list_reports_each_item_and_a_rerun_skips_the_good_ones() {
         assert_eq!(item(&r2, name)["status"], "failed");
         assert!(!out.join(name).exists());
     }
-    assert!(String::from_utf8_lossy(&again.stdout).contains("7 items: 0 converted, 3 skipped, 4 failed"), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("7 items: 0 converted, 3 skipped, 4 failed"),
+        "{}",
+        text(&again)
+    );
 
     // Only the good lines: exit 0, nothing fetched. Then a damaged output is made again.
     let good_list = dir.join("good.txt");
     let full = fs::read_to_string(&list_path).unwrap();
     fs::write(&good_list, full.lines().take(4).collect::<Vec<_>>().join("\n")).unwrap();
-    let args_good: Vec<&str> = args.iter().map(|a| if *a == list_path.to_str().unwrap() { good_list.to_str().unwrap() } else { a }).collect();
+    let args_good: Vec<&str> =
+        args.iter().map(|a| if *a == list_path.to_str().unwrap() { good_list.to_str().unwrap() } else { a }).collect();
     let requests = server.count();
     let clean = ckptmap(&args_good);
     assert_eq!(clean.status.code(), Some(0), "{}", text(&clean));
@@ -250,7 +270,10 @@ fn mixed_list_reports_each_item_and_a_rerun_skips_the_good_ones() {
     let r4 = report(&out);
     assert_eq!(item(&r4, "beit_tiny_ft_mmseg.pth")["status"], "converted");
     assert_eq!(item(&r4, "beit_tiny_ft_mmseg.pth")["output_sha256"], sha256_hex(&fs::read(&damaged).unwrap()));
-    assert_eq!(item(&r4, "beit_tiny_ft_mmseg.pth")["output_sha256"], item(&r, "beit_tiny_ft_mmseg.pth")["output_sha256"]);
+    assert_eq!(
+        item(&r4, "beit_tiny_ft_mmseg.pth")["output_sha256"],
+        item(&r, "beit_tiny_ft_mmseg.pth")["output_sha256"]
+    );
     assert_eq!(item(&r4, "mae_tiny_mmseg.pth")["status"], "skipped");
     assert_eq!(server.count(), requests, "nothing is fetched for done items");
 }
@@ -258,11 +281,23 @@ fn mixed_list_reports_each_item_and_a_rerun_skips_the_good_ones() {
 #[test]
 fn a_malformed_line_is_exit_2_before_any_download() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::routes(HashMap::from([("/mae_tiny.pth".to_string(), fs::read(fixture("mae_tiny.pth")).unwrap())]));
+    let server =
+        Server::routes(HashMap::from([("/mae_tiny.pth".to_string(), fs::read(fixture("mae_tiny.pth")).unwrap())]));
     let list = tmp.path().join("list.txt");
-    fs::write(&list, format!("{}\n\n{} name=x.pth mapping\n", server.url("/mae_tiny.pth"), server.url("/mae_tiny.pth"))).unwrap();
+    fs::write(
+        &list,
+        format!("{}\n\n{} name=x.pth mapping\n", server.url("/mae_tiny.pth"), server.url("/mae_tiny.pth")),
+    )
+    .unwrap();
     let out = tmp.path().join("out");
-    let run = ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--cache-dir", tmp.path().join("c").to_str().unwrap()]);
+    let run = ckptmap(&[
+        "batch",
+        list.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+        "--cache-dir",
+        tmp.path().join("c").to_str().unwrap(),
+    ]);
     assert_eq!(run.status.code(), Some(2), "{}", text(&run));
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains(&format!("{}:3: ", list.display())), "{stderr}");
@@ -274,7 +309,8 @@ fn a_malformed_line_is_exit_2_before_any_download() {
     let run = ckptmap(&["batch", tmp.path().join("none.txt").to_str().unwrap(), "--out-dir", out.to_str().unwrap()]);
     assert_eq!(run.status.code(), Some(2), "{}", text(&run));
     fs::write(&list, format!("{}\n", server.url("/mae_tiny.pth"))).unwrap();
-    let run = ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--sha256", &"0".repeat(64)]);
+    let run =
+        ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--sha256", &"0".repeat(64)]);
     assert_eq!(run.status.code(), Some(2), "{}", text(&run));
     assert_eq!(server.count(), 0);
 }
@@ -285,9 +321,21 @@ fn resized_outputs_are_verified_through_a_clean_conversion() {
     // against it, so the same mapping without resizing is checked and the report says so.
     let tmp = tempfile::tempdir().unwrap();
     let list = tmp.path().join("list.txt");
-    fs::write(&list, format!("{}\n{}\n", fixture("mae_tiny.pth").display(), fixture("beit_tiny_pt.pth").display())).unwrap();
+    fs::write(&list, format!("{}\n{}\n", fixture("mae_tiny.pth").display(), fixture("beit_tiny_pt.pth").display()))
+        .unwrap();
     let out = tmp.path().join("out");
-    let run = ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--img-size", "224", "--num-heads", "2", "--verify", "--json"]);
+    let run = ckptmap(&[
+        "batch",
+        list.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+        "--img-size",
+        "224",
+        "--num-heads",
+        "2",
+        "--verify",
+        "--json",
+    ]);
     assert_eq!(run.status.code(), Some(0), "{}", text(&run));
     let printed: Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(printed["items"], report(&out)["items"]);
@@ -301,7 +349,10 @@ fn resized_outputs_are_verified_through_a_clean_conversion() {
         let pos = back.tensors().into_iter().find(|t| t.name.ends_with("relative_position_bias_table")).unwrap();
         assert_eq!(pos.view.shape[0], 27 * 27 + 3, "{name}: tables sized for 224/16 = 14x14 patches");
     }
-    assert_eq!(names_in(&out), vec![".ckptmap-batch.lock", "beit_tiny_pt_mmseg.pth", "mae_tiny_mmseg.pth", "report.json"]);
+    assert_eq!(
+        names_in(&out),
+        vec![".ckptmap-batch.lock", "beit_tiny_pt_mmseg.pth", "mae_tiny_mmseg.pth", "report.json"]
+    );
 }
 
 #[test]
@@ -315,7 +366,11 @@ fn a_second_batch_into_the_same_folder_is_refused() {
     fs::write(&list, format!("{}\n", fixture("mae_tiny.pth").display())).unwrap();
     let run = ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--num-heads", "2"]);
     assert_eq!(run.status.code(), Some(2), "{}", text(&run));
-    assert!(String::from_utf8_lossy(&run.stderr).contains("another `ckptmap batch` is writing into this folder"), "{}", text(&run));
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("another `ckptmap batch` is writing into this folder"),
+        "{}",
+        text(&run)
+    );
     assert!(!out.join("report.json").exists());
     drop(lock);
     let run = ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--num-heads", "2"]);
@@ -338,7 +393,8 @@ fn count_status(report: &Value, status: &str) -> usize {
 /// Files the process has open under `dir` that are not in place yet (anonymous temporaries).
 fn writing_under(pid: u32, dir: &Path) -> bool {
     let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
-    fds.filter_map(|e| fs::read_link(e.ok()?.path()).ok()).any(|t| t.starts_with(dir) && t.to_string_lossy().ends_with(" (deleted)"))
+    fds.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .any(|t| t.starts_with(dir) && t.to_string_lossy().ends_with(" (deleted)"))
 }
 
 /// What a report may claim after any kill: every item it records as done has its output in
@@ -351,8 +407,13 @@ fn assert_claims_hold(out: &Path, when: &str) {
         let name = it["output"].as_str().unwrap();
         match status {
             "converted" | "skipped" => {
-                let bytes = fs::read(out.join(name)).unwrap_or_else(|e| panic!("{when}: {name} is {status} but cannot be read: {e}"));
-                assert_eq!(it["output_sha256"].as_str(), Some(sha256_hex(&bytes).as_str()), "{when}: {name} is {status} with another sha256");
+                let bytes = fs::read(out.join(name))
+                    .unwrap_or_else(|e| panic!("{when}: {name} is {status} but cannot be read: {e}"));
+                assert_eq!(
+                    it["output_sha256"].as_str(),
+                    Some(sha256_hex(&bytes).as_str()),
+                    "{when}: {name} is {status} with another sha256"
+                );
                 assert_eq!(it["output_bytes"].as_u64(), Some(bytes.len() as u64), "{when}: {name} size");
                 Checkpoint::open(&out.join(name)).unwrap_or_else(|e| panic!("{when}: {name} does not read: {e}"));
             }
@@ -381,7 +442,10 @@ fn a_killed_batch_claims_only_finished_outputs_and_the_next_run_resumes() {
     // Outputs are nameless (O_TMPFILE) files in the output folder until committed.
     let out4 = out.clone();
     let points: Vec<(&str, When)> = vec![
-        ("after the first report", Box::new(move |_| report_now(&out2).is_some_and(|r| count_status(&r, "pending") == 6))),
+        (
+            "after the first report",
+            Box::new(move |_| report_now(&out2).is_some_and(|r| count_status(&r, "pending") == 6)),
+        ),
         ("after two items", Box::new(move |_| report_now(&out3).is_some_and(|r| count_status(&r, "converted") >= 2))),
         ("mid-write", Box::new(move |pid| writing_under(pid, &out4))),
     ];
@@ -401,8 +465,7 @@ fn a_killed_batch_claims_only_finished_outputs_and_the_next_run_resumes() {
         assert!(caught, "{when}: the run finished before it could be killed");
         assert_claims_hold(&out, when);
     }
-    let done_before: Vec<String> = report_now(&out)
-        .unwrap()["items"]
+    let done_before: Vec<String> = report_now(&out).unwrap()["items"]
         .as_array()
         .unwrap()
         .iter()
@@ -437,7 +500,18 @@ fn batch_takes_every_convert_option_and_embeds_convert_s_report() {
     let list = tmp.path().join("list.txt");
     fs::write(&list, format!("{} name=mae.pth\n", fixture("mae_tiny_full.pth").display())).unwrap();
     let out = tmp.path().join("out");
-    let run = ckptmap(&["batch", list.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--dtype", "f16", "--keep-unused", "--num-heads", "2", "--quiet"]);
+    let run = ckptmap(&[
+        "batch",
+        list.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+        "--dtype",
+        "f16",
+        "--keep-unused",
+        "--num-heads",
+        "2",
+        "--quiet",
+    ]);
     assert_eq!(run.status.code(), Some(0), "{}", text(&run));
     let r = report(&out);
     let it = item(&r, "mae.pth");
@@ -457,7 +531,15 @@ fn batch_takes_every_convert_option_and_embeds_convert_s_report() {
     // (Same file name: a .pth archive's inner folder is named after it.)
     fs::create_dir(tmp.path().join("one")).unwrap();
     let dst = tmp.path().join("one").join("mae.pth");
-    let one = ckptmap(&["convert", fixture("mae_tiny_full.pth").to_str().unwrap(), dst.to_str().unwrap(), "--dtype", "f16", "--keep-unused", "--json"]);
+    let one = ckptmap(&[
+        "convert",
+        fixture("mae_tiny_full.pth").to_str().unwrap(),
+        dst.to_str().unwrap(),
+        "--dtype",
+        "f16",
+        "--keep-unused",
+        "--json",
+    ]);
     assert!(one.status.success(), "{}", text(&one));
     let doc: Value = serde_json::from_slice(&one.stdout).unwrap();
     let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();

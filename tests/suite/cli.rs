@@ -32,7 +32,8 @@ fn rewrite(src: &Path, dest: &Path, edit: impl Fn(&str, &mut Vec<u8>, &HashMap<S
     let originals: HashMap<String, Vec<u8>> = all.iter().map(|(n, _, b)| (n.clone(), b.clone())).collect();
     let c = Checkpoint::open(src).unwrap();
     let entries = c.tensors();
-    let specs: Vec<TensorToWrite> = entries.iter().map(|t| TensorToWrite { name: &t.name, dtype: t.view.dtype, shape: &t.view.shape }).collect();
+    let specs: Vec<TensorToWrite> =
+        entries.iter().map(|t| TensorToWrite { name: &t.name, dtype: t.view.dtype, shape: &t.view.shape }).collect();
     let file = std::fs::File::create(dest).unwrap();
     write_pth(file, "broken", &specs, |i, w| {
         let mut bytes = originals[&entries[i].name].clone();
@@ -50,13 +51,26 @@ fn every_mae_variant_converts_to_the_same_bytes() {
     let want = tensors(&reference);
     let src = source_bytes(&fixture("mae_tiny.pth"));
     // Renamed tensors are bit-identical to their source.
-    let map = [("layers.0.ffn.layers.0.0.weight", "blocks.0.mlp.fc1.weight"), ("layers.3.ln2.bias", "blocks.3.norm2.bias"), ("patch_embed.projection.weight", "patch_embed.proj.weight")];
+    let map = [
+        ("layers.0.ffn.layers.0.0.weight", "blocks.0.mlp.fc1.weight"),
+        ("layers.3.ln2.bias", "blocks.3.norm2.bias"),
+        ("patch_embed.projection.weight", "patch_embed.proj.weight"),
+    ];
     for (dst, s) in map {
         let got = &want.iter().find(|(n, _, _)| n == dst).unwrap().2;
         assert_eq!(got, &src[s], "{dst}");
     }
     assert!(want.iter().all(|(n, _, _)| !n.starts_with("blocks.") && n != "norm.weight"));
-    for variant in ["mae_tiny_legacy.pth", "mae_tiny_bare.pth", "mae_tiny_state_dict.pth", "mae_tiny_module.pth", "mae_tiny_train.pth", "mae_tiny_full.pth", "mae_tiny_finetuned.pth", "mae_tiny.safetensors"] {
+    for variant in [
+        "mae_tiny_legacy.pth",
+        "mae_tiny_bare.pth",
+        "mae_tiny_state_dict.pth",
+        "mae_tiny_module.pth",
+        "mae_tiny_train.pth",
+        "mae_tiny_full.pth",
+        "mae_tiny_finetuned.pth",
+        "mae_tiny.safetensors",
+    ] {
         let out = dir.path().join(format!("{variant}.pth"));
         ok(&["convert", fixture(variant).to_str().unwrap(), out.to_str().unwrap(), "--mapping", "mae"]);
         let got = tensors(&out);
@@ -115,14 +129,21 @@ fn mae_vit_b_key_sets_match_mmseg() {
     write_vit_b(&src);
     assert!(std::fs::metadata(&src).unwrap().len() < 1 << 20, "the ViT-B stand-in is meant to be small");
     let mmseg: HashMap<String, Vec<usize>> = mmseg_vit_b_512_keys("mae").into_iter().collect();
-    let unfillable = |k: &str| k.ends_with("relative_position_bias_table") || k.ends_with("relative_position_index") || k.contains("gamma_");
+    let unfillable = |k: &str| {
+        k.ends_with("relative_position_bias_table") || k.ends_with("relative_position_index") || k.contains("gamma_")
+    };
     // Clean: MMSeg's keys minus those the source cannot fill (pos_embed at its source size).
     let clean = planned(&src, &[]);
-    let mut want: HashMap<String, Vec<usize>> = mmseg.iter().filter(|(k, _)| !unfillable(k)).map(|(k, s)| (k.clone(), s.clone())).collect();
+    let mut want: HashMap<String, Vec<usize>> =
+        mmseg.iter().filter(|(k, _)| !unfillable(k)).map(|(k, s)| (k.clone(), s.clone())).collect();
     want.insert("pos_embed".into(), vec![1, 197, 768]);
     assert_eq!(clean, want);
     // Load-ready at 512: all of them, with MMSeg's shapes.
-    assert_eq!(planned(&src, &["--img-size", "512"]), mmseg, "load-ready MAE ViT-B at 512 must equal MMSeg's state dict");
+    assert_eq!(
+        planned(&src, &["--img-size", "512"]),
+        mmseg,
+        "load-ready MAE ViT-B at 512 must equal MMSeg's state dict"
+    );
     assert!(!src.with_file_name("unused.pth").exists(), "a dry run wrote its output");
 }
 
@@ -144,7 +165,11 @@ fn conversions_match_pytorch_references() {
     ];
     for (i, (src, extra, reference)) in cases.iter().enumerate() {
         let out = dir.path().join(format!("{i}.pth"));
-        let mut args = vec!["convert", fixture(src).to_str().unwrap().to_string().leak() as &str, out.to_str().unwrap().to_string().leak()];
+        let mut args = vec![
+            "convert",
+            fixture(src).to_str().unwrap().to_string().leak() as &str,
+            out.to_str().unwrap().to_string().leak(),
+        ];
         args.extend_from_slice(extra);
         ok(&args);
         let (passed, text) = verify(&out, reference);
@@ -169,7 +194,11 @@ fn broken_conversions_fail_verification() {
     });
     // qkv bias dropped (zeroed).
     let no_bias = dir.path().join("nobias.pth");
-    rewrite(&good, &no_bias, |n, b, _| if n.ends_with("attn.qkv.bias") { b.iter_mut().for_each(|x| *x = 0) });
+    rewrite(&good, &no_bias, |n, b, _| {
+        if n.ends_with("attn.qkv.bias") {
+            b.iter_mut().for_each(|x| *x = 0)
+        }
+    });
     for (file, what) in [(&swapped, "fc1 swapped"), (&no_bias, "qkv bias dropped")] {
         let (passed, text) = verify(file, "ref_mae_tiny_112.safetensors");
         assert!(!passed && text.contains("FAIL"), "{what}: {text}");
@@ -180,19 +209,32 @@ fn broken_conversions_fail_verification() {
     ok(&["convert", fixture("beit_tiny_pt.pth").to_str().unwrap(), beit.to_str().unwrap()]);
     assert!(verify(&beit, "ref_beit_tiny_pt_112.safetensors").0, "control case must pass");
     let unexpanded = dir.path().join("unexpanded.pth");
-    rewrite(&beit, &unexpanded, |n, b, _| if n.ends_with("relative_position_bias_table") { b.iter_mut().for_each(|x| *x = 0) });
+    rewrite(&beit, &unexpanded, |n, b, _| {
+        if n.ends_with("relative_position_bias_table") {
+            b.iter_mut().for_each(|x| *x = 0)
+        }
+    });
     let (passed, text) = verify(&unexpanded, "ref_beit_tiny_pt_112.safetensors");
     assert!(!passed, "unexpanded shared bias: {text}");
 
     // pos_embed resized with the wrong interpolation (nearest instead of bicubic).
     let ready = dir.path().join("ready.pth");
-    ok(&["convert", fixture("mae_tiny.pth").to_str().unwrap(), ready.to_str().unwrap(), "--img-size", "224", "--num-heads", "2"]);
+    ok(&[
+        "convert",
+        fixture("mae_tiny.pth").to_str().unwrap(),
+        ready.to_str().unwrap(),
+        "--img-size",
+        "224",
+        "--num-heads",
+        "2",
+    ]);
     assert!(verify(&ready, "ref_mae_tiny_224.safetensors").0, "control case must pass");
     let nearest = dir.path().join("nearest.pth");
     let src = source_bytes(&fixture("mae_tiny.pth"));
     rewrite(&ready, &nearest, |n, b, _| {
         if n == "pos_embed" {
-            let old: Vec<f32> = src["pos_embed"].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let old: Vec<f32> =
+                src["pos_embed"].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
             let dim = 32;
             let mut out = old[..dim].to_vec();
             for y in 0..14 {
@@ -216,14 +258,33 @@ fn verify_against_original_passes_and_fails() {
     assert!(text.contains("PASS") && !text.contains("not checked"), "{text}");
     // A load-ready output at another size is checked through the unresized mapping.
     let resized = dir.path().join("r.pth");
-    let text = ok(&["convert", fixture("beit_tiny_ft.pth").to_str().unwrap(), resized.to_str().unwrap(), "--img-size", "224", "--verify"]);
+    let text = ok(&[
+        "convert",
+        fixture("beit_tiny_ft.pth").to_str().unwrap(),
+        resized.to_str().unwrap(),
+        "--img-size",
+        "224",
+        "--verify",
+    ]);
     assert!(text.contains("without resizing") && text.contains("PASS"), "{text}");
     // It says the resize itself was not checked, in text and in the JSON outcome.
-    assert!(text.contains("img_size 224 (pos_embed / relative position tables) was not checked by the forward pass"), "{text}");
-    let r = ckptmap(&["convert", fixture("beit_tiny_ft.pth").to_str().unwrap(), resized.to_str().unwrap(), "--img-size", "224", "--verify", "--json"]);
+    assert!(
+        text.contains("img_size 224 (pos_embed / relative position tables) was not checked by the forward pass"),
+        "{text}"
+    );
+    let r = ckptmap(&[
+        "convert",
+        fixture("beit_tiny_ft.pth").to_str().unwrap(),
+        resized.to_str().unwrap(),
+        "--img-size",
+        "224",
+        "--verify",
+        "--json",
+    ]);
     assert!(r.status.success());
     // One JSON document on stdout, the check inside it; nothing on stderr.
-    let doc: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.stdout)));
+    let doc: serde_json::Value =
+        serde_json::from_slice(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.stdout)));
     assert!(r.stderr.is_empty(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(doc["output_sha256"].as_str().is_some_and(|h| h.len() == 64), "{doc}");
     let v = &doc["verify"];
@@ -231,7 +292,11 @@ fn verify_against_original_passes_and_fails() {
     assert_eq!(v["subject"], "clean conversion", "{v}");
     assert!(v["not_checked"].as_str().is_some_and(|n| n.contains("not checked by the forward pass")), "{v}");
     let broken = dir.path().join("b.pth");
-    rewrite(&out, &broken, |n, b, _| if n == "layers.2.gamma_1" { b.iter_mut().for_each(|x| *x = 0) });
+    rewrite(&out, &broken, |n, b, _| {
+        if n == "layers.2.gamma_1" {
+            b.iter_mut().for_each(|x| *x = 0)
+        }
+    });
     let r = ckptmap(&["verify", broken.to_str().unwrap(), "--against", fixture("beit_tiny_ft.pth").to_str().unwrap()]);
     assert_eq!(r.status.code(), Some(1), "{}", String::from_utf8_lossy(&r.stdout));
 }
@@ -244,7 +309,8 @@ fn dry_run_writes_nothing_and_explains() {
     assert!(!out.exists());
     assert!(text.contains("blocks.0.mlp.fc1.weight -> layers.0.ffn.layers.0.0.weight"), "{text}");
     assert!(text.contains("decoder_pred.weight dropped"), "{text}");
-    let json = ok(&["convert", fixture("beit_tiny_pt.pth").to_str().unwrap(), out.to_str().unwrap(), "--dry-run", "--json"]);
+    let json =
+        ok(&["convert", fixture("beit_tiny_pt.pth").to_str().unwrap(), out.to_str().unwrap(), "--dry-run", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["plan"]["table"], "beit");
     assert!(!out.exists());
@@ -294,7 +360,8 @@ fn convert_and_inspect_accept_urls() {
     let cache = dir.path().join("cache");
     // `body` at any path except `/missing*` (404).
     let body = std::fs::read(fixture("beit_tiny_ft.pth")).unwrap();
-    let server = Server::start(move |_, r| if r.path.starts_with("/missing") { Reply::not_found() } else { Reply::ok(&body) });
+    let server =
+        Server::start(move |_, r| if r.path.starts_with("/missing") { Reply::not_found() } else { Reply::ok(&body) });
     let base = server.base();
     let out = dir.path().join("o.pth");
     let url = format!("{base}/beit_tiny_ft.pth");
@@ -307,7 +374,8 @@ fn convert_and_inspect_accept_urls() {
     // and the 404 below).
     let text = ok(&["inspect", &url, "--cache-dir", cache.to_str().unwrap()]);
     assert!(text.contains("state dict: model"), "{text}");
-    let r = ckptmap(&["inspect", &format!("{base}/missing.pth"), "--cache-dir", cache.to_str().unwrap(), "--retries", "0"]);
+    let r =
+        ckptmap(&["inspect", &format!("{base}/missing.pth"), "--cache-dir", cache.to_str().unwrap(), "--retries", "0"]);
     assert_eq!(r.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&r.stderr).contains("404"));
     assert_eq!(server.paths(), ["/beit_tiny_ft.pth", "/missing.pth"]);
@@ -325,7 +393,16 @@ fn convert_verify_failure_writes_nothing() {
     let dst = dir.path().join("out.pth");
     std::fs::write(&dst, b"previous").unwrap();
     let mae = fixture("mae_tiny.pth");
-    let r = ckptmap(&["convert", mae.to_str().unwrap(), dst.to_str().unwrap(), "--num-heads", "2", "--verify", "--mapping", swapped_path.to_str().unwrap()]);
+    let r = ckptmap(&[
+        "convert",
+        mae.to_str().unwrap(),
+        dst.to_str().unwrap(),
+        "--num-heads",
+        "2",
+        "--verify",
+        "--mapping",
+        swapped_path.to_str().unwrap(),
+    ]);
     let (stdout, stderr) = (String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
     assert_eq!(r.status.code(), Some(1), "{stdout}{stderr}");
     assert!(stdout.contains("FAIL"), "{stdout}");
@@ -336,10 +413,30 @@ fn convert_verify_failure_writes_nothing() {
 
     // Cast to f16: checked against the original rounded the same way, so a wrong mapping
     // still fails and the right one passes.
-    let r = ckptmap(&["convert", mae.to_str().unwrap(), dst.to_str().unwrap(), "--num-heads", "2", "--verify", "--dtype", "f16", "--mapping", swapped_path.to_str().unwrap()]);
+    let r = ckptmap(&[
+        "convert",
+        mae.to_str().unwrap(),
+        dst.to_str().unwrap(),
+        "--num-heads",
+        "2",
+        "--verify",
+        "--dtype",
+        "f16",
+        "--mapping",
+        swapped_path.to_str().unwrap(),
+    ]);
     assert_eq!(r.status.code(), Some(1), "{}", String::from_utf8_lossy(&r.stdout));
     assert_eq!(std::fs::read(&dst).unwrap(), b"previous");
-    let text = ok(&["convert", mae.to_str().unwrap(), dst.to_str().unwrap(), "--num-heads", "2", "--verify", "--dtype", "f16"]);
+    let text = ok(&[
+        "convert",
+        mae.to_str().unwrap(),
+        dst.to_str().unwrap(),
+        "--num-heads",
+        "2",
+        "--verify",
+        "--dtype",
+        "f16",
+    ]);
     assert!(text.contains("PASS") && text.contains("rounded to f16"), "{text}");
 
     let text = ok(&["convert", mae.to_str().unwrap(), dst.to_str().unwrap(), "--num-heads", "2", "--verify"]);

@@ -23,7 +23,10 @@ fn good_small_zip() -> Vec<u8> {
         TensorToWrite { name: "cls_token", dtype: DType::F32, shape: &shapes[0] },
         TensorToWrite { name: "pos_embed", dtype: DType::F32, shape: &shapes[1] },
     ];
-    let out = write_pth(std::io::Cursor::new(Vec::new()), "small", &tensors, |i, w| w.write_all(&vec![1u8; tensors[i].nbytes() as usize])).unwrap();
+    let out = write_pth(std::io::Cursor::new(Vec::new()), "small", &tensors, |i, w| {
+        w.write_all(&vec![1u8; tensors[i].nbytes() as usize])
+    })
+    .unwrap();
     out.into_inner()
 }
 
@@ -87,7 +90,11 @@ fn bad_checkpoints(dir: &Path, marker: &Path) -> Vec<Case> {
 
     let mae = std::fs::read(fixture("mae_tiny.pth")).unwrap();
     cases.push(case("a truncated zip", write(dir, "cut.pth", &mae[..mae.len() / 2]), &["zip archive is unreadable"]));
-    cases.push(case("a zip cut inside its central directory", write(dir, "cut_cd.pth", &mae[..mae.len() - 30]), &["zip archive is unreadable"]));
+    cases.push(case(
+        "a zip cut inside its central directory",
+        write(dir, "cut_cd.pth", &mae[..mae.len() - 30]),
+        &["zip archive is unreadable"],
+    ));
 
     // The central directory claims a storage entry is far larger than the file ...
     let mut z = good_small_zip();
@@ -97,7 +104,11 @@ fn bad_checkpoints(dir: &Path, marker: &Path) -> Vec<Case> {
             set_u32(h, 24, 0x7fff_0000);
         }
     });
-    cases.push(case("central directory: sizes past the end", write(dir, "lying_big.pth", &z), &["small/data/1", "past the end"]));
+    cases.push(case(
+        "central directory: sizes past the end",
+        write(dir, "lying_big.pth", &z),
+        &["small/data/1", "past the end"],
+    ));
     // ... or smaller than the tensor stored in it.
     let mut z = good_small_zip();
     patch_zip_entry(&mut z, "data/1", |h, central| {
@@ -106,7 +117,11 @@ fn bad_checkpoints(dir: &Path, marker: &Path) -> Vec<Case> {
             set_u32(h, 24, 12);
         }
     });
-    cases.push(case("central directory: sizes too small", write(dir, "lying_small.pth", &z), &["storage 1 holds 12 bytes but its header says 80"]));
+    cases.push(case(
+        "central directory: sizes too small",
+        write(dir, "lying_small.pth", &z),
+        &["storage 1 holds 12 bytes but its header says 80"],
+    ));
 
     // A storage entry marked deflated.
     let mut z = good_small_zip();
@@ -124,7 +139,14 @@ fn bad_checkpoints(dir: &Path, marker: &Path) -> Vec<Case> {
     });
     cases.push(case("a deflated data.pkl", write(dir, "deflated_pkl.pth", &z), &["small/data.pkl", "not supported"]));
 
-    let w = |shape: &'static [i64], stride: &'static [i64], numel: i64, offset: i64| Tensor { name: "blocks.0.w", key: "0", numel, offset, shape, stride };
+    let w = |shape: &'static [i64], stride: &'static [i64], numel: i64, offset: i64| Tensor {
+        name: "blocks.0.w",
+        key: "0",
+        numel,
+        offset,
+        shape,
+        stride,
+    };
     let zip_of = |t: Tensor, bytes: usize| checkpoint_zip(&state_dict_pickle(&[t]), &[&vec![0u8; bytes]]);
     cases.push(case(
         "a storage shorter than its tensor needs",
@@ -136,11 +158,31 @@ fn bad_checkpoints(dir: &Path, marker: &Path) -> Vec<Case> {
         write(dir, "short_entry.pth", &zip_of(w(&[4], &[1], 4, 0), 10)),
         &["storage 0 holds 10 bytes but its header says 16"],
     ));
-    cases.push(case("a negative stride", write(dir, "neg_stride.pth", &zip_of(w(&[2, 2], &[2, -1], 4, 0), 16)), &["tensor blocks.0.w", "negative stride -1"]));
-    cases.push(case("a negative offset", write(dir, "neg_offset.pth", &zip_of(w(&[2], &[1], 4, -3), 16)), &["tensor blocks.0.w", "negative storage offset -3"]));
-    cases.push(case("an overflowing stride", write(dir, "big_stride.pth", &zip_of(w(&[8, 2], &[1 << 62, 1], 4, 0), 16)), &["tensor blocks.0.w", "overflow"]));
-    cases.push(case("an overflowing size", write(dir, "big_size.pth", &zip_of(w(&[1 << 40, 1 << 40, 0], &[0, 0, 1], 4, 0), 16)), &["tensor blocks.0.w", "overflows"]));
-    cases.push(case("an overflowing offset", write(dir, "big_offset.pth", &zip_of(w(&[2], &[1], 4, i64::MAX), 16)), &["tensor blocks.0.w needs 9223372036854775809 elements"]));
+    cases.push(case(
+        "a negative stride",
+        write(dir, "neg_stride.pth", &zip_of(w(&[2, 2], &[2, -1], 4, 0), 16)),
+        &["tensor blocks.0.w", "negative stride -1"],
+    ));
+    cases.push(case(
+        "a negative offset",
+        write(dir, "neg_offset.pth", &zip_of(w(&[2], &[1], 4, -3), 16)),
+        &["tensor blocks.0.w", "negative storage offset -3"],
+    ));
+    cases.push(case(
+        "an overflowing stride",
+        write(dir, "big_stride.pth", &zip_of(w(&[8, 2], &[1 << 62, 1], 4, 0), 16)),
+        &["tensor blocks.0.w", "overflow"],
+    ));
+    cases.push(case(
+        "an overflowing size",
+        write(dir, "big_size.pth", &zip_of(w(&[1 << 40, 1 << 40, 0], &[0, 0, 1], 4, 0), 16)),
+        &["tensor blocks.0.w", "overflows"],
+    ));
+    cases.push(case(
+        "an overflowing offset",
+        write(dir, "big_offset.pth", &zip_of(w(&[2], &[1], 4, i64::MAX), 16)),
+        &["tensor blocks.0.w needs 9223372036854775809 elements"],
+    ));
     cases.push(case(
         "a view that expands a tiny storage to 4 TB",
         write(dir, "expanded.pth", &zip_of(w(&[1 << 20, 1 << 20], &[0, 0], 1, 0), 4)),
@@ -166,13 +208,21 @@ fn bad_checkpoints(dir: &Path, marker: &Path) -> Vec<Case> {
     p.extend_from_slice(b"cbuiltins\neval\n");
     p.extend(op_str(&format!("open({:?}, 'w')", marker.display().to_string())));
     p.extend_from_slice(b"\x85Ru.");
-    cases.push(case("REDUCE of os.system and builtins.eval", write(dir, "evil.pth", &checkpoint_zip(&p, &[])), &["no tensors"]));
+    cases.push(case(
+        "REDUCE of os.system and builtins.eval",
+        write(dir, "evil.pth", &checkpoint_zip(&p, &[])),
+        &["no tensors"],
+    ));
     // The same as the whole state dict.
     let mut p = vec![0x80, 2];
     p.extend_from_slice(b"cos\nsystem\n");
     p.extend(op_str(&cmd));
     p.extend_from_slice(b"\x85R.");
-    cases.push(case("a state dict that is os.system(...)", write(dir, "evil_root.pth", &checkpoint_zip(&p, &[])), &["no tensors"]));
+    cases.push(case(
+        "a state dict that is os.system(...)",
+        write(dir, "evil_root.pth", &checkpoint_zip(&p, &[])),
+        &["no tensors"],
+    ));
 
     // A memo bomb: a list of 10 000 items, then a list of 5 000 references to it (50 million
     // values once expanded).
@@ -189,13 +239,25 @@ fn bad_checkpoints(dir: &Path, marker: &Path) -> Vec<Case> {
     p.extend(std::iter::repeat_n(b']', 100_000));
     p.extend(std::iter::repeat_n(b'a', 99_999));
     p.push(b'.');
-    cases.push(case("deep nesting", write(dir, "deep.pth", &checkpoint_zip(&p, &[])), &["nests deeper than 256 levels"]));
+    cases.push(case(
+        "deep nesting",
+        write(dir, "deep.pth", &checkpoint_zip(&p, &[])),
+        &["nests deeper than 256 levels"],
+    ));
 
     let legacy = std::fs::read(fixture("mae_tiny_legacy.pth")).unwrap();
     let mut wrong_magic = legacy.clone();
     wrong_magic[6] ^= 0x55;
-    cases.push(case("a legacy file with a wrong magic number", write(dir, "legacy_magic.pth", &wrong_magic), &["legacy checkpoint", "wrong magic number"]));
-    cases.push(case("a legacy file with a short storage", write(dir, "legacy_short.pth", &legacy[..legacy.len() - 100]), &["legacy checkpoint", "storage", "cut short"]));
+    cases.push(case(
+        "a legacy file with a wrong magic number",
+        write(dir, "legacy_magic.pth", &wrong_magic),
+        &["legacy checkpoint", "wrong magic number"],
+    ));
+    cases.push(case(
+        "a legacy file with a short storage",
+        write(dir, "legacy_short.pth", &legacy[..legacy.len() - 100]),
+        &["legacy checkpoint", "storage", "cut short"],
+    ));
 
     // A checkpoint whose state dict holds no tensors.
     let mut p = vec![0x80, 2, b'}', b'('];
@@ -203,7 +265,11 @@ fn bad_checkpoints(dir: &Path, marker: &Path) -> Vec<Case> {
     p.extend(op_int(3));
     p.extend(op_str("state_dict"));
     p.extend_from_slice(b"}u.");
-    cases.push(case("a state dict without tensors", write(dir, "no_tensors.pth", &checkpoint_zip(&p, &[])), &["no tensors"]));
+    cases.push(case(
+        "a state dict without tensors",
+        write(dir, "no_tensors.pth", &checkpoint_zip(&p, &[])),
+        &["no tensors"],
+    ));
     cases
 }
 
@@ -225,7 +291,12 @@ fn bad_tables(dir: &Path) -> Vec<Case> {
             needles: needles.iter().map(|s| s.to_string()).collect(),
         });
     };
-    add("a table with an invalid regex", "bad_regex.toml", edit("match = 'cls_token'", "match = 'cls_token('"), &["rule 'cls-token'", "invalid regex 'cls_token('"]);
+    add(
+        "a table with an invalid regex",
+        "bad_regex.toml",
+        edit("match = 'cls_token'", "match = 'cls_token('"),
+        &["rule 'cls-token'", "invalid regex 'cls_token('"],
+    );
     add(
         "a table with an unknown transform",
         "bad_transform.toml",
@@ -236,7 +307,13 @@ fn bad_tables(dir: &Path) -> Vec<Case> {
         "a table whose rule maps two keys to one",
         "two_to_one.toml",
         edit("rename = \"layers.${1}.ln${2}.${3}\"", "rename = \"layers.0.ln${2}.${3}\""),
-        &["two_to_one.toml", "target 'layers.0.ln1.weight' is produced twice", "rule 'block-norm'", "blocks.0.norm1.weight", "blocks.1.norm1.weight"],
+        &[
+            "two_to_one.toml",
+            "target 'layers.0.ln1.weight' is produced twice",
+            "rule 'block-norm'",
+            "blocks.0.norm1.weight",
+            "blocks.1.norm1.weight",
+        ],
     );
     add("a table that is not TOML", "not_toml.toml", "[[rule]\nid = 'x'\n".into(), &["line 1"]);
     cases
@@ -258,7 +335,8 @@ fn run_case(c: &Case, command: &str, dir: &Path, i: usize) -> Outcome {
     }
     cmd.args(&c.extra).env("RUST_BACKTRACE", "1");
     let r = cmd.output().unwrap();
-    let leftovers = std::fs::read_dir(&out_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let leftovers =
+        std::fs::read_dir(&out_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     Outcome { code: r.status.code(), stderr: String::from_utf8_lossy(&r.stderr).into_owned(), leftovers }
 }
 
@@ -318,7 +396,14 @@ fn every_bad_input_is_one_clear_error_with_no_output() {
 #[test]
 fn the_limits_let_real_checkpoints_through() {
     let dir = tempfile::tempdir().unwrap();
-    for f in ["mae_tiny.pth", "mae_tiny_legacy.pth", "mae_tiny_train.pth", "beit_tiny_pt.pth", "mae_tiny.safetensors", "views.pth"] {
+    for f in [
+        "mae_tiny.pth",
+        "mae_tiny_legacy.pth",
+        "mae_tiny_train.pth",
+        "beit_tiny_pt.pth",
+        "mae_tiny.safetensors",
+        "views.pth",
+    ] {
         let r = cmd().args(["inspect"]).arg(fixture(f)).output().unwrap();
         assert!(r.status.success(), "{f}: {}", String::from_utf8_lossy(&r.stderr));
     }
@@ -342,14 +427,7 @@ fn a_malformed_list_line_is_one_clear_error() {
         std::fs::create_dir(&case_dir).unwrap();
         let list = write(&case_dir, "list.txt", text.as_bytes());
         let out = case_dir.join("out");
-        let r = cmd()
-            .arg("batch")
-            .arg(&list)
-            .arg("--out-dir")
-            .arg(&out)
-            .env("RUST_BACKTRACE", "1")
-            .output()
-            .unwrap();
+        let r = cmd().arg("batch").arg(&list).arg("--out-dir").arg(&out).env("RUST_BACKTRACE", "1").output().unwrap();
         let err = String::from_utf8_lossy(&r.stderr);
         assert_eq!(r.status.code(), Some(2), "{what}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{what}: {err}");
@@ -357,7 +435,8 @@ fn a_malformed_list_line_is_one_clear_error() {
         for n in *needles {
             assert!(err.contains(n), "{what}: {err} does not say {n:?}");
         }
-        let written: Vec<_> = std::fs::read_dir(&out).map(|d| d.map(|e| e.unwrap().file_name()).collect()).unwrap_or_default();
+        let written: Vec<_> =
+            std::fs::read_dir(&out).map(|d| d.map(|e| e.unwrap().file_name()).collect()).unwrap_or_default();
         assert!(written.is_empty(), "{what}: wrote {written:?}");
     }
 }
@@ -408,7 +487,12 @@ fn a_corrupted_storage_byte_fails_its_crc_check() {
             || !err.contains("CRC-32")
             || !left.is_empty()
         {
-            failures.push(format!("{what}: exit {:?}, {} files left, stderr: {}", r.status.code(), left.len(), err.trim()));
+            failures.push(format!(
+                "{what}: exit {:?}, {} files left, stderr: {}",
+                r.status.code(),
+                left.len(),
+                err.trim()
+            ));
         }
     }
     // verify reads the original through the same checked reads.
@@ -418,7 +502,11 @@ fn a_corrupted_storage_byte_fails_its_crc_check() {
     let r = cmd().arg("verify").arg(&converted).arg("--against").arg(&fc1).output().unwrap();
     let err = String::from_utf8_lossy(&r.stderr);
     if r.status.code() != Some(2) || !err.contains("is corrupt") || !err.contains(&fc1.display().to_string()) {
-        failures.push(format!("verify --against a corrupt original: exit {:?}, stderr: {}", r.status.code(), err.trim()));
+        failures.push(format!(
+            "verify --against a corrupt original: exit {:?}, stderr: {}",
+            r.status.code(),
+            err.trim()
+        ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ckptmap::fetch::{
-    fetch, is_url, name_embedded_hash, sha256_file, FetchError, FetchOptions, HashSource,
-};
+use ckptmap::fetch::{fetch, is_url, name_embedded_hash, sha256_file, FetchError, FetchOptions, HashSource};
 use ckptmap::progress::{NoProgress, Progress};
 
 use crate::util::http::{Reply, Server};
@@ -56,12 +54,7 @@ fn files_under(dir: &Path) -> Vec<String> {
             if path.is_dir() {
                 walk(root, &path, out);
             } else {
-                out.push(
-                    path.strip_prefix(root)
-                        .unwrap()
-                        .to_string_lossy()
-                        .into_owned(),
-                );
+                out.push(path.strip_prefix(root).unwrap().to_string_lossy().into_owned());
             }
         }
     }
@@ -73,16 +66,7 @@ fn files_under(dir: &Path) -> Vec<String> {
 
 /// The file names (no folder) under `dir`, sorted.
 fn names_under(dir: &Path) -> Vec<String> {
-    files_under(dir)
-        .iter()
-        .map(|p| {
-            Path::new(p)
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect()
+    files_under(dir).iter().map(|p| Path::new(p).file_name().unwrap().to_string_lossy().into_owned()).collect()
 }
 
 fn part_of(path: &Path) -> PathBuf {
@@ -124,32 +108,18 @@ fn downloads_then_reuses_cache_without_a_request() {
     assert!(first.path.starts_with(cache.path()));
     assert_eq!(fs::read(&first.path).unwrap(), *data);
     assert_eq!(server.count(), 1);
-    assert!(server.requests()[0]
-        .header("user-agent")
-        .unwrap()
-        .starts_with("ckptmap/"));
+    assert!(server.requests()[0].header("user-agent").unwrap().starts_with("ckptmap/"));
 
     let second = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
     assert!(second.from_cache);
     assert_eq!(second.path, first.path);
     assert_eq!(second.sha256, first.sha256);
     assert_eq!(second.bytes, first.bytes);
-    assert_eq!(
-        server.count(),
-        1,
-        "a cached URL must not be requested again"
-    );
+    assert_eq!(server.count(), 1, "a cached URL must not be requested again");
 
     // Only the file, its record and the lock: no .part left behind.
     let names = names_under(cache.path());
-    assert_eq!(
-        names,
-        vec![
-            ".lock",
-            "mae_pretrain_vit_base.pth",
-            "mae_pretrain_vit_base.pth.json"
-        ]
-    );
+    assert_eq!(names, vec![".lock", "mae_pretrain_vit_base.pth", "mae_pretrain_vit_base.pth.json"]);
     let record: serde_json::Value =
         serde_json::from_slice(&fs::read(first.path.with_extension("pth.json")).unwrap()).unwrap();
     assert_eq!(record["url"], url.as_str());
@@ -217,9 +187,8 @@ fn concurrent_fetches_of_one_url_make_one_request() {
     let cache = tempfile::tempdir().unwrap();
     let url = server.url("/m.pth");
     let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..3)
-            .map(|_| s.spawn(|| fetch(&url, &options(cache.path()), &NoProgress).unwrap()))
-            .collect();
+        let handles: Vec<_> =
+            (0..3).map(|_| s.spawn(|| fetch(&url, &options(cache.path()), &NoProgress).unwrap())).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(server.count(), 1);
@@ -235,11 +204,7 @@ fn redirect_is_followed_and_cached_under_the_original_url() {
     let body = data.clone();
     let server = Server::start(move |_, r| {
         if r.path == "/old/model.pth" {
-            Reply::Send {
-                status: 302,
-                headers: vec![("Location".into(), "/new/blob".into())],
-                body: vec![],
-            }
+            Reply::Send { status: 302, headers: vec![("Location".into(), "/new/blob".into())], body: vec![] }
         } else {
             Reply::ranged(r, &body, vec![])
         }
@@ -266,15 +231,9 @@ fn not_found_fails_at_once() {
     let cache = tempfile::tempdir().unwrap();
     let url = server.url("/missing.pth");
     let err = fetch(&url, &options(cache.path()), &NoProgress).unwrap_err();
-    assert!(
-        matches!(err, FetchError::Http { status: 404, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, FetchError::Http { status: 404, .. }), "{err:?}");
     let message = err.to_string();
-    assert!(
-        message.contains("404") && message.contains(&url),
-        "{message}"
-    );
+    assert!(message.contains("404") && message.contains(&url), "{message}");
     assert!(!message.contains('\n'));
     assert_eq!(server.count(), 1, "a 4xx must not be retried");
     assert_eq!(names_under(cache.path()), vec![".lock"]);
@@ -285,10 +244,7 @@ fn forbidden_is_not_retried_either() {
     let server = Server::start(|_, _| Reply::status(403));
     let cache = tempfile::tempdir().unwrap();
     let err = fetch(&server.url("/x.pth"), &options(cache.path()), &NoProgress).unwrap_err();
-    assert!(
-        matches!(err, FetchError::Http { status: 403, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, FetchError::Http { status: 403, .. }), "{err:?}");
     assert_eq!(server.count(), 1);
 }
 
@@ -296,13 +252,7 @@ fn forbidden_is_not_retried_either() {
 fn server_error_then_success_is_retried() {
     let data = data();
     let body = data.clone();
-    let server = Server::start(move |i, r| {
-        if i == 0 {
-            Reply::status(500)
-        } else {
-            Reply::ranged(r, &body, vec![])
-        }
-    });
+    let server = Server::start(move |i, r| if i == 0 { Reply::status(500) } else { Reply::ranged(r, &body, vec![]) });
     let cache = tempfile::tempdir().unwrap();
     let got = fetch(&server.url("/m.pth"), &options(cache.path()), &NoProgress).unwrap();
     assert_eq!(fs::read(&got.path).unwrap(), *data);
@@ -320,15 +270,9 @@ fn persistent_server_errors_give_up_after_the_configured_attempts_with_backoff()
     let start = Instant::now();
     let err = fetch(&url, &opts, &NoProgress).unwrap_err();
     let elapsed = start.elapsed();
-    assert!(
-        matches!(err, FetchError::GaveUp { attempts: 3, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, FetchError::GaveUp { attempts: 3, .. }), "{err:?}");
     let message = err.to_string();
-    assert!(
-        message.contains("503") && message.contains(&url) && message.contains("3 attempts"),
-        "{message}"
-    );
+    assert!(message.contains("503") && message.contains(&url) && message.contains("3 attempts"), "{message}");
     assert_eq!(server.count(), 3);
     // 40 ms, then 80 ms.
     assert!(elapsed >= Duration::from_millis(120), "{elapsed:?}");
@@ -345,10 +289,7 @@ fn connection_refused_is_retried_then_reported() {
     let mut opts = options(cache.path());
     opts.retries = 2;
     let err = fetch(&url, &opts, &NoProgress).unwrap_err();
-    assert!(
-        matches!(err, FetchError::GaveUp { attempts: 3, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, FetchError::GaveUp { attempts: 3, .. }), "{err:?}");
     assert!(err.to_string().contains(&url));
 }
 
@@ -365,29 +306,19 @@ fn cut_connection_resumes_with_a_range_request() {
     let server = Server::start(move |i, r| {
         let headers = vec![("ETag".to_string(), tag.clone())];
         if i == 0 {
-            Reply::Cut {
-                headers,
-                len: body.len(),
-                body: body[..half].to_vec(),
-            }
+            Reply::Cut { headers, len: body.len(), body: body[..half].to_vec() }
         } else {
             Reply::ranged(r, &body, headers)
         }
     });
     let cache = tempfile::tempdir().unwrap();
     let got = fetch(&server.url("/m.pth"), &options(cache.path()), &NoProgress).unwrap();
-    assert_eq!(
-        fs::read(&got.path).unwrap(),
-        *data,
-        "resumed file must be byte-identical"
-    );
+    assert_eq!(fs::read(&got.path).unwrap(), *data, "resumed file must be byte-identical");
     assert_eq!(got.sha256, sha256_hex(&data));
     let requests = server.requests();
     assert_eq!(requests.len(), 2);
     assert_eq!(requests[0].header("range"), None);
-    let range = requests[1]
-        .header("range")
-        .expect("second request must carry Range");
+    let range = requests[1].header("range").expect("second request must carry Range");
     assert_eq!(got.resumed_from, half as u64);
     assert_eq!(range, format!("bytes={half}-"));
     assert_eq!(requests[1].header("if-range"), Some(etag.as_str()));
@@ -400,11 +331,7 @@ fn server_ignoring_range_restarts_cleanly() {
     let body = data.clone();
     let server = Server::start(move |i, _| {
         if i == 0 {
-            Reply::Cut {
-                headers: vec![],
-                len: body.len(),
-                body: body[..SIZE / 3].to_vec(),
-            }
+            Reply::Cut { headers: vec![], len: body.len(), body: body[..SIZE / 3].to_vec() }
         } else {
             Reply::ok(&body) // 200 with the whole body, whatever the Range
         }
@@ -423,18 +350,11 @@ fn content_range_not_matching_the_request_restarts_from_zero() {
     let data = data();
     let body = data.clone();
     let server = Server::start(move |i, r| match i {
-        0 => Reply::Cut {
-            headers: vec![],
-            len: body.len(),
-            body: body[..SIZE / 2].to_vec(),
-        },
+        0 => Reply::Cut { headers: vec![], len: body.len(), body: body[..SIZE / 2].to_vec() },
         // A 206 for the wrong range: the .part cannot be continued with it.
         1 => Reply::Send {
             status: 206,
-            headers: vec![(
-                "Content-Range".into(),
-                format!("bytes 0-{}/{}", body.len() - 1, body.len()),
-            )],
+            headers: vec![("Content-Range".into(), format!("bytes 0-{}/{}", body.len() - 1, body.len()))],
             body: body.to_vec(),
         },
         _ => Reply::ranged(r, &body, vec![]),
@@ -465,10 +385,7 @@ fn a_part_left_by_an_earlier_run_is_resumed_and_never_taken_as_finished() {
     assert!(!got.from_cache);
     assert_eq!(got.resumed_from, third as u64);
     assert_eq!(fs::read(&got.path).unwrap(), *data);
-    assert_eq!(
-        server.requests()[1].header("range"),
-        Some(format!("bytes={third}-").as_str())
-    );
+    assert_eq!(server.requests()[1].header("range"), Some(format!("bytes={third}-").as_str()));
 
     // A complete .part is still not a finished file: it is checked through the server.
     leave_only_a_part(&got.path, &data);
@@ -478,10 +395,7 @@ fn a_part_left_by_an_earlier_run_is_resumed_and_never_taken_as_finished() {
     // Range past the end → 416 → restart from zero.
     let requests = server.requests();
     assert_eq!(requests.len(), 4);
-    assert_eq!(
-        requests[2].header("range"),
-        Some(format!("bytes={SIZE}-").as_str())
-    );
+    assert_eq!(requests[2].header("range"), Some(format!("bytes={SIZE}-").as_str()));
     assert_eq!(requests[3].header("range"), None);
 }
 
@@ -515,10 +429,7 @@ fn stall_mid_body_times_out_and_the_retry_resumes() {
     let first = 256 * 1024;
     let server = Server::start(move |i, r| {
         if i == 0 {
-            Reply::Stall {
-                head: Some((body.len(), body[..first].to_vec())),
-                pause: Duration::from_secs(5),
-            }
+            Reply::Stall { head: Some((body.len(), body[..first].to_vec())), pause: Duration::from_secs(5) }
         } else {
             Reply::ranged(r, &body, vec![])
         }
@@ -528,26 +439,15 @@ fn stall_mid_body_times_out_and_the_retry_resumes() {
     opts.read_timeout = Duration::from_millis(200);
     let start = Instant::now();
     let got = fetch(&server.url("/m.pth"), &opts, &NoProgress).unwrap();
-    assert!(
-        start.elapsed() < Duration::from_secs(4),
-        "{:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_secs(4), "{:?}", start.elapsed());
     assert_eq!(fs::read(&got.path).unwrap(), *data);
     assert_eq!(server.count(), 2);
-    assert!(
-        got.resumed_from > 0 && got.resumed_from <= first as u64,
-        "{}",
-        got.resumed_from
-    );
+    assert!(got.resumed_from > 0 && got.resumed_from <= first as u64, "{}", got.resumed_from);
 }
 
 #[test]
 fn server_that_never_answers_fails_after_bounded_retries() {
-    let server = Server::start(|_, _| Reply::Stall {
-        head: None,
-        pause: Duration::from_secs(5),
-    });
+    let server = Server::start(|_, _| Reply::Stall { head: None, pause: Duration::from_secs(5) });
     let cache = tempfile::tempdir().unwrap();
     let url = server.url("/m.pth");
     let mut opts = options(cache.path());
@@ -555,15 +455,8 @@ fn server_that_never_answers_fails_after_bounded_retries() {
     opts.retries = 1;
     let start = Instant::now();
     let err = fetch(&url, &opts, &NoProgress).unwrap_err();
-    assert!(
-        start.elapsed() < Duration::from_secs(4),
-        "{:?}",
-        start.elapsed()
-    );
-    assert!(
-        matches!(err, FetchError::GaveUp { attempts: 2, .. }),
-        "{err:?}"
-    );
+    assert!(start.elapsed() < Duration::from_secs(4), "{:?}", start.elapsed());
+    assert!(matches!(err, FetchError::GaveUp { attempts: 2, .. }), "{err:?}");
     assert!(err.to_string().contains(&url));
     assert_eq!(server.count(), 2);
 }
@@ -582,12 +475,7 @@ fn wrong_expected_sha256_fails_and_leaves_nothing() {
     opts.sha256 = Some(wrong.clone());
     let err = fetch(&url, &opts, &NoProgress).unwrap_err();
     match &err {
-        FetchError::Sha256Mismatch {
-            expected,
-            actual,
-            source_of,
-            ..
-        } => {
+        FetchError::Sha256Mismatch { expected, actual, source_of, .. } => {
             assert_eq!(expected, &wrong);
             assert_eq!(actual, &sha256_hex(&data));
             assert_eq!(*source_of, HashSource::Option);
@@ -595,15 +483,9 @@ fn wrong_expected_sha256_fails_and_leaves_nothing() {
         other => panic!("{other:?}"),
     }
     let message = err.to_string();
-    assert!(
-        message.contains(&wrong) && message.contains(&sha256_hex(&data)) && message.contains(&url)
-    );
+    assert!(message.contains(&wrong) && message.contains(&sha256_hex(&data)) && message.contains(&url));
     assert_eq!(server.count(), 1, "a mismatch is not retried");
-    assert_eq!(
-        names_under(cache.path()),
-        vec![".lock"],
-        "no file, no .part kept"
-    );
+    assert_eq!(names_under(cache.path()), vec![".lock"], "no file, no .part kept");
 }
 
 #[test]
@@ -624,10 +506,7 @@ fn malformed_expected_sha256_is_refused_before_any_request() {
     let mut opts = options(cache.path());
     opts.sha256 = Some("f92a2975".into());
     let err = fetch(&server.url("/m.pth"), &opts, &NoProgress).unwrap_err();
-    assert!(
-        matches!(err, FetchError::BadExpectedSha256 { .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, FetchError::BadExpectedSha256 { .. }), "{err:?}");
     assert_eq!(server.count(), 0);
 }
 
@@ -639,11 +518,7 @@ fn wrong_hash_in_the_file_name_is_refused() {
     let url = server.url("/upernet_beit-base_ade20k-deadbeef.pth");
     let err = fetch(&url, &options(cache.path()), &NoProgress).unwrap_err();
     match &err {
-        FetchError::Sha256Mismatch {
-            expected,
-            source_of,
-            ..
-        } => {
+        FetchError::Sha256Mismatch { expected, source_of, .. } => {
             assert_eq!(expected, "deadbeef");
             assert_eq!(*source_of, HashSource::FileName);
         }
@@ -659,15 +534,10 @@ fn right_hash_in_the_file_name_is_accepted() {
     let server = serving(&data);
     let cache = tempfile::tempdir().unwrap();
     let prefix = &sha256_hex(&data)[..8];
-    let url = server.url(&format!(
-        "/beit_base_20220426_174752-{prefix}.pth?download=1"
-    ));
+    let url = server.url(&format!("/beit_base_20220426_174752-{prefix}.pth?download=1"));
     let got = fetch(&url, &options(cache.path()), &NoProgress).unwrap();
     assert!(got.sha256.starts_with(prefix));
-    assert_eq!(
-        got.path.file_name().unwrap().to_string_lossy(),
-        format!("beit_base_20220426_174752-{prefix}.pth")
-    );
+    assert_eq!(got.path.file_name().unwrap().to_string_lossy(), format!("beit_base_20220426_174752-{prefix}.pth"));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -689,12 +559,7 @@ struct Recorder {
 
 impl Progress for Recorder {
     fn begin(&self, label: &str, total: Option<u64>) {
-        let job = Job {
-            label: label.to_string(),
-            total,
-            advanced: 0,
-            ended: false,
-        };
+        let job = Job { label: label.to_string(), total, advanced: 0, ended: false };
         self.jobs.lock().unwrap().push(job);
     }
     fn advance(&self, bytes: u64) {
@@ -711,11 +576,7 @@ fn progress_sees_the_whole_size() {
     let body = data.clone();
     let server = Server::start(move |i, r| {
         if i == 0 {
-            Reply::Cut {
-                headers: vec![],
-                len: body.len(),
-                body: body[..SIZE / 2].to_vec(),
-            }
+            Reply::Cut { headers: vec![], len: body.len(), body: body[..SIZE / 2].to_vec() }
         } else {
             Reply::ranged(r, &body, vec![])
         }
@@ -732,17 +593,10 @@ fn progress_sees_the_whole_size() {
         assert!(job.ended);
     }
     assert_eq!(jobs[0].advanced, (SIZE / 2) as u64);
-    assert_eq!(
-        jobs[1].advanced, SIZE as u64,
-        "resumed job counts the kept prefix too"
-    );
+    assert_eq!(jobs[1].advanced, SIZE as u64, "resumed job counts the kept prefix too");
 
     let recorder = Recorder::default();
-    assert!(
-        fetch(&url, &options(cache.path()), &recorder)
-            .unwrap()
-            .from_cache
-    );
+    assert!(fetch(&url, &options(cache.path()), &recorder).unwrap().from_cache);
     let jobs = recorder.jobs.lock().unwrap().clone();
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].label, "checking m.pth");
@@ -760,9 +614,7 @@ fn not_a_url_is_refused() {
 
 #[test]
 fn is_url_accepts_only_http_and_https() {
-    assert!(is_url(
-        "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
-    ));
+    assert!(is_url("https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"));
     assert!(is_url("http://127.0.0.1:8080/x"));
     assert!(is_url("HTTPS://example.org/x"));
     assert!(!is_url("ftp://example.org/x"));
@@ -781,36 +633,15 @@ fn name_embedded_hash_follows_the_torch_hub_convention() {
         ),
         Some("eead221d".to_string())
     );
-    assert_eq!(
-        name_embedded_hash("mae_vit_base_20220426_174752-f92a2975.pth"),
-        Some("f92a2975".to_string())
-    );
-    assert_eq!(
-        name_embedded_hash("/a/b/model-DEADBEEF.pth.tar"),
-        Some("deadbeef".to_string())
-    );
-    assert_eq!(
-        name_embedded_hash("https://h/x-abcdef.pth?v=1-0123456.bin"),
-        Some("abcdef".to_string())
-    );
+    assert_eq!(name_embedded_hash("mae_vit_base_20220426_174752-f92a2975.pth"), Some("f92a2975".to_string()));
+    assert_eq!(name_embedded_hash("/a/b/model-DEADBEEF.pth.tar"), Some("deadbeef".to_string()));
+    assert_eq!(name_embedded_hash("https://h/x-abcdef.pth?v=1-0123456.bin"), Some("abcdef".to_string()));
     assert_eq!(name_embedded_hash("mae_pretrain_vit_base.pth"), None);
-    assert_eq!(
-        name_embedded_hash("model-abcde.pth"),
-        None,
-        "fewer than 6 hex digits"
-    );
+    assert_eq!(name_embedded_hash("model-abcde.pth"), None, "fewer than 6 hex digits");
     assert_eq!(name_embedded_hash("model-deadbeef"), None, "no extension");
     assert_eq!(name_embedded_hash("vit-base.pth"), None);
-    assert_eq!(
-        name_embedded_hash("model-abc-xyz123.pth"),
-        None,
-        "only the last dash counts"
-    );
-    assert_eq!(
-        name_embedded_hash("dir-abcdef12/model.pth"),
-        None,
-        "folders do not count"
-    );
+    assert_eq!(name_embedded_hash("model-abc-xyz123.pth"), None, "only the last dash counts");
+    assert_eq!(name_embedded_hash("dir-abcdef12/model.pth"), None, "folders do not count");
 }
 
 #[test]

@@ -38,7 +38,8 @@ fn convert_refuses_to_write_over_its_input() {
 #[test]
 fn convert_creates_missing_output_folders() {
     let dir = tempfile::tempdir().unwrap();
-    let text = ok(&["convert", s(&fixture("mae_tiny.pth")), s(&dir.path().join("pretrain/sub/out.pth")), "--num-heads", "2"]);
+    let text =
+        ok(&["convert", s(&fixture("mae_tiny.pth")), s(&dir.path().join("pretrain/sub/out.pth")), "--num-heads", "2"]);
     assert!(text.contains("out.pth"), "{text}");
     assert!(dir.path().join("pretrain/sub/out.pth").is_file());
     // A folder that cannot be made is named, with no hidden temporary file in the message.
@@ -89,7 +90,10 @@ fn bad_option_values_say_what_was_passed_and_what_works() {
     let out = dir.path().join("o.pth");
     let (mae, beit) = (fixture("mae_tiny.pth"), fixture("beit_tiny_ft.pth"));
     let cases: [(&[&str], &[&str]); 5] = [
-        (&["convert", s(&mae), s(&out), "--num-heads", "2", "--img-size", "100"], &["--img-size 100", "multiple of", "patch size 16", "96 and 112"]),
+        (
+            &["convert", s(&mae), s(&out), "--num-heads", "2", "--img-size", "100"],
+            &["--img-size 100", "multiple of", "patch size 16", "96 and 112"],
+        ),
         (&["convert", s(&beit), s(&out), "--img-size", "100"], &["--img-size 100", "96 and 112"]),
         (&["convert", s(&beit), s(&out), "--img-size", "8"], &["--img-size 8", "smallest that works is 16"]),
         (&["convert", s(&mae), s(&out), "--num-heads", "3"], &["--num-heads 3", "width 32", "1, 2, 4, 8, 16, 32"]),
@@ -121,7 +125,12 @@ fn an_already_converted_file_says_so() {
     // Issue 15: an already-MMSeg file is recognised (table mmseg-mae) and still converts
     // (clean / cast / load-ready), saying that it is already in the MMSeg layout.
     let out = ok(&["convert", s(&conv), s(&dir.path().join("again.pth"))]);
-    assert!(out.contains("already in the MMSeg MAE layout") && out.contains("layers.0.ln1.weight") && out.contains("mmseg-mae"), "{out}");
+    assert!(
+        out.contains("already in the MMSeg MAE layout")
+            && out.contains("layers.0.ln1.weight")
+            && out.contains("mmseg-mae"),
+        "{out}"
+    );
 }
 
 fn help(args: &[&str]) -> String {
@@ -146,7 +155,9 @@ fn help_groups_download_options_and_names_values_in_the_users_words() {
         }
     }
     let convert = help(&["convert"]);
-    for name in ["--img-size <PIXELS>", "--num-heads <N>", "--dtype <DTYPE>", "--mapping <NAME|FILE>", "--timeout <SECONDS>"] {
+    for name in
+        ["--img-size <PIXELS>", "--num-heads <N>", "--dtype <DTYPE>", "--mapping <NAME|FILE>", "--timeout <SECONDS>"]
+    {
         assert!(convert.contains(name), "convert --help lacks {name}:\n{convert}");
     }
     let diff = help(&["diff"]);
@@ -158,7 +169,11 @@ fn help_groups_download_options_and_names_values_in_the_users_words() {
 fn dtype_accepts_the_names_torch_users_write() {
     let dir = tempfile::tempdir().unwrap();
     let mae = fixture("mae_tiny.pth");
-    for (names, want) in [(&["float16", "fp16", "half", "torch.float16", "F16"][..], "f16"), (&["bfloat16", "bf16"][..], "bf16"), (&["float32", "fp32", "float"][..], "f32")] {
+    for (names, want) in [
+        (&["float16", "fp16", "half", "torch.float16", "F16"][..], "f16"),
+        (&["bfloat16", "bf16"][..], "bf16"),
+        (&["float32", "fp32", "float"][..], "f32"),
+    ] {
         for n in names {
             let out = dir.path().join(format!("{n}.pth"));
             ok(&["convert", s(&mae), s(&out), "--num-heads", "2", "--dtype", n]);
@@ -195,7 +210,12 @@ fn quiet_prints_nothing_but_errors() {
     ] {
         let r = ckptmap(&args);
         assert!(r.status.success(), "{args:?}: {}", String::from_utf8_lossy(&r.stderr));
-        assert!(r.stdout.is_empty() && r.stderr.is_empty(), "{args:?} printed: {}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+        assert!(
+            r.stdout.is_empty() && r.stderr.is_empty(),
+            "{args:?} printed: {}{}",
+            String::from_utf8_lossy(&r.stdout),
+            String::from_utf8_lossy(&r.stderr)
+        );
     }
     // --json documents are what was asked for: still printed.
     let r = ckptmap(&["inspect", s(&mae), "-q", "--json"]);
@@ -211,7 +231,16 @@ fn quiet_prints_nothing_but_errors() {
 #[test]
 fn resized_verify_note_follows_the_summary() {
     let dir = tempfile::tempdir().unwrap();
-    let text = ok(&["convert", s(&fixture("mae_tiny.pth")), s(&dir.path().join("o.pth")), "--num-heads", "2", "--img-size", "64", "--verify"]);
+    let text = ok(&[
+        "convert",
+        s(&fixture("mae_tiny.pth")),
+        s(&dir.path().join("o.pth")),
+        "--num-heads",
+        "2",
+        "--img-size",
+        "64",
+        "--verify",
+    ]);
     let summary = text.find(" -> ").unwrap();
     let note = text.find("without resizing").unwrap_or_else(|| panic!("{text}"));
     let checked = text.find("checked against").unwrap();
@@ -262,7 +291,8 @@ fn spinner_on_a_terminal_unless_quiet_or_json() {
 fn inspect_shows_safetensors_metadata_and_the_url() {
     let text = ok(&["inspect", s(&fixture("mae_tiny.safetensors"))]);
     assert!(text.contains("__metadata__") && text.contains("format: pt"), "{text}");
-    let j: serde_json::Value = serde_json::from_str(&ok(&["inspect", s(&fixture("mae_tiny.safetensors")), "--json"])).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", s(&fixture("mae_tiny.safetensors")), "--json"])).unwrap();
     assert_eq!(j["metadata"]["format"], "pt");
     let dir = tempfile::tempdir().unwrap();
     let (base, _) = serve_https(std::fs::read(fixture("mae_tiny.pth")).unwrap());
@@ -272,14 +302,19 @@ fn inspect_shows_safetensors_metadata_and_the_url() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(&format!("url:        {url}")) && text.contains(s(dir.path())), "{text}");
-    let out = cmd().args(["inspect", &url, "--cache-dir", s(dir.path()), "--json"]).env("SSL_CERT_FILE", &ca).output().unwrap();
+    let out = cmd()
+        .args(["inspect", &url, "--cache-dir", s(dir.path()), "--json"])
+        .env("SSL_CERT_FILE", &ca)
+        .output()
+        .unwrap();
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["url"], url.as_str());
 
     // ... and `cache list` / `cache clean` show and remove it.
     let list = ok(&["cache", "list", "--cache-dir", s(dir.path())]);
     assert!(list.contains(&url) && list.contains("1 files"), "{list}");
-    let j: serde_json::Value = serde_json::from_str(&ok(&["cache", "list", "--json", "--cache-dir", s(dir.path())])).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(&["cache", "list", "--json", "--cache-dir", s(dir.path())])).unwrap();
     assert_eq!(j["files"][0]["url"], url.as_str());
     std::fs::write(dir.path().join("keep-me.txt"), b"not a cache entry").unwrap();
     let other = "https://example.invalid/other.pth";
@@ -314,7 +349,16 @@ fn json_uses_the_names_the_cli_uses() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.pth");
     ok(&["convert", s(&fixture("mae_tiny.pth")), s(&out), "--num-heads", "2"]);
-    let j: serde_json::Value = serde_json::from_str(&ok(&["verify", s(&out), "--against", s(&fixture("mae_tiny.pth")), "--num-heads", "2", "--json"])).unwrap();
+    let j: serde_json::Value = serde_json::from_str(&ok(&[
+        "verify",
+        s(&out),
+        "--against",
+        s(&fixture("mae_tiny.pth")),
+        "--num-heads",
+        "2",
+        "--json",
+    ]))
+    .unwrap();
     assert_eq!(j["arch"], "mae");
     let text = ok(&["verify", s(&out), "--against", s(&fixture("mae_tiny.pth")), "--num-heads", "2"]);
     assert!(text.contains("(mae, img_size"), "{text}");
@@ -323,7 +367,10 @@ fn json_uses_the_names_the_cli_uses() {
 #[test]
 fn completions_and_man_page_come_from_the_cli_definition() {
     let bash = ok(&["completions", "bash"]);
-    assert!(bash.contains("_ckptmap") && bash.contains("--img-size") && bash.contains("cache"), "bash completion incomplete");
+    assert!(
+        bash.contains("_ckptmap") && bash.contains("--img-size") && bash.contains("cache"),
+        "bash completion incomplete"
+    );
     for shell in ["zsh", "fish"] {
         assert!(ok(&["completions", shell]).contains("img-size"), "{shell}");
     }

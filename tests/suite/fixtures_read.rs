@@ -5,10 +5,10 @@
 use std::io::Read;
 use std::path::Path;
 
-use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::dtype::decode_f64;
-use ckptmap::write::pth::{write_pth, TensorToWrite};
+use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::formats::Value;
+use ckptmap::write::pth::{write_pth, TensorToWrite};
 use serde_json::Value as Json;
 
 use crate::util::fixture;
@@ -46,7 +46,11 @@ fn every_fixture_matches_the_manifest() {
             assert!((sum - want).abs() <= 1e-6 * (1.0 + want.abs()), "{file}:{name}: sum {sum} vs {want}");
             for (i, f) in e["first"].as_array().unwrap().iter().enumerate() {
                 let want = f.as_f64().unwrap();
-                assert!((values[i] - want).abs() <= 1e-12 * (1.0 + want.abs()), "{file}:{name}[{i}]: {} vs {want}", values[i]);
+                assert!(
+                    (values[i] - want).abs() <= 1e-12 * (1.0 + want.abs()),
+                    "{file}:{name}[{i}]: {} vs {want}",
+                    values[i]
+                );
             }
         }
         for (key, summary) in info["non_tensor"].as_object().unwrap() {
@@ -55,7 +59,8 @@ fn every_fixture_matches_the_manifest() {
             match v {
                 // numpy scalars pickle as a REDUCE of numpy's `scalar` constructor.
                 Value::Opaque(class) => assert!(
-                    class == s || (s.starts_with("numpy.") && class.starts_with("numpy.") && class.ends_with(".scalar")),
+                    class == s
+                        || (s.starts_with("numpy.") && class.starts_with("numpy.") && class.ends_with(".scalar")),
                     "{file}:{key}: {class} vs {s}"
                 ),
                 Value::Dict(_) => assert_eq!(s, "dict"),

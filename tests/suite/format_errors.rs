@@ -6,8 +6,8 @@ use std::path::Path;
 
 use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::formats::pth::unpickle::unpickle;
-use ckptmap::write::pth::{write_pth, TensorToWrite};
 use ckptmap::formats::{FormatError, Value};
+use ckptmap::write::pth::{write_pth, TensorToWrite};
 use ckptmap::DType;
 
 use crate::util::pickle::{op_str, tensor_ops, zip_stored as zip_with, Tensor};
@@ -43,11 +43,16 @@ fn writer_round_trip_all_dtypes() {
     for (i, dtype) in DType::ALL.iter().enumerate() {
         specs.push((format!("t{i}.{}", dtype.name()), *dtype, shapes[i % shapes.len()].clone()));
     }
-    let tensors: Vec<TensorToWrite> = specs.iter().map(|(n, d, s)| TensorToWrite { name: n, dtype: *d, shape: s }).collect();
+    let tensors: Vec<TensorToWrite> =
+        specs.iter().map(|(n, d, s)| TensorToWrite { name: n, dtype: *d, shape: s }).collect();
     let data: Vec<Vec<u8>> = tensors
         .iter()
         .enumerate()
-        .map(|(i, t)| (0..t.nbytes()).map(|b| if t.dtype == DType::Bool { (b % 2) as u8 } else { (b as usize * 7 + i) as u8 }).collect())
+        .map(|(i, t)| {
+            (0..t.nbytes())
+                .map(|b| if t.dtype == DType::Bool { (b % 2) as u8 } else { (b as usize * 7 + i) as u8 })
+                .collect()
+        })
         .collect();
     let path = dir.path().join("rt.pth");
     let file = std::fs::File::create(&path).unwrap();

@@ -217,7 +217,9 @@ fn table_with_check(check: &str) -> String {
 fn table_arithmetic_that_overflows_is_an_error() {
     // i64::MIN negated, divided or taken modulo -1, and sqrt near i64::MAX panicked.
     let min = "(-9223372036854775807 - 1)";
-    for check in [format!("-{min} > 0"), format!("{min} % -1 == 0"), format!("{min} / -1 == 0"), format!("{min} // -1 == 0")] {
+    for check in
+        [format!("-{min} > 0"), format!("{min} % -1 == 0"), format!("{min} / -1 == 0"), format!("{min} // -1 == 0")]
+    {
         let e = table_with_check(&check);
         assert!(e.contains("arithmetic overflow"), "{check}: {e:?}");
     }
@@ -230,7 +232,9 @@ fn table_arithmetic_that_overflows_is_an_error() {
 #[test]
 fn deeply_nested_table_expressions_are_an_error() {
     // A recursive-descent parser, evaluator and drop: 100 000 levels overflowed the stack.
-    for check in [format!("{}1 > 0", "-".repeat(100_000)), format!("{}1{} > 0", "(".repeat(100_000), ")".repeat(100_000))] {
+    for check in
+        [format!("{}1 > 0", "-".repeat(100_000)), format!("{}1{} > 0", "(".repeat(100_000), ")".repeat(100_000))]
+    {
         let e = table_with_check(&check);
         assert!(e.contains("nests deeper than 64 levels"), "{}", &e[..e.len().min(300)]);
     }

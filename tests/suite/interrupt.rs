@@ -2,8 +2,8 @@
 //! is interrupted by SIGTERM / SIGINT while it writes, leaves the previous file at DST
 //! untouched and no temporary file behind.
 
-use std::path::{Path, PathBuf};
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,6 @@ use crate::util::bin::cmd;
 use crate::util::fixture;
 
 const PREVIOUS: &[u8] = b"previous good file: must survive every failed conversion";
-
 
 /// Every file in DST's folder but DST: temporaries of ours or of any library.
 fn others(dst: &Path) -> Vec<String> {
@@ -181,7 +180,8 @@ fn sigterm_and_sigint_mid_write_leave_the_previous_file_and_no_temporary() {
         for name in ["big.pth", "big.safetensors"] {
             let dst = out_dir.join(name);
             std::fs::write(&dst, PREVIOUS).unwrap();
-            let out = (0..5).find_map(|_| interrupt(&src, &dst, signal)).expect("never caught the conversion mid-write");
+            let out =
+                (0..5).find_map(|_| interrupt(&src, &dst, signal)).expect("never caught the conversion mid-write");
             let what = format!("SIG{signal} during {name}");
             assert_nothing_lost(&what, &out, code, &format!("interrupted by SIG{signal}"), &dst);
             assert!(String::from_utf8_lossy(&out.stderr).contains(name), "{what}: the message names DST");

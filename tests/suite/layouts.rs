@@ -13,13 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::util::layouts;
-use ckptmap::job::{choose_table, prepare};
-use ckptmap::write::execute::write_plan;
 use ckptmap::formats::checkpoint::Checkpoint;
+use ckptmap::job::{choose_table, prepare};
 use ckptmap::mapping::{detect, plan, MappingTable, Origin, Plan, PlanError, PlanOptions, SourceTensor, TableError};
 use ckptmap::verify::{verify_with_reference, Tolerance, VerifyOptions};
+use ckptmap::write::execute::write_plan;
 use ckptmap::DType;
-
 
 /// One checkpoint of fixtures/layouts/manifest.json.
 struct Fixture {
@@ -40,15 +39,17 @@ struct Common {
 }
 
 fn common() -> Common {
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(layouts().join("manifest.json")).unwrap()).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(layouts().join("manifest.json")).unwrap()).unwrap();
     let n = |k: &str| j["common"][k].as_u64().unwrap_or_else(|| panic!("manifest common.{k}")) as usize;
     Common { img: n("img_size"), patch: n("patch_size"), dim: n("embed_dim"), depth: n("depth"), heads: n("num_heads") }
 }
 
 fn manifest() -> Vec<Fixture> {
     let path = layouts().join("manifest.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (the layout fixtures are made by fixtures/make_layout_fixtures.py)", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!("{}: {e} (the layout fixtures are made by fixtures/make_layout_fixtures.py)", path.display())
+    });
     let j: serde_json::Value = serde_json::from_str(&text).unwrap();
     let files = j["files"].as_object().unwrap();
     let mut out = Vec::new();
@@ -63,10 +64,25 @@ fn manifest() -> Vec<Fixture> {
                 (t[0].as_str().unwrap().to_string(), t[1].as_str().unwrap().to_string(), shape)
             })
             .collect();
-        out.push(Fixture { name: name.clone(), family: family.to_string(), reference: f["reference"].as_str().map(String::from), tensors });
+        out.push(Fixture {
+            name: name.clone(),
+            family: family.to_string(),
+            reference: f["reference"].as_str().map(String::from),
+            tensors,
+        });
     }
     // Every family of the issue is there.
-    for family in ["hf-vitmae", "hf-beit", "hf-data2vec", "mmpretrain-mae", "mmpretrain-beit", "mmseg0-segmentor", "mmseg1-segmentor", "mmseg-mae", "mmseg-beit"] {
+    for family in [
+        "hf-vitmae",
+        "hf-beit",
+        "hf-data2vec",
+        "mmpretrain-mae",
+        "mmpretrain-beit",
+        "mmseg0-segmentor",
+        "mmseg1-segmentor",
+        "mmseg-mae",
+        "mmseg-beit",
+    ] {
         assert!(out.iter().any(|f| f.family.starts_with(family)), "no {family} fixture in the manifest");
     }
     out
@@ -117,7 +133,13 @@ fn convert(src: &Path, table: Option<&str>, opts: &PlanOptions, dest: &Path) -> 
 }
 
 fn verify(out: &Path, reference: &Path) -> ckptmap::verify::VerifyOutcome {
-    let opts = VerifyOptions { img_size: None, num_heads: None, out_indices: None, tolerance: Tolerance::default(), init_values: 1.0 };
+    let opts = VerifyOptions {
+        img_size: None,
+        num_heads: None,
+        out_indices: None,
+        tolerance: Tolerance::default(),
+        init_values: 1.0,
+    };
     verify_with_reference(&Checkpoint::open(out).unwrap(), reference, &opts, &candle_core::Device::Cpu)
         .unwrap_or_else(|e| panic!("verify {}: {e}", out.display()))
 }
@@ -199,7 +221,10 @@ fn every_layout_is_detected_converted_bit_exact_in_mmseg_order_and_computes_the_
         let mmseg = &order[arch_of(want)];
         let mut last = 0;
         for (name, _, _) in &out {
-            let at = mmseg.iter().position(|k| k == name).unwrap_or_else(|| panic!("{}: {name} is not an MMSeg backbone key", f.name));
+            let at = mmseg
+                .iter()
+                .position(|k| k == name)
+                .unwrap_or_else(|| panic!("{}: {name} is not an MMSeg backbone key", f.name));
             assert!(at >= last, "{}: {name} is out of MMSeg's order", f.name);
             last = at;
         }
@@ -220,7 +245,12 @@ fn load_ready_outputs_of_every_layout_compute_the_reference_and_resize() {
         let dest = dir.path().join(format!("{}.native.safetensors", f.name));
         let opts = PlanOptions { img_size: Some(c.img), num_heads: Some(c.heads), ..Default::default() };
         let plan = convert(&src, None, &opts, &dest).unwrap_or_else(|e| panic!("{}: {e}", f.name));
-        assert_eq!(plan.outputs.iter().filter(|t| t.target.ends_with("relative_position_index")).count(), c.depth, "{}", f.name);
+        assert_eq!(
+            plan.outputs.iter().filter(|t| t.target.ends_with("relative_position_index")).count(),
+            c.depth,
+            "{}",
+            f.name
+        );
         assert!(verify(&dest, &reference).passed, "{}: load-ready at {}", f.name, c.img);
         let big = dir.path().join(format!("{}.big.pth", f.name));
         let opts = PlanOptions { img_size: Some(2 * c.img), num_heads: Some(c.heads), ..Default::default() };
@@ -238,7 +268,8 @@ fn segmentors_keep_their_trained_backbone_and_drop_the_rest_with_reasons() {
         let f = fixture(name);
         let src = layouts().join(name);
         let dest = dir.path().join(name);
-        let plan = convert(&src, None, &PlanOptions { img_size: Some(common().img), ..Default::default() }, &dest).unwrap();
+        let plan =
+            convert(&src, None, &PlanOptions { img_size: Some(common().img), ..Default::default() }, &dest).unwrap();
         let src_bytes = source_bytes(&src);
         let out: HashMap<String, Vec<u8>> = output(&dest).into_iter().map(|(n, _, b)| (n, b)).collect();
         for i in 0..common().depth {
@@ -246,13 +277,18 @@ fn segmentors_keep_their_trained_backbone_and_drop_the_rest_with_reasons() {
                 let key = format!("layers.{i}.{k}");
                 let trained = &src_bytes[&format!("backbone.{key}")];
                 assert_eq!(&out[&key], trained, "{name}: {key} must be the trained tensor");
-                let values: Vec<f32> = trained.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                let values: Vec<f32> =
+                    trained.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
                 assert!(values.iter().any(|v| *v != values[0]), "{name}: {key} looks like a constant fill");
             }
         }
         let kept = |k: &str| k.starts_with("backbone.");
         for (k, _, _) in f.tensors.iter().filter(|t| !kept(&t.0)) {
-            let d = plan.dropped.iter().find(|d| &d.source == k).unwrap_or_else(|| panic!("{name}: {k} is neither written nor dropped"));
+            let d = plan
+                .dropped
+                .iter()
+                .find(|d| &d.source == k)
+                .unwrap_or_else(|| panic!("{name}: {k} is neither written nor dropped"));
             assert!(d.rule.starts_with("segmentor-") && !d.reason.is_empty(), "{name}: {k}: {} {}", d.rule, d.reason);
         }
         // The optimizer's tensors are not part of the state dict.
@@ -270,7 +306,10 @@ fn safetensors_and_bin_of_one_model_convert_to_the_same_bytes() {
         ("hf5_data2vec_model.safetensors", "hf4_data2vec_model.bin"),
     ] {
         // Sorted-by-name (safetensors) and module-order (.bin) sources: same output file.
-        assert_ne!(fixture(a).tensors.iter().map(|t| &t.0).collect::<Vec<_>>(), fixture(b).tensors.iter().map(|t| &t.0).collect::<Vec<_>>());
+        assert_ne!(
+            fixture(a).tensors.iter().map(|t| &t.0).collect::<Vec<_>>(),
+            fixture(b).tensors.iter().map(|t| &t.0).collect::<Vec<_>>()
+        );
         let (da, db) = (dir.path().join("a"), dir.path().join("b"));
         std::fs::create_dir_all(&da).unwrap();
         std::fs::create_dir_all(&db).unwrap();
@@ -283,12 +322,16 @@ fn safetensors_and_bin_of_one_model_convert_to_the_same_bytes() {
 #[test]
 fn an_already_mmseg_file_is_recognised_and_can_be_made_load_ready_cast_and_cleaned() {
     let dir = tmp();
-    for (name, table, dropped) in [("mmseg_beit.pth", "mmseg-beit", ["fc_norm.weight", "head.weight"]), ("mmseg_mae.pth", "mmseg-mae", ["norm.weight", "norm.bias"])] {
+    for (name, table, dropped) in [
+        ("mmseg_beit.pth", "mmseg-beit", ["fc_norm.weight", "head.weight"]),
+        ("mmseg_mae.pth", "mmseg-mae", ["norm.weight", "norm.bias"]),
+    ] {
         let src = layouts().join(name);
         let dest = dir.path().join(format!("{name}.f16.pth"));
         let ckpt = Checkpoint::open(&src).unwrap();
         assert_eq!(choose_table(None, &ckpt).unwrap().table().name(), table);
-        let (_, entries, plan) = prepare(&ckpt, MappingTable::builtin(table).unwrap(), &PlanOptions::default()).unwrap();
+        let (_, entries, plan) =
+            prepare(&ckpt, MappingTable::builtin(table).unwrap(), &PlanOptions::default()).unwrap();
         for d in dropped {
             assert!(plan.dropped.iter().any(|k| k.source == d), "{name}: {d} is cleaned away");
         }
@@ -300,11 +343,21 @@ fn an_already_mmseg_file_is_recognised_and_can_be_made_load_ready_cast_and_clean
                 assert_eq!(bytes, src_bytes[&n]);
             } else {
                 assert_eq!(dt, DType::F16, "{n}");
-                assert_eq!(bytes, ckptmap::mapping::transforms::cast(&src_bytes[&n], DType::F32, DType::F16).unwrap(), "{n}");
+                assert_eq!(
+                    bytes,
+                    ckptmap::mapping::transforms::cast(&src_bytes[&n], DType::F32, DType::F16).unwrap(),
+                    "{n}"
+                );
             }
         }
         let lr = dir.path().join(format!("{name}.lr.pth"));
-        convert(&src, None, &PlanOptions { img_size: Some(common().img), num_heads: Some(common().heads), ..Default::default() }, &lr).unwrap();
+        convert(
+            &src,
+            None,
+            &PlanOptions { img_size: Some(common().img), num_heads: Some(common().heads), ..Default::default() },
+            &lr,
+        )
+        .unwrap();
         let reference = layouts().join(fixture(name).reference.unwrap());
         assert!(verify(&lr, &reference).passed, "{name}");
     }
@@ -332,9 +385,21 @@ fn check_with(table: &Path, fixture_name: &str, opts: &PlanOptions) -> bool {
     let f = fixture(fixture_name);
     let dir = tmp();
     let dest = dir.path().join("out.pth");
-    convert(&layouts().join(fixture_name), Some(table.to_str().unwrap()), opts, &dest).unwrap_or_else(|e| panic!("{fixture_name}: {e}"));
-    let vopts = VerifyOptions { img_size: None, num_heads: None, out_indices: None, tolerance: Tolerance::default(), init_values: 1.0 };
-    match verify_with_reference(&Checkpoint::open(&dest).unwrap(), &layouts().join(f.reference.unwrap()), &vopts, &candle_core::Device::Cpu) {
+    convert(&layouts().join(fixture_name), Some(table.to_str().unwrap()), opts, &dest)
+        .unwrap_or_else(|e| panic!("{fixture_name}: {e}"));
+    let vopts = VerifyOptions {
+        img_size: None,
+        num_heads: None,
+        out_indices: None,
+        tolerance: Tolerance::default(),
+        init_values: 1.0,
+    };
+    match verify_with_reference(
+        &Checkpoint::open(&dest).unwrap(),
+        &layouts().join(f.reference.unwrap()),
+        &vopts,
+        &candle_core::Device::Cpu,
+    ) {
         Ok(outcome) => outcome.passed,
         Err(e) => panic!("{fixture_name} with {}: the check must run and compare, not stop: {e}", table.display()),
     }
@@ -350,20 +415,34 @@ fn broken_tables_fail_the_reference_check() {
     let dir = tmp();
     let d = dir.path();
     let rename_only = PlanOptions::default();
-    let load_ready = PlanOptions { img_size: Some(common().img), num_heads: Some(common().heads), ..Default::default() };
+    let load_ready =
+        PlanOptions { img_size: Some(common().img), num_heads: Some(common().heads), ..Default::default() };
     let cases: Vec<(&str, &str, PathBuf, &PlanOptions)> = vec![
-        ("control: unchanged copy", "hf5_vitmae_pretraining.safetensors", user_table(d, "hf-vitmae", &[]), &rename_only),
+        (
+            "control: unchanged copy",
+            "hf5_vitmae_pretraining.safetensors",
+            user_table(d, "hf-vitmae", &[]),
+            &rename_only,
+        ),
         (
             "MAE q/k order swapped",
             "hf5_vitmae_pretraining.safetensors",
-            user_table(d, "hf-vitmae", &[("parts = [\"${1}query.${4}\", \"${1}key.${4}\"", "parts = [\"${1}key.${4}\", \"${1}query.${4}\"")]),
+            user_table(
+                d,
+                "hf-vitmae",
+                &[("parts = [\"${1}query.${4}\", \"${1}key.${4}\"", "parts = [\"${1}key.${4}\", \"${1}query.${4}\"")],
+            ),
             &rename_only,
         ),
         ("control: unchanged copy", "hf5_beit_cls.safetensors", user_table(d, "hf-beit", &[]), &rename_only),
         (
             "BEiT k/v order swapped",
             "hf5_beit_cls.safetensors",
-            user_table(d, "hf-beit", &[("\"${1}key.weight\", \"${1}value.weight\"", "\"${1}value.weight\", \"${1}key.weight\"")]),
+            user_table(
+                d,
+                "hf-beit",
+                &[("\"${1}key.weight\", \"${1}value.weight\"", "\"${1}value.weight\", \"${1}key.weight\"")],
+            ),
             &rename_only,
         ),
         (
@@ -375,14 +454,22 @@ fn broken_tables_fail_the_reference_check() {
         (
             "HF shared table not expanded (zeros)",
             "hf5_beit_mim.safetensors",
-            user_table(d, "hf-beit", &[(SHARED_EXPAND, "drop = \"broken on purpose\"\nnote"), (TABLE_SHAPE, TABLE_ZEROS)]),
+            user_table(
+                d,
+                "hf-beit",
+                &[(SHARED_EXPAND, "drop = \"broken on purpose\"\nnote"), (TABLE_SHAPE, TABLE_ZEROS)],
+            ),
             &rename_only,
         ),
         ("control: unchanged copy", "mmpretrain_beit.pth", user_table(d, "mmpretrain-beit", &[]), &rename_only),
         (
             "mmpretrain shared table not expanded (zeros)",
             "mmpretrain_beit.pth",
-            user_table(d, "mmpretrain-beit", &[(SHARED_EXPAND, "drop = \"broken on purpose\"\nnote"), (TABLE_SHAPE, TABLE_ZEROS)]),
+            user_table(
+                d,
+                "mmpretrain-beit",
+                &[(SHARED_EXPAND, "drop = \"broken on purpose\"\nnote"), (TABLE_SHAPE, TABLE_ZEROS)],
+            ),
             &rename_only,
         ),
         ("control: unchanged copy", "mmseg1_segmentor_mae.pth", user_table(d, "mmseg-mae", &[]), &load_ready),
@@ -425,7 +512,9 @@ fn st(name: &str, shape: &[usize]) -> SourceTensor {
 
 #[test]
 fn concat_tables_are_checked_when_loaded() {
-    let with = |from: &str, to: &str| MappingTable::parse(&CONCAT_TABLE.replace(from, to), "t.toml").map(|_| ()).unwrap_err().to_string();
+    let with = |from: &str, to: &str| {
+        MappingTable::parse(&CONCAT_TABLE.replace(from, to), "t.toml").map(|_| ()).unwrap_err().to_string()
+    };
     let e = with("parts = [\"${1}q\", \"${1}k\", \"${1}v\"]", "parts = [\"${1}q\"]");
     assert!(e.contains("rule 'qkv'") && e.contains("at least two parts"), "{e}");
     let e = with("\"${1}k\", \"${1}v\"", "\"${1}q\", \"${1}v\"");
@@ -436,7 +525,10 @@ fn concat_tables_are_checked_when_loaded() {
     assert!(e.contains("negative"), "{e}");
     let e = with("dim = 0 }", "dim = 0 }\nrename = \"x\"");
     assert!(e.contains("exactly one of"), "{e}");
-    let e = with("dim = 0 }", "dim = 0 }\ntransform = { name = \"resize_abs_pos_embed\", num_extra = 1, old_grid = 1, new_grid = 1 }");
+    let e = with(
+        "dim = 0 }",
+        "dim = 0 }\ntransform = { name = \"resize_abs_pos_embed\", num_extra = 1, old_grid = 1, new_grid = 1 }",
+    );
     assert!(e.contains("transform"), "{e}");
     let e = with("dim = 0 }", "dim = 0, axis = 1 }");
     assert!(e.contains("axis"), "{e}");
@@ -449,18 +541,38 @@ fn concat_tables_are_checked_when_loaded() {
 #[test]
 fn concat_parts_are_checked_when_applied() {
     let table = MappingTable::parse(CONCAT_TABLE, "t.toml").unwrap();
-    let good = vec![st("l.0.q", &[4, 3]), st("l.0.k", &[4, 3]), st("l.0.v", &[4, 3]), st("l.1.v", &[2, 3]), st("l.1.k", &[2, 3]), st("l.1.q", &[2, 3])];
+    let good = vec![
+        st("l.0.q", &[4, 3]),
+        st("l.0.k", &[4, 3]),
+        st("l.0.v", &[4, 3]),
+        st("l.1.v", &[2, 3]),
+        st("l.1.k", &[2, 3]),
+        st("l.1.q", &[2, 3]),
+    ];
     let p = plan(&table, &good, &PlanOptions::default()).unwrap();
     assert_eq!(p.outputs.len(), 2);
     // Source order does not matter: parts are concatenated in the table's order.
-    assert_eq!(p.outputs[1].origin, Origin::Concat { sources: vec!["l.1.q".into(), "l.1.k".into(), "l.1.v".into()], dim: 0 });
+    assert_eq!(
+        p.outputs[1].origin,
+        Origin::Concat { sources: vec!["l.1.q".into(), "l.1.k".into(), "l.1.v".into()], dim: 0 }
+    );
     assert_eq!(p.outputs[1].shape, [6, 3]);
-    assert_eq!(p.source_fates().iter().filter(|f| matches!(&f.fate, ckptmap::mapping::Fate::Produces(v) if v.len() == 1)).count(), 6);
+    assert_eq!(
+        p.source_fates()
+            .iter()
+            .filter(|f| matches!(&f.fate, ckptmap::mapping::Fate::Produces(v) if v.len() == 1))
+            .count(),
+        6
+    );
 
-    let err = |sources: Vec<SourceTensor>, table: &MappingTable| plan(table, &sources, &PlanOptions::default()).unwrap_err();
+    let err =
+        |sources: Vec<SourceTensor>, table: &MappingTable| plan(table, &sources, &PlanOptions::default()).unwrap_err();
     // A missing part.
     let e = err(good.iter().filter(|s| s.name != "l.1.k").cloned().collect(), &table);
-    assert!(matches!(e, PlanError::ConcatPart { .. }) && e.to_string().contains("'l.1.k' is not in the checkpoint"), "{e}");
+    assert!(
+        matches!(e, PlanError::ConcatPart { .. }) && e.to_string().contains("'l.1.k' is not in the checkpoint"),
+        "{e}"
+    );
     // Shapes that disagree off the concatenation axis, and mixed dtypes.
     let mut bad = good.clone();
     bad[1].shape = vec![4, 2];
@@ -470,7 +582,10 @@ fn concat_parts_are_checked_when_applied() {
     bad[2].dtype = DType::F16;
     assert!(err(bad, &table).to_string().contains("f16"));
     // A part taken by an earlier rule.
-    let first = CONCAT_TABLE.replace("[[rule]]\nid = \"qkv\"", "[[rule]]\nid = \"early\"\nmatch = 'l\\.1\\.k'\ndrop = \"x\"\n[[rule]]\nid = \"qkv\"");
+    let first = CONCAT_TABLE.replace(
+        "[[rule]]\nid = \"qkv\"",
+        "[[rule]]\nid = \"early\"\nmatch = 'l\\.1\\.k'\ndrop = \"x\"\n[[rule]]\nid = \"qkv\"",
+    );
     let e = err(good.clone(), &MappingTable::parse(&first, "t.toml").unwrap());
     assert!(e.to_string().contains("'l.1.k' is taken by rule 'early'"), "{e}");
     // A matched key that is not one of its own parts.
@@ -491,7 +606,12 @@ fn hf_concat_names_the_rule_and_the_key_when_a_part_is_missing() {
     let mut s = sources(&f);
     s.retain(|t| t.name != "encoder.layer.2.attention.attention.key.bias");
     let e = plan(MappingTable::builtin("hf-vitmae").unwrap(), &s, &PlanOptions::default()).unwrap_err().to_string();
-    assert!(e.contains("rule 'qkv'") && e.contains("'encoder.layer.2.attention.attention.key.bias' is not in the checkpoint") && e.contains("layers.2.attn.qkv.bias"), "{e}");
+    assert!(
+        e.contains("rule 'qkv'")
+            && e.contains("'encoder.layer.2.attention.attention.key.bias' is not in the checkpoint")
+            && e.contains("layers.2.attn.qkv.bias"),
+        "{e}"
+    );
     let mut s = sources(&f);
     for t in s.iter_mut().filter(|t| t.name == "encoder.layer.1.attention.attention.value.weight") {
         t.shape = vec![t.shape[0], t.shape[1] + 1];
@@ -510,7 +630,14 @@ fn relative_position_index_is_optional_in_hf_files() {
     let c = common();
     let (window, tokens) = (c.img / c.patch, (c.img / c.patch).pow(2) + 1);
     for (name, index_keys) in [
-        ("hf5_beit_cls.safetensors", (0..c.depth).map(|i| format!("beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_index")).collect::<Vec<_>>()),
+        (
+            "hf5_beit_cls.safetensors",
+            (0..c.depth)
+                .map(|i| {
+                    format!("beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_index")
+                })
+                .collect::<Vec<_>>(),
+        ),
         ("hf5_beit_mim.safetensors", vec!["beit.encoder.relative_position_bias.relative_position_index".to_string()]),
         ("hf5_data2vec_model.safetensors", vec!["encoder.relative_position_bias.relative_position_index".to_string()]),
     ] {
@@ -522,7 +649,8 @@ fn relative_position_index_is_optional_in_hf_files() {
         for s in [&without, &with] {
             let clean = plan(table, s, &PlanOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(clean.outputs.iter().all(|o| !o.target.ends_with("relative_position_index")), "{name}");
-            let ready = plan(table, s, &PlanOptions { img_size: Some(c.img), ..Default::default() }).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let ready = plan(table, s, &PlanOptions { img_size: Some(c.img), ..Default::default() })
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
             let made: Vec<_> = ready.outputs.iter().filter(|o| o.target.ends_with("relative_position_index")).collect();
             assert_eq!(made.len(), c.depth);
             assert!(made.iter().all(|o| o.origin == Origin::RelPosIndex { window }));
@@ -541,7 +669,8 @@ fn relative_position_index_is_optional_in_hf_files() {
 fn detection_explains_the_nearest_miss() {
     // A bare ViTMAE without its position embedding: hf-vitmae is the nearest table.
     let f = fixture("hf5_vitmae_model.safetensors");
-    let names: Vec<&str> = f.tensors.iter().map(|t| t.0.as_str()).filter(|n| *n != "embeddings.position_embeddings").collect();
+    let names: Vec<&str> =
+        f.tensors.iter().map(|t| t.0.as_str()).filter(|n| *n != "embeddings.position_embeddings").collect();
     let e = detect(&names).unwrap_err();
     assert!(matches!(e, TableError::NoTableMatches { .. }));
     let msg = e.to_string();
@@ -556,12 +685,23 @@ fn detection_explains_the_nearest_miss() {
     let mut names: Vec<String> = fixture("hf5_beit_cls.safetensors").tensors.iter().map(|t| t.0.clone()).collect();
     names.push("beit.encoder.layer.0.attention.attention.key.bias".into());
     let msg = detect(&names).unwrap_err().to_string();
-    assert!(msg.contains("hf-beit: 2 of 2 required fingerprints match") && msg.contains("key 'beit.encoder.layer.0.attention.attention.key.bias' matches forbidden"), "{msg}");
+    assert!(
+        msg.contains("hf-beit: 2 of 2 required fingerprints match")
+            && msg.contains("key 'beit.encoder.layer.0.attention.attention.key.bias' matches forbidden"),
+        "{msg}"
+    );
     // Several matches: each is named with what matched.
     let a = MappingTable::parse("name = \"a\"\ndescription = \"x\"\n[detect]\nrequire = ['w']\n", "a.toml").unwrap();
-    let b = MappingTable::parse("name = \"b\"\ndescription = \"x\"\n[detect]\nrequire = ['w']\nforbid = ['z']\n", "b.toml").unwrap();
+    let b =
+        MappingTable::parse("name = \"b\"\ndescription = \"x\"\n[detect]\nrequire = ['w']\nforbid = ['z']\n", "b.toml")
+            .unwrap();
     let msg = ckptmap::mapping::detect_among([&a, &b], &["w"]).unwrap_err().to_string();
-    assert!(msg.contains("(a, b)") && msg.contains("a: 1 of 1 required fingerprints match ('w' as 'w')") && msg.contains("nothing forbidden"), "{msg}");
+    assert!(
+        msg.contains("(a, b)")
+            && msg.contains("a: 1 of 1 required fingerprints match ('w' as 'w')")
+            && msg.contains("nothing forbidden"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -589,7 +729,10 @@ fn every_table_is_listed_with_a_one_line_description_of_where_files_come_from() 
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     for name in ["hf-vitmae", "hf-beit", "mmpretrain-mae", "mmpretrain-beit", "mmseg-mae", "mmseg-beit"] {
-        let line = text.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or_else(|| panic!("{name} not listed:\n{text}"));
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("{name} not listed:\n{text}"));
         assert!(line.contains("->") && line.len() > name.len() + 40, "{line}");
     }
 }
@@ -610,7 +753,10 @@ fn docs_sources_commands_run_as_written() {
         (("`hf-beit`", "model.safetensors"), layout("hf5_data2vec_model.safetensors")),
         (("`mae`", "model.safetensors"), official("mae_tiny.safetensors", "ref_mae_tiny_112.safetensors")),
         (("`mae`", "mae_pretrain_vit_base.pth"), official("mae_tiny.pth", "ref_mae_tiny_112.safetensors")),
-        (("`beit`", "beit_base_patch16_224_pt22k.pth"), official("beit_tiny_pt.pth", "ref_beit_tiny_pt_112.safetensors")),
+        (
+            ("`beit`", "beit_base_patch16_224_pt22k.pth"),
+            official("beit_tiny_pt.pth", "ref_beit_tiny_pt_112.safetensors"),
+        ),
         (("`mmpretrain-mae`", "mae_vit-base-p16_8xb512-coslr-300e_in1k.pth"), layout("mmpretrain_mae.pth")),
         (("`mmpretrain-beit`", "beitv2_vit-base-p16_8xb256-amp-coslr-300e_in1k.pth"), layout("mmpretrain_beitv2.pth")),
         (("`mmseg-mae`", "upernet_mae-base_fp16_8x2_512x512_160k_ade20k.pth"), layout("mmseg0_segmentor_mae.pth")),
@@ -626,7 +772,8 @@ fn docs_sources_commands_run_as_written() {
         let command = cells[3].trim().trim_end_matches(" |").trim_matches('`');
         let args: Vec<&str> = command.split_whitespace().collect();
         assert_eq!(args[..2], ["ckptmap", "convert"], "{line}");
-        let (fixture_rel, reference) = fixtures.get(&(table, args[2])).unwrap_or_else(|| panic!("no fixture for the row {line}"));
+        let (fixture_rel, reference) =
+            fixtures.get(&(table, args[2])).unwrap_or_else(|| panic!("no fixture for the row {line}"));
         let out = dir.path().join(format!("{rows}-{}", args[3]));
         let mut run: Vec<String> = args[1..].iter().map(|s| s.to_string()).collect();
         run[1] = base.join(fixture_rel).display().to_string();
@@ -636,7 +783,10 @@ fn docs_sources_commands_run_as_written() {
         let stdout = String::from_utf8_lossy(&r.stdout);
         let names: Vec<&str> = table.split(" / ").map(|t| t.trim_matches('`')).collect();
         assert!(names.iter().any(|n| stdout.contains(&format!("[mapping {n}]"))), "{command}: {stdout}");
-        let v = Command::new(env!("CARGO_BIN_EXE_ckptmap")).args(["verify", out.to_str().unwrap(), "--reference", base.join(reference).to_str().unwrap()]).output().unwrap();
+        let v = Command::new(env!("CARGO_BIN_EXE_ckptmap"))
+            .args(["verify", out.to_str().unwrap(), "--reference", base.join(reference).to_str().unwrap()])
+            .output()
+            .unwrap();
         assert!(v.status.success(), "verify after {command}: {}", String::from_utf8_lossy(&v.stdout));
         rows += 1;
     }

@@ -4,38 +4,24 @@
 
 use ckptmap::mapping::table::UnknownKeys;
 use ckptmap::mapping::{
-    builtin_tables, detect, detect_among, plan, Fate, MappingTable, Origin, Plan, PlanError,
-    PlanOptions, SourceTensor, TableError,
+    builtin_tables, detect, detect_among, plan, Fate, MappingTable, Origin, Plan, PlanError, PlanOptions, SourceTensor,
+    TableError,
 };
 use ckptmap::DType;
 
 use crate::util::{fixture, mmseg_vit_b_512_keys};
 
 fn t(name: &str, shape: &[usize]) -> SourceTensor {
-    SourceTensor {
-        name: name.to_string(),
-        shape: shape.to_vec(),
-        dtype: DType::F32,
-    }
+    SourceTensor { name: name.to_string(), shape: shape.to_vec(), dtype: DType::F32 }
 }
 
 fn ti64(name: &str, shape: &[usize]) -> SourceTensor {
-    SourceTensor {
-        name: name.to_string(),
-        shape: shape.to_vec(),
-        dtype: DType::I64,
-    }
+    SourceTensor { name: name.to_string(), shape: shape.to_vec(), dtype: DType::I64 }
 }
 
 /// facebookresearch/mae encoder keys (pretrain, with the final `norm` when `final_norm`):
 /// `ckptmap::synth`'s layout, for a model trained on a `grid`×`grid` patch grid.
-fn mae_encoder(
-    dim: usize,
-    depth: usize,
-    grid: usize,
-    patch: usize,
-    final_norm: bool,
-) -> Vec<SourceTensor> {
+fn mae_encoder(dim: usize, depth: usize, grid: usize, patch: usize, final_norm: bool) -> Vec<SourceTensor> {
     ckptmap::synth::mae_pretrain_layout_at(dim, depth, patch, grid * patch)
         .into_iter()
         .filter(|(name, _)| final_norm || !name.starts_with("norm."))
@@ -56,15 +42,9 @@ fn mae_vit_b_full() -> Vec<SourceTensor> {
     v.push(t("decoder_pos_embed", &[1, 197, 512]));
     for i in 0..8 {
         v.push(t(&format!("decoder_blocks.{i}.norm1.weight"), &[512]));
-        v.push(t(
-            &format!("decoder_blocks.{i}.attn.qkv.weight"),
-            &[1536, 512],
-        ));
+        v.push(t(&format!("decoder_blocks.{i}.attn.qkv.weight"), &[1536, 512]));
         v.push(t(&format!("decoder_blocks.{i}.attn.qkv.bias"), &[1536]));
-        v.push(t(
-            &format!("decoder_blocks.{i}.mlp.fc1.weight"),
-            &[2048, 512],
-        ));
+        v.push(t(&format!("decoder_blocks.{i}.mlp.fc1.weight"), &[2048, 512]));
     }
     v.push(t("decoder_norm.weight", &[512]));
     v.push(t("decoder_norm.bias", &[512]));
@@ -88,13 +68,7 @@ fn rows(window: usize) -> usize {
 }
 
 /// unilm BEiT blocks (q/v bias, layer scale), optionally with per-layer tables + indices.
-fn beit_blocks(
-    v: &mut Vec<SourceTensor>,
-    dim: usize,
-    depth: usize,
-    heads: usize,
-    per_layer: Option<usize>,
-) {
+fn beit_blocks(v: &mut Vec<SourceTensor>, dim: usize, depth: usize, heads: usize, per_layer: Option<usize>) {
     let mlp = 4 * dim;
     for i in 0..depth {
         let b = format!("blocks.{i}");
@@ -106,14 +80,8 @@ fn beit_blocks(
         v.push(t(&format!("{b}.attn.v_bias"), &[dim]));
         v.push(t(&format!("{b}.attn.qkv.weight"), &[3 * dim, dim]));
         if let Some(w) = per_layer {
-            v.push(t(
-                &format!("{b}.attn.relative_position_bias_table"),
-                &[rows(w), heads],
-            ));
-            v.push(ti64(
-                &format!("{b}.attn.relative_position_index"),
-                &[w * w + 1, w * w + 1],
-            ));
+            v.push(t(&format!("{b}.attn.relative_position_bias_table"), &[rows(w), heads]));
+            v.push(ti64(&format!("{b}.attn.relative_position_index"), &[w * w + 1, w * w + 1]));
         }
         v.push(t(&format!("{b}.attn.proj.weight"), &[dim, dim]));
         v.push(t(&format!("{b}.attn.proj.bias"), &[dim]));
@@ -135,14 +103,8 @@ fn beit_pretrain(dim: usize, depth: usize, heads: usize, window: usize) -> Vec<S
         t("patch_embed.proj.bias", &[dim]),
     ];
     beit_blocks(&mut v, dim, depth, heads, None);
-    v.push(t(
-        "rel_pos_bias.relative_position_bias_table",
-        &[rows(window), heads],
-    ));
-    v.push(ti64(
-        "rel_pos_bias.relative_position_index",
-        &[window * window + 1, window * window + 1],
-    ));
+    v.push(t("rel_pos_bias.relative_position_bias_table", &[rows(window), heads]));
+    v.push(ti64("rel_pos_bias.relative_position_index", &[window * window + 1, window * window + 1]));
     v.push(t("norm.weight", &[dim]));
     v.push(t("norm.bias", &[dim]));
     v.push(t("lm_head.weight", &[8192, dim]));
@@ -159,10 +121,7 @@ fn beitv2_b_pretrain() -> Vec<SourceTensor> {
     let mut v = beit_b_pretrain();
     for i in 0..2 {
         v.push(t(&format!("cls_pt_layers.{i}.norm1.weight"), &[768]));
-        v.push(t(
-            &format!("cls_pt_layers.{i}.attn.qkv.weight"),
-            &[2304, 768],
-        ));
+        v.push(t(&format!("cls_pt_layers.{i}.attn.qkv.weight"), &[2304, 768]));
         v.push(t(&format!("cls_pt_layers.{i}.attn.q_bias"), &[768]));
     }
     v.push(t("cls_pt_norm.weight", &[768]));
@@ -187,14 +146,9 @@ fn beit_finetuned(dim: usize, depth: usize, heads: usize, window: usize) -> Vec<
 /// MMSeg MAE backbone parameter names in state-dict order (mmseg/models/backbones/mae.py,
 /// beit.py: own parameters before children; buffers after parameters).
 fn mmseg_mae_keys(depth: usize) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "cls_token",
-        "pos_embed",
-        "patch_embed.projection.weight",
-        "patch_embed.projection.bias",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut v: Vec<String> = ["cls_token", "pos_embed", "patch_embed.projection.weight", "patch_embed.projection.bias"]
+        .map(String::from)
+        .to_vec();
     for i in 0..depth {
         for k in [
             "gamma_1",
@@ -222,13 +176,8 @@ fn mmseg_mae_keys(depth: usize) -> Vec<String> {
 
 /// MMSeg BEiT backbone (qv_bias=True) parameter names in state-dict order.
 fn mmseg_beit_keys(depth: usize) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "cls_token",
-        "patch_embed.projection.weight",
-        "patch_embed.projection.bias",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut v: Vec<String> =
+        ["cls_token", "patch_embed.projection.weight", "patch_embed.projection.bias"].map(String::from).to_vec();
     for i in 0..depth {
         for k in [
             "gamma_1",
@@ -256,9 +205,7 @@ fn mmseg_beit_keys(depth: usize) -> Vec<String> {
 }
 
 fn without(keys: Vec<String>, suffixes: &[&str]) -> Vec<String> {
-    keys.into_iter()
-        .filter(|k| !suffixes.iter().any(|s| k.ends_with(s)))
-        .collect()
+    keys.into_iter().filter(|k| !suffixes.iter().any(|s| k.ends_with(s))).collect()
 }
 
 fn mae() -> &'static MappingTable {
@@ -274,17 +221,11 @@ fn targets(p: &Plan) -> Vec<String> {
 }
 
 fn out<'p>(p: &'p Plan, target: &str) -> &'p ckptmap::mapping::PlannedTensor {
-    p.outputs
-        .iter()
-        .find(|o| o.target == target)
-        .unwrap_or_else(|| panic!("no output {target}"))
+    p.outputs.iter().find(|o| o.target == target).unwrap_or_else(|| panic!("no output {target}"))
 }
 
 fn opts(img_size: Option<usize>) -> PlanOptions {
-    PlanOptions {
-        img_size,
-        ..Default::default()
-    }
+    PlanOptions { img_size, ..Default::default() }
 }
 
 fn plan_err(table: &MappingTable, sources: &[SourceTensor], o: &PlanOptions) -> String {
@@ -301,12 +242,8 @@ fn table_err(text: &str) -> String {
     msg
 }
 
-const LAYER_ONLY_FROM_TABLES: [&str; 4] = [
-    "relative_position_bias_table",
-    "relative_position_index",
-    "gamma_1",
-    "gamma_2",
-];
+const LAYER_ONLY_FROM_TABLES: [&str; 4] =
+    ["relative_position_bias_table", "relative_position_index", "gamma_1", "gamma_2"];
 
 // ---------------------------------------------------------------------------------------
 // MAE
@@ -314,39 +251,17 @@ const LAYER_ONLY_FROM_TABLES: [&str; 4] = [
 #[test]
 fn mae_pretrain_clean_output_is_the_backbone_minus_what_the_source_lacks() {
     let p = plan(mae(), &mae_vit_b(), &opts(None)).unwrap();
-    assert_eq!(
-        targets(&p),
-        without(mmseg_mae_keys(12), &LAYER_ONLY_FROM_TABLES)
-    );
+    assert_eq!(targets(&p), without(mmseg_mae_keys(12), &LAYER_ONLY_FROM_TABLES));
     assert_eq!(out(&p, "pos_embed").shape, [1, 197, 768]);
     assert_eq!(out(&p, "layers.11.attn.qkv.bias").shape, [2304]);
     assert_eq!(
         out(&p, "layers.3.ffn.layers.0.0.weight").origin,
-        Origin::Rename {
-            source: "blocks.3.mlp.fc1.weight".into()
-        }
+        Origin::Rename { source: "blocks.3.mlp.fc1.weight".into() }
     );
-    assert_eq!(
-        out(&p, "cls_token").origin,
-        Origin::Keep {
-            source: "cls_token".into()
-        }
-    );
-    assert!(
-        !targets(&p)
-            .iter()
-            .any(|k| k.starts_with("patch_embed.proj.")),
-        "no 1.x duplicate"
-    );
-    let dropped: Vec<(&str, &str)> = p
-        .dropped
-        .iter()
-        .map(|d| (d.source.as_str(), d.rule.as_str()))
-        .collect();
-    assert_eq!(
-        dropped,
-        [("norm.weight", "final-norm"), ("norm.bias", "final-norm")]
-    );
+    assert_eq!(out(&p, "cls_token").origin, Origin::Keep { source: "cls_token".into() });
+    assert!(!targets(&p).iter().any(|k| k.starts_with("patch_embed.proj.")), "no 1.x duplicate");
+    let dropped: Vec<(&str, &str)> = p.dropped.iter().map(|d| (d.source.as_str(), d.rule.as_str())).collect();
+    assert_eq!(dropped, [("norm.weight", "final-norm"), ("norm.bias", "final-norm")]);
     assert!(p.dropped[0].reason.contains("final_norm=False"));
     assert_eq!(p.vars["depth"], 12);
     assert_eq!(p.vars["dim"], 768);
@@ -365,12 +280,7 @@ fn mae_pretrain_load_ready_512_is_the_whole_backbone() {
     assert_eq!(pos.shape, [1, 1025, 768]);
     assert_eq!(
         pos.origin,
-        Origin::ResizeAbsPosEmbed {
-            source: "pos_embed".into(),
-            num_extra: 1,
-            old_grid: 14,
-            new_grid: 32
-        }
+        Origin::ResizeAbsPosEmbed { source: "pos_embed".into(), num_extra: 1, old_grid: 14, new_grid: 32 }
     );
     for i in [0, 11] {
         let table = out(&p, &format!("layers.{i}.attn.relative_position_bias_table"));
@@ -397,38 +307,19 @@ fn mae_pretrain_load_ready_512_is_the_whole_backbone() {
 #[test]
 fn mae_load_ready_at_source_size_copies_pos_embed() {
     let p = plan(mae(), &mae_vit_b(), &opts(Some(224))).unwrap();
-    assert_eq!(
-        out(&p, "pos_embed").origin,
-        Origin::Rename {
-            source: "pos_embed".into()
-        }
-    );
-    assert_eq!(
-        out(&p, "layers.0.attn.relative_position_bias_table").shape,
-        [732, 12]
-    );
-    assert!(
-        p.notes
-            .iter()
-            .any(|n| n.contains("copied without resizing")),
-        "{:?}",
-        p.notes
-    );
+    assert_eq!(out(&p, "pos_embed").origin, Origin::Rename { source: "pos_embed".into() });
+    assert_eq!(out(&p, "layers.0.attn.relative_position_bias_table").shape, [732, 12]);
+    assert!(p.notes.iter().any(|n| n.contains("copied without resizing")), "{:?}", p.notes);
 }
 
 #[test]
 fn mae_full_drops_the_decoder_with_reasons() {
     let p = plan(mae(), &mae_vit_b_full(), &opts(None)).unwrap();
-    assert_eq!(
-        targets(&p),
-        without(mmseg_mae_keys(12), &LAYER_ONLY_FROM_TABLES)
-    );
+    assert_eq!(targets(&p), without(mmseg_mae_keys(12), &LAYER_ONLY_FROM_TABLES));
     let decoder: Vec<_> = p.dropped.iter().filter(|d| d.rule == "decoder").collect();
     assert_eq!(decoder.len(), 1 + 3 + 8 * 4 + 4);
     assert!(decoder.iter().any(|d| d.source == "mask_token"));
-    assert!(decoder
-        .iter()
-        .any(|d| d.source == "decoder_blocks.7.attn.qkv.bias"));
+    assert!(decoder.iter().any(|d| d.source == "decoder_blocks.7.attn.qkv.bias"));
     assert!(decoder[0].reason.contains("decoder"));
 }
 
@@ -436,19 +327,10 @@ fn mae_full_drops_the_decoder_with_reasons() {
 fn mae_finetuned_drops_fc_norm_and_head() {
     let p = plan(mae(), &mae_vit_b_finetuned(), &opts(Some(512))).unwrap();
     assert_eq!(targets(&p), mmseg_mae_keys(12));
-    let dropped: Vec<(&str, &str)> = p
-        .dropped
-        .iter()
-        .map(|d| (d.source.as_str(), d.rule.as_str()))
-        .collect();
+    let dropped: Vec<(&str, &str)> = p.dropped.iter().map(|d| (d.source.as_str(), d.rule.as_str())).collect();
     assert_eq!(
         dropped,
-        [
-            ("fc_norm.weight", "fc-norm"),
-            ("fc_norm.bias", "fc-norm"),
-            ("head.weight", "head"),
-            ("head.bias", "head")
-        ]
+        [("fc_norm.weight", "fc-norm"), ("fc_norm.bias", "fc-norm"), ("head.weight", "head"), ("head.bias", "head")]
     );
 }
 
@@ -462,30 +344,11 @@ fn module_prefix_is_stripped_and_sources_keep_their_names() {
         })
         .collect();
     let p = plan(mae(), &sources, &opts(None)).unwrap();
-    assert_eq!(
-        targets(&p),
-        without(mmseg_mae_keys(12), &LAYER_ONLY_FROM_TABLES)
-    );
-    assert_eq!(
-        out(&p, "layers.0.ln1.weight").origin,
-        Origin::Rename {
-            source: "module.blocks.0.norm1.weight".into()
-        }
-    );
+    assert_eq!(targets(&p), without(mmseg_mae_keys(12), &LAYER_ONLY_FROM_TABLES));
+    assert_eq!(out(&p, "layers.0.ln1.weight").origin, Origin::Rename { source: "module.blocks.0.norm1.weight".into() });
     assert_eq!(p.dropped[0].source, "module.norm.weight");
-    assert!(
-        p.notes
-            .iter()
-            .any(|n| n.contains("stripped") && n.contains("module.")),
-        "{:?}",
-        p.notes
-    );
-    assert_eq!(
-        detect(&sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>())
-            .unwrap()
-            .name(),
-        "mae"
-    );
+    assert!(p.notes.iter().any(|n| n.contains("stripped") && n.contains("module.")), "{:?}", p.notes);
+    assert_eq!(detect(&sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()).unwrap().name(), "mae");
 }
 
 #[test]
@@ -493,10 +356,7 @@ fn strip_collision_is_an_error() {
     let mut sources = mae_vit_b();
     sources.push(t("module.cls_token", &[1, 1, 768]));
     let msg = plan_err(mae(), &sources, &opts(None));
-    assert!(
-        msg.contains("module.cls_token") && msg.contains("'cls_token'"),
-        "{msg}"
-    );
+    assert!(msg.contains("module.cls_token") && msg.contains("'cls_token'"), "{msg}");
 }
 
 #[test]
@@ -508,54 +368,25 @@ fn f16_checkpoint_gets_f16_fills_and_init_values_override() {
             s
         })
         .collect();
-    let o = PlanOptions {
-        img_size: Some(512),
-        init_values: Some(0.1),
-        ..Default::default()
-    };
+    let o = PlanOptions { img_size: Some(512), init_values: Some(0.1), ..Default::default() };
     let p = plan(mae(), &sources, &o).unwrap();
     assert_eq!(out(&p, "layers.0.gamma_1").dtype, DType::F16);
-    assert_eq!(
-        out(&p, "layers.0.gamma_1").origin,
-        Origin::Fill { value: 0.1 }
-    );
-    assert_eq!(
-        out(&p, "layers.0.attn.relative_position_bias_table").dtype,
-        DType::F16
-    );
-    assert_eq!(
-        out(&p, "layers.0.attn.relative_position_index").dtype,
-        DType::I64
-    );
+    assert_eq!(out(&p, "layers.0.gamma_1").origin, Origin::Fill { value: 0.1 });
+    assert_eq!(out(&p, "layers.0.attn.relative_position_bias_table").dtype, DType::F16);
+    assert_eq!(out(&p, "layers.0.attn.relative_position_index").dtype, DType::I64);
     assert_eq!(out(&p, "pos_embed").dtype, DType::F16);
 }
 
 #[test]
 fn mae_large_and_huge_presets() {
-    let p = plan(
-        mae(),
-        &mae_encoder(1024, 24, 14, 16, true),
-        &opts(Some(512)),
-    )
-    .unwrap();
+    let p = plan(mae(), &mae_encoder(1024, 24, 14, 16, true), &opts(Some(512))).unwrap();
     assert_eq!(p.vars["heads"], 16);
-    assert_eq!(
-        out(&p, "layers.23.attn.relative_position_bias_table").shape,
-        [3972, 16]
-    );
+    assert_eq!(out(&p, "layers.23.attn.relative_position_bias_table").shape, [3972, 16]);
     // ViT-H/14: 224/14 = 16 grid; 518/14 = 37.
-    let p = plan(
-        mae(),
-        &mae_encoder(1280, 32, 16, 14, true),
-        &opts(Some(518)),
-    )
-    .unwrap();
+    let p = plan(mae(), &mae_encoder(1280, 32, 16, 14, true), &opts(Some(518))).unwrap();
     assert_eq!(p.vars["heads"], 16);
     assert_eq!(out(&p, "pos_embed").shape, [1, 37 * 37 + 1, 1280]);
-    assert_eq!(
-        out(&p, "patch_embed.projection.weight").shape,
-        [1280, 3, 14, 14]
-    );
+    assert_eq!(out(&p, "patch_embed.projection.weight").shape, [1280, 3, 14, 14]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -564,25 +395,13 @@ fn mae_large_and_huge_presets() {
 #[test]
 fn beit_pretrain_clean_expands_the_shared_table() {
     let p = plan(beit(), &beit_b_pretrain(), &opts(None)).unwrap();
-    assert_eq!(
-        targets(&p),
-        without(mmseg_beit_keys(12), &["relative_position_index"])
-    );
+    assert_eq!(targets(&p), without(mmseg_beit_keys(12), &["relative_position_index"]));
     for i in 0..12 {
         let table = out(&p, &format!("layers.{i}.attn.relative_position_bias_table"));
         assert_eq!(table.shape, [732, 12]);
-        assert_eq!(
-            table.origin,
-            Origin::Expand {
-                source: "rel_pos_bias.relative_position_bias_table".into()
-            }
-        );
+        assert_eq!(table.origin, Origin::Expand { source: "rel_pos_bias.relative_position_bias_table".into() });
     }
-    let rules: Vec<(&str, &str)> = p
-        .dropped
-        .iter()
-        .map(|d| (d.source.as_str(), d.rule.as_str()))
-        .collect();
+    let rules: Vec<(&str, &str)> = p.dropped.iter().map(|d| (d.source.as_str(), d.rule.as_str())).collect();
     assert_eq!(
         rules,
         [
@@ -598,10 +417,7 @@ fn beit_pretrain_clean_expands_the_shared_table() {
     assert_eq!(p.vars["heads"], 12);
     assert!(!targets(&p).iter().any(|k| k.contains("qkv.bias")));
     let fates = p.source_fates();
-    let shared = fates
-        .iter()
-        .find(|f| f.source == "rel_pos_bias.relative_position_bias_table")
-        .unwrap();
+    let shared = fates.iter().find(|f| f.source == "rel_pos_bias.relative_position_bias_table").unwrap();
     match &shared.fate {
         Fate::Produces(outs) => assert_eq!(outs.len(), 12),
         Fate::Dropped(_) => panic!("shared table dropped"),
@@ -627,31 +443,17 @@ fn beit_pretrain_load_ready_640() {
     assert_eq!(index.shape, [1601, 1601]);
     assert_eq!(index.origin, Origin::RelPosIndex { window: 40 });
     // gamma comes from the checkpoint, not from a fill.
-    assert_eq!(
-        out(&p, "layers.5.gamma_1").origin,
-        Origin::Rename {
-            source: "blocks.5.gamma_1".into()
-        }
-    );
-    assert!(p
-        .generated()
-        .all(|o| matches!(o.origin, Origin::RelPosIndex { .. })));
+    assert_eq!(out(&p, "layers.5.gamma_1").origin, Origin::Rename { source: "blocks.5.gamma_1".into() });
+    assert!(p.generated().all(|o| matches!(o.origin, Origin::RelPosIndex { .. })));
 }
 
 #[test]
 fn beitv2_pretrain_drops_cls_pt_layers() {
     let p = plan(beit(), &beitv2_b_pretrain(), &opts(Some(512))).unwrap();
     assert_eq!(targets(&p), mmseg_beit_keys(12));
-    let cls_pt: Vec<_> = p
-        .dropped
-        .iter()
-        .filter(|d| d.rule == "beitv2-cls-pretrain")
-        .collect();
+    let cls_pt: Vec<_> = p.dropped.iter().filter(|d| d.rule == "beitv2-cls-pretrain").collect();
     assert_eq!(cls_pt.len(), 7);
-    assert_eq!(
-        out(&p, "layers.0.attn.relative_position_bias_table").shape,
-        [3972, 12]
-    );
+    assert_eq!(out(&p, "layers.0.attn.relative_position_bias_table").shape, [3972, 12]);
 }
 
 #[test]
@@ -660,18 +462,10 @@ fn beit_finetuned_clean_renames_per_layer_tables_and_indices() {
     assert_eq!(targets(&p), mmseg_beit_keys(12));
     assert_eq!(
         out(&p, "layers.2.attn.relative_position_index").origin,
-        Origin::Rename {
-            source: "blocks.2.attn.relative_position_index".into()
-        }
+        Origin::Rename { source: "blocks.2.attn.relative_position_index".into() }
     );
-    assert_eq!(
-        out(&p, "layers.2.attn.relative_position_index").dtype,
-        DType::I64
-    );
-    assert_eq!(
-        out(&p, "layers.2.attn.relative_position_index").shape,
-        [197, 197]
-    );
+    assert_eq!(out(&p, "layers.2.attn.relative_position_index").dtype, DType::I64);
+    assert_eq!(out(&p, "layers.2.attn.relative_position_index").shape, [197, 197]);
     assert_eq!(p.dropped.len(), 4);
 }
 
@@ -691,16 +485,9 @@ fn beit_finetuned_224_to_640_resizes_tables_and_regenerates_indices() {
                 num_heads: 12
             }
         );
-        assert_eq!(
-            out(&p, &format!("layers.{i}.attn.relative_position_index")).shape,
-            [1601, 1601]
-        );
+        assert_eq!(out(&p, &format!("layers.{i}.attn.relative_position_index")).shape, [1601, 1601]);
     }
-    let regenerated = p
-        .dropped
-        .iter()
-        .filter(|d| d.rule == "rel-index-regenerate")
-        .count();
+    let regenerated = p.dropped.iter().filter(|d| d.rule == "rel-index-regenerate").count();
     assert_eq!(regenerated, 12);
     assert_eq!(p.vars["dst_window"], 40);
 }
@@ -709,10 +496,7 @@ fn beit_finetuned_224_to_640_resizes_tables_and_regenerates_indices() {
 fn beit_large_finetuned() {
     let p = plan(beit(), &beit_finetuned(1024, 24, 16, 14), &opts(Some(640))).unwrap();
     assert_eq!(targets(&p), mmseg_beit_keys(24));
-    assert_eq!(
-        out(&p, "layers.23.attn.relative_position_bias_table").shape,
-        [6244, 16]
-    );
+    assert_eq!(out(&p, "layers.23.attn.relative_position_bias_table").shape, [6244, 16]);
 }
 
 #[test]
@@ -723,36 +507,22 @@ fn beit_pos_embed_is_dropped_with_a_warning() {
     let d = p.dropped.iter().find(|d| d.source == "pos_embed").unwrap();
     assert_eq!(d.rule, "abs-pos-embed");
     assert!(d.reason.contains("no pos_embed"));
-    assert!(
-        p.notes
-            .iter()
-            .any(|n| n.starts_with("WARNING") && n.contains("pos_embed")),
-        "{:?}",
-        p.notes
-    );
+    assert!(p.notes.iter().any(|n| n.starts_with("WARNING") && n.contains("pos_embed")), "{:?}", p.notes);
     assert!(!targets(&p).contains(&"pos_embed".to_string()));
 }
 
 #[test]
 fn beit_without_layer_scale_gets_filled_gammas_when_load_ready() {
-    let sources: Vec<_> = beit_finetuned(768, 12, 12, 14)
-        .into_iter()
-        .filter(|s| !s.name.contains("gamma"))
-        .collect();
+    let sources: Vec<_> = beit_finetuned(768, 12, 12, 14).into_iter().filter(|s| !s.name.contains("gamma")).collect();
     let p = plan(beit(), &sources, &opts(None)).unwrap();
     assert!(!targets(&p).iter().any(|k| k.contains("gamma")));
     let p = plan(beit(), &sources, &opts(Some(224))).unwrap();
     assert_eq!(targets(&p), mmseg_beit_keys(12));
-    assert_eq!(
-        out(&p, "layers.0.gamma_2").origin,
-        Origin::Fill { value: 1.0 }
-    );
+    assert_eq!(out(&p, "layers.0.gamma_2").origin, Origin::Fill { value: 1.0 });
     // Same window: tables copied, not resized.
     assert_eq!(
         out(&p, "layers.0.attn.relative_position_bias_table").origin,
-        Origin::Rename {
-            source: "blocks.0.attn.relative_position_bias_table".into()
-        }
+        Origin::Rename { source: "blocks.0.attn.relative_position_bias_table".into() }
     );
 }
 
@@ -764,43 +534,19 @@ fn tiny_mae_plans_with_num_heads() {
     let sources = mae_encoder(32, 4, 7, 16, true);
     let p = plan(mae(), &sources, &opts(None)).unwrap();
     assert!(!p.vars.contains_key("heads"));
-    let o = PlanOptions {
-        img_size: Some(112),
-        num_heads: Some(2),
-        ..Default::default()
-    };
+    let o = PlanOptions { img_size: Some(112), num_heads: Some(2), ..Default::default() };
     let p = plan(mae(), &sources, &o).unwrap();
     assert_eq!(targets(&p), mmseg_mae_keys(4));
     assert_eq!(out(&p, "pos_embed").shape, [1, 50, 32]);
-    assert_eq!(
-        out(&p, "pos_embed").origin,
-        Origin::Rename {
-            source: "pos_embed".into()
-        }
-    );
-    assert_eq!(
-        out(&p, "layers.3.attn.relative_position_bias_table").shape,
-        [172, 2]
-    );
-    assert_eq!(
-        out(&p, "layers.3.attn.relative_position_index").shape,
-        [50, 50]
-    );
-    let o = PlanOptions {
-        img_size: Some(224),
-        num_heads: Some(2),
-        ..Default::default()
-    };
+    assert_eq!(out(&p, "pos_embed").origin, Origin::Rename { source: "pos_embed".into() });
+    assert_eq!(out(&p, "layers.3.attn.relative_position_bias_table").shape, [172, 2]);
+    assert_eq!(out(&p, "layers.3.attn.relative_position_index").shape, [50, 50]);
+    let o = PlanOptions { img_size: Some(224), num_heads: Some(2), ..Default::default() };
     let p = plan(mae(), &sources, &o).unwrap();
     assert_eq!(out(&p, "pos_embed").shape, [1, 197, 32]);
     assert_eq!(
         out(&p, "pos_embed").origin,
-        Origin::ResizeAbsPosEmbed {
-            source: "pos_embed".into(),
-            num_extra: 1,
-            old_grid: 7,
-            new_grid: 14
-        }
+        Origin::ResizeAbsPosEmbed { source: "pos_embed".into(), num_extra: 1, old_grid: 7, new_grid: 14 }
     );
 }
 
@@ -816,27 +562,11 @@ fn tiny_beit_takes_heads_from_its_table() {
     let p = plan(beit(), &sources, &opts(Some(112))).unwrap();
     assert_eq!(targets(&p), mmseg_beit_keys(4));
     assert_eq!(p.vars["heads"], 2);
-    assert_eq!(
-        out(&p, "layers.0.attn.relative_position_bias_table").shape,
-        [172, 2]
-    );
+    assert_eq!(out(&p, "layers.0.attn.relative_position_bias_table").shape, [172, 2]);
     let p = plan(beit(), &beit_pretrain(32, 4, 2, 7), &opts(Some(224))).unwrap();
-    assert_eq!(
-        out(&p, "layers.3.attn.relative_position_bias_table").shape,
-        [732, 2]
-    );
-    let msg = plan_err(
-        beit(),
-        &sources,
-        &PlanOptions {
-            num_heads: Some(4),
-            ..opts(None)
-        },
-    );
-    assert!(
-        msg.contains("table_heads == heads") && msg.contains("table_heads = 2"),
-        "{msg}"
-    );
+    assert_eq!(out(&p, "layers.3.attn.relative_position_bias_table").shape, [732, 2]);
+    let msg = plan_err(beit(), &sources, &PlanOptions { num_heads: Some(4), ..opts(None) });
+    assert!(msg.contains("table_heads == heads") && msg.contains("table_heads = 2"), "{msg}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -844,31 +574,16 @@ fn tiny_beit_takes_heads_from_its_table() {
 
 #[test]
 fn keep_unused_passes_dropped_keys_through() {
-    let o = PlanOptions {
-        keep_unused: true,
-        ..Default::default()
-    };
+    let o = PlanOptions { keep_unused: true, ..Default::default() };
     let p = plan(mae(), &mae_vit_b_full(), &o).unwrap();
     assert!(p.dropped.is_empty());
     let kept = out(&p, "decoder_pred.weight");
-    assert_eq!(
-        kept.origin,
-        Origin::Keep {
-            source: "decoder_pred.weight".into()
-        }
-    );
-    assert!(
-        kept.rule.contains("keep_unused") && kept.rule.contains("decoder"),
-        "{}",
-        kept.rule
-    );
+    assert_eq!(kept.origin, Origin::Keep { source: "decoder_pred.weight".into() });
+    assert!(kept.rule.contains("keep_unused") && kept.rule.contains("decoder"), "{}", kept.rule);
     assert_eq!(out(&p, "norm.weight").shape, [768]);
     // The backbone keys come first, unchanged.
     let n = without(mmseg_mae_keys(12), &LAYER_ONLY_FROM_TABLES).len();
-    assert_eq!(
-        targets(&p)[..n],
-        without(mmseg_mae_keys(12), &LAYER_ONLY_FROM_TABLES)[..]
-    );
+    assert_eq!(targets(&p)[..n], without(mmseg_mae_keys(12), &LAYER_ONLY_FROM_TABLES)[..]);
     assert_eq!(p.outputs.len(), mae_vit_b_full().len());
 }
 
@@ -893,14 +608,7 @@ drop = "unused"
     let sources = [t("a", &[1]), t("b", &[1])];
     let p = plan(&table, &sources, &opts(None)).unwrap();
     assert_eq!(targets(&p), ["b"]);
-    let msg = plan_err(
-        &table,
-        &sources,
-        &PlanOptions {
-            keep_unused: true,
-            ..Default::default()
-        },
-    );
+    let msg = plan_err(&table, &sources, &PlanOptions { keep_unused: true, ..Default::default() });
     assert!(msg.contains("keep_unused") && msg.contains("'b'"), "{msg}");
 }
 
@@ -912,7 +620,17 @@ fn builtin_tables_are_listed() {
     let names: Vec<&str> = builtin_tables().iter().map(|(n, _)| *n).collect();
     assert_eq!(
         names,
-        ["mae", "beit", "hf-vitmae", "hf-beit", "mmpretrain-mae", "mmpretrain-beit", "mmseg-mae", "mmseg-beit", "mmseg-segmentor"]
+        [
+            "mae",
+            "beit",
+            "hf-vitmae",
+            "hf-beit",
+            "mmpretrain-mae",
+            "mmpretrain-beit",
+            "mmseg-mae",
+            "mmseg-beit",
+            "mmseg-segmentor"
+        ]
     );
     assert!(builtin_tables().iter().all(|(_, d)| !d.is_empty()));
     let msg = MappingTable::builtin("vit").unwrap_err().to_string();
@@ -929,40 +647,21 @@ fn names(sources: &[SourceTensor]) -> Vec<String> {
 fn detection_picks_the_family() {
     assert_eq!(detect(&names(&mae_vit_b())).unwrap().name(), "mae");
     assert_eq!(detect(&names(&mae_vit_b_full())).unwrap().name(), "mae");
-    assert_eq!(
-        detect(&names(&mae_vit_b_finetuned())).unwrap().name(),
-        "mae"
-    );
+    assert_eq!(detect(&names(&mae_vit_b_finetuned())).unwrap().name(), "mae");
     assert_eq!(detect(&names(&beit_b_pretrain())).unwrap().name(), "beit");
     assert_eq!(detect(&names(&beitv2_b_pretrain())).unwrap().name(), "beit");
-    assert_eq!(
-        detect(&names(&beit_finetuned(768, 12, 12, 14)))
-            .unwrap()
-            .name(),
-        "beit"
-    );
-    let backbone: Vec<String> = names(&beit_finetuned(32, 4, 2, 7))
-        .iter()
-        .map(|n| format!("backbone.{n}"))
-        .collect();
+    assert_eq!(detect(&names(&beit_finetuned(768, 12, 12, 14))).unwrap().name(), "beit");
+    let backbone: Vec<String> = names(&beit_finetuned(32, 4, 2, 7)).iter().map(|n| format!("backbone.{n}")).collect();
     assert_eq!(detect(&backbone).unwrap().name(), "beit");
 }
 
 #[test]
 fn detection_rejects_an_unrelated_checkpoint() {
-    let resnet = [
-        "conv1.weight",
-        "bn1.weight",
-        "layer1.0.conv1.weight",
-        "fc.weight",
-    ];
+    let resnet = ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "fc.weight"];
     let e = detect(&resnet).unwrap_err();
     assert!(matches!(e, TableError::NoTableMatches { .. }));
     let msg = e.to_string();
-    assert!(
-        msg.contains("mae:") && msg.contains("beit:") && !msg.contains('\n'),
-        "{msg}"
-    );
+    assert!(msg.contains("mae:") && msg.contains("beit:") && !msg.contains('\n'), "{msg}");
     // The "mae" fingerprint refuses a BEiT key set for a stated reason.
     let why = mae().recognises(&names(&beit_b_pretrain())).unwrap_err();
     assert!(why.contains("qkv"), "{why}");
@@ -970,16 +669,8 @@ fn detection_rejects_an_unrelated_checkpoint() {
 
 #[test]
 fn detection_with_several_matches_names_them() {
-    let a = MappingTable::parse(
-        "name = \"a\"\ndescription = \"x\"\n[detect]\nrequire = ['w']\n",
-        "a.toml",
-    )
-    .unwrap();
-    let b = MappingTable::parse(
-        "name = \"b\"\ndescription = \"x\"\n[detect]\nrequire = ['w']\n",
-        "b.toml",
-    )
-    .unwrap();
+    let a = MappingTable::parse("name = \"a\"\ndescription = \"x\"\n[detect]\nrequire = ['w']\n", "a.toml").unwrap();
+    let b = MappingTable::parse("name = \"b\"\ndescription = \"x\"\n[detect]\nrequire = ['w']\n", "b.toml").unwrap();
     let msg = detect_among([&a, &b], &["w"]).unwrap_err().to_string();
     assert!(msg.contains("a, b") && msg.contains("several"), "{msg}");
     assert_eq!(detect_among([&a, mae()], &["w"]).unwrap().name(), "a");
@@ -993,10 +684,7 @@ fn uncovered_source_key_is_an_error() {
     let mut sources = mae_vit_b();
     sources.push(t("blocks.0.attn.extra_thing", &[3]));
     let msg = plan_err(mae(), &sources, &opts(None));
-    assert!(
-        msg.contains("'blocks.0.attn.extra_thing'") && msg.contains("'mae'"),
-        "{msg}"
-    );
+    assert!(msg.contains("'blocks.0.attn.extra_thing'") && msg.contains("'mae'"), "{msg}");
 }
 
 #[test]
@@ -1015,34 +703,19 @@ fn two_sources_onto_one_target_is_an_error() {
 
 #[test]
 fn missing_target_is_an_error() {
-    let sources: Vec<_> = mae_vit_b()
-        .into_iter()
-        .filter(|s| s.name != "blocks.3.attn.qkv.weight")
-        .collect();
+    let sources: Vec<_> = mae_vit_b().into_iter().filter(|s| s.name != "blocks.3.attn.qkv.weight").collect();
     let msg = plan_err(mae(), &sources, &opts(None));
-    assert!(
-        msg.contains("'layers.3.attn.qkv.weight'") && msg.contains("required"),
-        "{msg}"
-    );
+    assert!(msg.contains("'layers.3.attn.qkv.weight'") && msg.contains("required"), "{msg}");
     // BEiT without q/v biases.
-    let sources: Vec<_> = beit_finetuned(768, 12, 12, 14)
-        .into_iter()
-        .filter(|s| !s.name.ends_with("q_bias"))
-        .collect();
+    let sources: Vec<_> = beit_finetuned(768, 12, 12, 14).into_iter().filter(|s| !s.name.ends_with("q_bias")).collect();
     let msg = plan_err(beit(), &sources, &opts(None));
-    assert!(
-        msg.contains("'layers.0.attn.q_bias'") && msg.contains("11 more"),
-        "{msg}"
-    );
+    assert!(msg.contains("'layers.0.attn.q_bias'") && msg.contains("11 more"), "{msg}");
 }
 
 #[test]
 fn qkv_shape_contradiction_is_an_error() {
     let mut sources = mae_vit_b();
-    let qkv = sources
-        .iter_mut()
-        .find(|s| s.name == "blocks.2.attn.qkv.weight")
-        .unwrap();
+    let qkv = sources.iter_mut().find(|s| s.name == "blocks.2.attn.qkv.weight").unwrap();
     qkv.shape = vec![2304, 700];
     let msg = plan_err(mae(), &sources, &opts(None));
     assert!(
@@ -1058,10 +731,7 @@ fn qkv_shape_contradiction_is_an_error() {
 fn table_rows_not_a_window_are_an_error() {
     // Layer 0 decides the window: 730 − 3 is not a perfect square.
     let mut sources = beit_finetuned(768, 12, 12, 14);
-    for s in sources
-        .iter_mut()
-        .filter(|s| s.name.ends_with("bias_table"))
-    {
+    for s in sources.iter_mut().filter(|s| s.name.ends_with("bias_table")) {
         s.shape = vec![730, 12];
     }
     for o in [opts(None), opts(Some(512))] {
@@ -1075,28 +745,14 @@ fn table_rows_not_a_window_are_an_error() {
     }
     // An even square root: 4² + 3 rows is no (2W−1)² + 3.
     let mut sources = beit_b_pretrain();
-    sources
-        .iter_mut()
-        .find(|s| s.name.ends_with("bias_table"))
-        .unwrap()
-        .shape = vec![19, 12];
+    sources.iter_mut().find(|s| s.name.ends_with("bias_table")).unwrap().shape = vec![19, 12];
     let msg = plan_err(beit(), &sources, &opts(None));
-    assert!(
-        msg.contains("src_window") && msg.contains("not a whole number"),
-        "{msg}"
-    );
+    assert!(msg.contains("src_window") && msg.contains("not a whole number"), "{msg}");
     // One layer out of step with the others, in both modes.
     let mut sources = beit_finetuned(768, 12, 12, 14);
-    sources
-        .iter_mut()
-        .find(|s| s.name == "blocks.5.attn.relative_position_bias_table")
-        .unwrap()
-        .shape = vec![3972, 12];
+    sources.iter_mut().find(|s| s.name == "blocks.5.attn.relative_position_bias_table").unwrap().shape = vec![3972, 12];
     let msg = plan_err(beit(), &sources, &opts(None));
-    assert!(
-        msg.contains("'blocks.5.attn.relative_position_bias_table'") && msg.contains("block-attn"),
-        "{msg}"
-    );
+    assert!(msg.contains("'blocks.5.attn.relative_position_bias_table'") && msg.contains("block-attn"), "{msg}");
     let msg = plan_err(beit(), &sources, &opts(Some(640)));
     assert!(
         msg.contains("'blocks.5.attn.relative_position_bias_table'")
@@ -1109,20 +765,14 @@ fn table_rows_not_a_window_are_an_error() {
 #[test]
 fn img_size_not_a_multiple_of_the_patch_is_an_error() {
     let msg = plan_err(mae(), &mae_vit_b(), &opts(Some(500)));
-    assert!(
-        msg.contains("500 / 16") && msg.contains("dst_grid"),
-        "{msg}"
-    );
+    assert!(msg.contains("500 / 16") && msg.contains("dst_grid"), "{msg}");
     let msg = plan_err(mae(), &mae_vit_b(), &opts(Some(0)));
     assert!(msg.contains("img_size"), "{msg}");
 }
 
 #[test]
 fn non_contiguous_blocks_are_an_error() {
-    let sources: Vec<_> = mae_vit_b()
-        .into_iter()
-        .filter(|s| !s.name.starts_with("blocks.4."))
-        .collect();
+    let sources: Vec<_> = mae_vit_b().into_iter().filter(|s| !s.name.starts_with("blocks.4.")).collect();
     let msg = plan_err(mae(), &sources, &opts(None));
     assert!(msg.contains("depth") && msg.contains("0..11"), "{msg}");
 }
@@ -1180,12 +830,7 @@ rename = "never"
         "test.toml",
     )
     .unwrap();
-    let p = plan(
-        &table,
-        &[t("a.norm", &[1]), t("a.other", &[1])],
-        &opts(None),
-    )
-    .unwrap();
+    let p = plan(&table, &[t("a.norm", &[1]), t("a.other", &[1])], &opts(None)).unwrap();
     assert_eq!(targets(&p), ["a.ln", "b.x"]);
     assert_eq!(p.outputs[0].rule, "specific");
 }
@@ -1244,12 +889,7 @@ shape = ["dim"]
     .unwrap();
     plan(&table, &[t("w", &[4])], &opts(None)).unwrap();
     let msg = plan_err(&table, &[t("w", &[4]), t("v", &[4])], &opts(None));
-    assert!(
-        msg.contains("rule 'stray'")
-            && msg.contains("'vv'")
-            && msg.contains("not in the target set"),
-        "{msg}"
-    );
+    assert!(msg.contains("rule 'stray'") && msg.contains("'vv'") && msg.contains("not in the target set"), "{msg}");
 }
 
 #[test]
@@ -1283,14 +923,9 @@ fn dry_run_fates_cover_every_source() {
             Fate::Dropped(d) => assert!(!d.reason.is_empty()),
         }
     }
-    let index = fates
-        .iter()
-        .find(|f| f.source == "blocks.0.attn.relative_position_index")
-        .unwrap();
+    let index = fates.iter().find(|f| f.source == "blocks.0.attn.relative_position_index").unwrap();
     assert!(matches!(&index.fate, Fate::Dropped(d) if d.rule == "rel-index-regenerate"));
-    let shown = out(&p, "layers.0.attn.relative_position_bias_table")
-        .origin
-        .to_string();
+    let shown = out(&p, "layers.0.attn.relative_position_bias_table").origin.to_string();
     assert!(shown.contains("window 14 to 40"), "{shown}");
 }
 
@@ -1311,37 +946,20 @@ fn load_ready_vit_b_512_matches_the_fixture_key_lists() {
     }
     let expected = mmseg_vit_b_512_keys;
     let got = |p: &Plan| -> Vec<(String, Vec<usize>)> {
-        p.outputs
-            .iter()
-            .map(|o| (o.target.clone(), o.shape.clone()))
-            .collect()
+        p.outputs.iter().map(|o| (o.target.clone(), o.shape.clone())).collect()
     };
-    assert_eq!(
-        got(&plan(mae(), &mae_vit_b(), &opts(Some(512))).unwrap()),
-        expected("mae")
-    );
-    assert_eq!(
-        got(&plan(mae(), &mae_vit_b_finetuned(), &opts(Some(512))).unwrap()),
-        expected("mae")
-    );
-    assert_eq!(
-        got(&plan(beit(), &beit_b_pretrain(), &opts(Some(512))).unwrap()),
-        expected("beit")
-    );
-    assert_eq!(
-        got(&plan(beit(), &beit_finetuned(768, 12, 12, 14), &opts(Some(512))).unwrap()),
-        expected("beit")
-    );
+    assert_eq!(got(&plan(mae(), &mae_vit_b(), &opts(Some(512))).unwrap()), expected("mae"));
+    assert_eq!(got(&plan(mae(), &mae_vit_b_finetuned(), &opts(Some(512))).unwrap()), expected("mae"));
+    assert_eq!(got(&plan(beit(), &beit_b_pretrain(), &opts(Some(512))).unwrap()), expected("beit"));
+    assert_eq!(got(&plan(beit(), &beit_finetuned(768, 12, 12, 14), &opts(Some(512))).unwrap()), expected("beit"));
 }
 
 /// The worked example in mappings/README.md parses and does what the README says.
 #[test]
 fn readme_worked_example_works() {
     let readme = include_str!("../../mappings/README.md");
-    let start = readme
-        .find("```toml\nformat = 1\nname = \"deit3\"")
-        .expect("worked example present")
-        + "```toml\n".len();
+    let start =
+        readme.find("```toml\nformat = 1\nname = \"deit3\"").expect("worked example present") + "```toml\n".len();
     let text = &readme[start..start + readme[start..].find("```").unwrap()];
     let table = MappingTable::parse(text, "README.md#deit3").unwrap();
     let (dim, depth) = (384, 12);
@@ -1380,34 +998,18 @@ fn readme_worked_example_works() {
         sources.push(t(k, &s));
     }
     let p = plan(&table, &sources, &opts(None)).unwrap();
-    assert_eq!(
-        out(&p, "layers.3.gamma_2").origin,
-        Origin::Rename {
-            source: "blocks.3.ls2.gamma".into()
-        }
-    );
+    assert_eq!(out(&p, "layers.3.gamma_2").origin, Origin::Rename { source: "blocks.3.ls2.gamma".into() });
     assert_eq!(p.dropped.len(), 4);
     assert!(p.dropped.iter().all(|d| d.rule == "classifier"));
     let p = plan(&table, &sources, &opts(Some(512))).unwrap();
     assert_eq!(targets(&p), mmseg_mae_keys(12));
     assert_eq!(out(&p, "pos_embed").shape, [1, 1025, dim]);
-    assert_eq!(
-        out(&p, "layers.0.attn.relative_position_bias_table").shape,
-        [3972, 6]
-    );
-    assert_eq!(
-        out(&p, "layers.0.attn.relative_position_index").shape,
-        [1025, 1025]
-    );
-    let no_scale: Vec<_> = sources
-        .iter()
-        .filter(|s| !s.name.contains(".ls"))
-        .cloned()
-        .collect();
+    assert_eq!(out(&p, "layers.0.attn.relative_position_bias_table").shape, [3972, 6]);
+    assert_eq!(out(&p, "layers.0.attn.relative_position_index").shape, [1025, 1025]);
+    let no_scale: Vec<_> = sources.iter().filter(|s| !s.name.contains(".ls")).cloned().collect();
     let msg = plan_err(&table, &no_scale, &opts(None));
     assert!(
-        msg.contains("target 'layers.0.gamma_1'")
-            && msg.contains("is required, but no source key produces it"),
+        msg.contains("target 'layers.0.gamma_1'") && msg.contains("is required, but no source key produces it"),
         "{msg}"
     );
 }

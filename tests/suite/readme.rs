@@ -12,7 +12,8 @@ use crate::util::http::Server;
 use crate::util::{fixture, root};
 
 /// The hosts README's URLs name, and the file each of their names is served from.
-const SERVED_PREFIXES: [&str; 2] = ["https://dl.fbaipublicfiles.com/mae/pretrain/", "https://unilm.blob.core.windows.net/beit/"];
+const SERVED_PREFIXES: [&str; 2] =
+    ["https://dl.fbaipublicfiles.com/mae/pretrain/", "https://unilm.blob.core.windows.net/beit/"];
 
 /// The ```sh blocks of `text`: each a list of logical lines (continuations joined,
 /// comment lines dropped, trailing `# ...` comments cut).
@@ -48,10 +49,14 @@ fn sh_blocks(text: &str) -> Vec<Vec<String>> {
 fn skip_reason(block: &[String]) -> Option<&'static str> {
     let has = |w: &str| block.iter().any(|l| l.contains(w));
     if has("scripts/build-wheel.sh") {
-        return Some("the pip install block runs in scripts/test-wheel.sh (a step of .ci/run, where Python is present)");
+        return Some(
+            "the pip install block runs in scripts/test-wheel.sh (a step of .ci/run, where Python is present)",
+        );
     }
     if has("make_reference.py") {
-        return Some("needs PyTorch, timm and SciPy; verify --reference runs on the committed references in tests/suite/cli.rs");
+        return Some(
+            "needs PyTorch, timm and SciPy; verify --reference runs on the committed references in tests/suite/cli.rs",
+        );
     }
     None
 }
@@ -101,16 +106,15 @@ fn every_readme_sh_block_runs_as_written() {
                     if !a.starts_with("http") {
                         return a;
                     }
-                    let p = SERVED_PREFIXES.iter().find(|p| a.starts_with(**p)).unwrap_or_else(|| panic!("README.md uses a URL this test does not serve: {a}"));
+                    let p = SERVED_PREFIXES
+                        .iter()
+                        .find(|p| a.starts_with(**p))
+                        .unwrap_or_else(|| panic!("README.md uses a URL this test does not serve: {a}"));
                     a.replacen(p, &format!("{base}/"), 1)
                 })
                 .collect();
-            let out = cmd()
-                .args(&args)
-                .current_dir(&work)
-                .env("CKPTMAP_CACHE", dir.path().join("cache"))
-                .output()
-                .unwrap();
+            let out =
+                cmd().args(&args).current_dir(&work).env("CKPTMAP_CACHE", dir.path().join("cache")).output().unwrap();
             let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
             assert!(out.status.success(), "README command failed: {line}\n{text}");
             if args.iter().any(|a| a == "--verify") {
@@ -136,5 +140,8 @@ fn readme_describes_the_tiny_mae_as_it_is() {
     let root_name = ckptmap::inspect::find_state_dict(&ckpt).unwrap();
     let names: Vec<String> = ckpt.tensors_under(root_name).unwrap().into_iter().map(|t| t.name).collect();
     let blocks = names.iter().filter(|n| n.starts_with("blocks.") && n.ends_with(".norm1.weight")).count();
-    assert!(readme.contains(&format!("`mae_tiny.pth` is a {blocks}-block MAE of width 32")), "README's fixture sentence does not say {blocks} blocks");
+    assert!(
+        readme.contains(&format!("`mae_tiny.pth` is a {blocks}-block MAE of width 32")),
+        "README's fixture sentence does not say {blocks} blocks"
+    );
 }

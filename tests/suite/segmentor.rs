@@ -39,7 +39,12 @@ fn convert(src: &Path, out: &Path, extra: &[&str]) -> Result<serde_json::Value, 
 /// The `data.pkl` record of a torch zip file.
 fn data_pkl(path: &Path) -> Vec<u8> {
     let mut zip = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
-    let name = zip.file_names().filter_map(Result::ok).find(|n| n.ends_with("/data.pkl")).expect("a data.pkl record").to_string();
+    let name = zip
+        .file_names()
+        .filter_map(Result::ok)
+        .find(|n| n.ends_with("/data.pkl"))
+        .expect("a data.pkl record")
+        .to_string();
     let mut out = Vec::new();
     zip.by_name(&name).unwrap().read_to_end(&mut out).unwrap();
     out
@@ -59,8 +64,23 @@ fn allowed_global(module: &str, name: &str) -> bool {
             name.ends_with("Storage")
                 || matches!(
                     name,
-                    "float32" | "float64" | "float16" | "bfloat16" | "int8" | "uint8" | "int16" | "int32" | "int64" | "bool"
-                        | "uint16" | "uint32" | "uint64" | "float8_e4m3fn" | "float8_e5m2" | "complex64" | "complex128"
+                    "float32"
+                        | "float64"
+                        | "float16"
+                        | "bfloat16"
+                        | "int8"
+                        | "uint8"
+                        | "int16"
+                        | "int32"
+                        | "int64"
+                        | "bool"
+                        | "uint16"
+                        | "uint32"
+                        | "uint64"
+                        | "float8_e4m3fn"
+                        | "float8_e5m2"
+                        | "complex64"
+                        | "complex128"
                 )
         }
         _ => false,
@@ -121,7 +141,8 @@ fn weights_only_violations(pkl: &[u8]) -> Vec<String> {
             }
             0x93 => {
                 let n = strings.len();
-                let (module, name) = if n >= 2 { (strings[n - 2].clone(), strings[n - 1].clone()) } else { Default::default() };
+                let (module, name) =
+                    if n >= 2 { (strings[n - 2].clone(), strings[n - 1].clone()) } else { Default::default() };
                 if !allowed_global(&module, &name) {
                     bad.push(format!("global {module}.{name}"));
                 }
@@ -176,14 +197,17 @@ fn assert_plain_subset(src: &Value, out: &Value, path: &str, dropped: &[String])
             let mut o = o.iter();
             for (k, v) in s {
                 let p = match k {
-                    Value::Str(name) if !name.is_empty() && name.chars().all(|c| c.is_alphanumeric() || c == '_') => format!("{path}.{name}"),
+                    Value::Str(name) if !name.is_empty() && name.chars().all(|c| c.is_alphanumeric() || c == '_') => {
+                        format!("{path}.{name}")
+                    }
                     Value::Str(name) => format!("{path}[{name:?}]"),
                     other => format!("{path}[{}]", other.summary()),
                 };
                 if dropped.contains(&p) {
                     continue;
                 }
-                let (ok, ov) = o.next().unwrap_or_else(|| panic!("{p}: missing from the output and not listed as dropped"));
+                let (ok, ov) =
+                    o.next().unwrap_or_else(|| panic!("{p}: missing from the output and not listed as dropped"));
                 assert_eq!(ok, k, "{path}: keys out of order");
                 assert_plain_subset(v, ov, &p, dropped);
             }
@@ -217,7 +241,8 @@ fn segmentors_rewrite_bit_identical_with_plain_meta() {
     for name in SEGMENTORS {
         let src_path = fixture(name);
         let out_path = dir.path().join(format!("{name}.pth"));
-        let report = convert(&src_path, &out_path, &["--mapping", "mmseg-segmentor"]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let report =
+            convert(&src_path, &out_path, &["--mapping", "mmseg-segmentor"]).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(report["mapping"], "builtin:mmseg-segmentor");
         let src = Checkpoint::open(&src_path).unwrap();
         let out = Checkpoint::open(&out_path).unwrap();
@@ -230,8 +255,15 @@ fn segmentors_rewrite_bit_identical_with_plain_meta() {
         // Every state_dict tensor: names, order, dtype, shape, bytes.
         let a = src.tensors_under("state_dict").unwrap();
         let b = out.tensors_under("state_dict").unwrap();
-        assert_eq!(a.iter().map(|t| &t.name).collect::<Vec<_>>(), b.iter().map(|t| &t.name).collect::<Vec<_>>(), "{name}: names/order");
-        assert!(a.iter().any(|t| t.name.starts_with("decode_head.")) && a.iter().any(|t| t.name.starts_with("auxiliary_head.")));
+        assert_eq!(
+            a.iter().map(|t| &t.name).collect::<Vec<_>>(),
+            b.iter().map(|t| &t.name).collect::<Vec<_>>(),
+            "{name}: names/order"
+        );
+        assert!(
+            a.iter().any(|t| t.name.starts_with("decode_head."))
+                && a.iter().any(|t| t.name.starts_with("auxiliary_head."))
+        );
         for (x, y) in a.iter().zip(&b) {
             assert_eq!((x.view.dtype, &x.view.shape), (y.view.dtype, &y.view.shape), "{name}: {}", x.name);
             assert_eq!(src.read(x.view).unwrap(), out.read(y.view).unwrap(), "{name}: {} bytes", x.name);
@@ -248,7 +280,10 @@ fn segmentors_rewrite_bit_identical_with_plain_meta() {
             let classes = meta.get("dataset_meta").and_then(|d| d.get("classes")).expect("dataset_meta.classes");
             assert!(matches!(classes, Value::Tuple(c) | Value::List(c) if c.len() == 5), "{classes:?}");
             let not_carried = report["plan"]["layout"]["not_carried"].as_array().unwrap();
-            assert_eq!(not_carried.iter().map(|v| v.as_str().unwrap()).collect::<Vec<_>>(), ["message_hub", "param_schedulers"]);
+            assert_eq!(
+                not_carried.iter().map(|v| v.as_str().unwrap()).collect::<Vec<_>>(),
+                ["message_hub", "param_schedulers"]
+            );
             assert!(report["plan"]["notes"].to_string().contains("message_hub"));
         } else {
             assert!(meta.get("CLASSES").is_some() && meta.get("PALETTE").is_some());
@@ -270,7 +305,10 @@ fn the_weights_only_check_agrees_with_torch_on_the_sources() {
         assert!(scan.iter().all(|v| v.starts_with("global ")), "{name}: the scan read the whole pickle: {scan:?}");
         let mut found = Vec::new();
         objects(&unpickle(&pkl).unwrap().value, "", &mut found);
-        assert!(found.iter().any(|o| o.starts_with(".message_hub") && o.contains("HistoryBuffer")), "{name}: {found:?}");
+        assert!(
+            found.iter().any(|o| o.starts_with(".message_hub") && o.contains("HistoryBuffer")),
+            "{name}: {found:?}"
+        );
     }
 }
 
@@ -332,7 +370,9 @@ fn a_writer_that_keeps_an_object_in_meta_is_caught() {
     let (plain, dropped) = ckptmap::write::meta::plain_values(&meta, "meta");
     assert_eq!(dropped.len(), 1);
     assert_eq!(dropped[0].path, "meta.hub");
-    let good = checkpoint_pickle(&[], &[TopEntry::Plain("meta", plain.as_ref().unwrap()), TopEntry::StateDict("state_dict")]).unwrap();
+    let good =
+        checkpoint_pickle(&[], &[TopEntry::Plain("meta", plain.as_ref().unwrap()), TopEntry::StateDict("state_dict")])
+            .unwrap();
     assert_eq!(weights_only_violations(&good), Vec::<String>::new());
     let mut found = Vec::new();
     objects(&unpickle(&good).unwrap().value, "", &mut found);
@@ -369,14 +409,23 @@ fn a_table_keeping_message_hub_drops_each_history_buffer_by_path() {
         _ => panic!(),
     };
     assert_eq!(keys, ["state_dict", "message_hub"], "the source's order");
-    assert_plain_subset(src.root().get("message_hub").unwrap(), out.root().get("message_hub").unwrap(), "message_hub", &dropped);
+    assert_plain_subset(
+        src.root().get("message_hub").unwrap(),
+        out.root().get("message_hub").unwrap(),
+        "message_hub",
+        &dropped,
+    );
     assert_eq!(weights_only_problems(&out_path), Vec::<String>::new());
 }
 
 #[test]
 fn detection_still_chooses_the_backbone_tables() {
     let dir = tempfile::tempdir().unwrap();
-    for (name, table) in [("mmseg0_segmentor_mae", "mmseg-mae"), ("mmseg1_segmentor_mae", "mmseg-mae"), ("mmseg1_segmentor_beit", "mmseg-beit")] {
+    for (name, table) in [
+        ("mmseg0_segmentor_mae", "mmseg-mae"),
+        ("mmseg1_segmentor_mae", "mmseg-mae"),
+        ("mmseg1_segmentor_beit", "mmseg-beit"),
+    ] {
         let report = convert(&fixture(name), &dir.path().join("b.pth"), &[]).unwrap();
         assert_eq!(report["mapping"], format!("builtin:{table}"), "{name}");
         assert!(report["plan"].get("layout").is_none(), "{name}: a backbone is a flat state dict");
@@ -421,7 +470,8 @@ fn output_fields_are_checked_when_the_table_is_loaded() {
 fn verify_of_a_whole_segmentor_says_how_to_check_the_backbone() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("seg.pth");
-    let err = convert(&fixture("mmseg1_segmentor_beit"), &out, &["--mapping", "mmseg-segmentor", "--verify"]).unwrap_err();
+    let err =
+        convert(&fixture("mmseg1_segmentor_beit"), &out, &["--mapping", "mmseg-segmentor", "--verify"]).unwrap_err();
     assert!(err.contains("--verify") && err.contains("backbone.pth --verify"), "{err}");
     assert!(!out.exists());
 }

@@ -9,11 +9,11 @@
 use std::path::PathBuf;
 
 use ckptmap::formats::checkpoint::Checkpoint;
+use ckptmap::formats::Value;
 use ckptmap::job::{choose_table, prepare};
-use ckptmap::write::execute::write_plan;
 use ckptmap::mapping::plan::PlanOptions;
 use ckptmap::progress::NoProgress;
-use ckptmap::formats::Value;
+use ckptmap::write::execute::write_plan;
 use serde_json::Value as Json;
 
 use crate::util::bin::ckptmap;
@@ -137,7 +137,8 @@ fn every_readable_file_round_trips_through_pth_and_safetensors() {
         let (_, sources, plan) = prepare(&src, choice.table(), &opts).unwrap_or_else(|e| panic!("{file}: {e}"));
         for ext in ["pth", "safetensors"] {
             let out = dir.path().join(format!("out.{ext}"));
-            write_plan(&src, &sources, &plan, &out, None, &NoProgress).unwrap_or_else(|e| panic!("{file} -> .{ext}: {e}"));
+            write_plan(&src, &sources, &plan, &out, None, &NoProgress)
+                .unwrap_or_else(|e| panic!("{file} -> .{ext}: {e}"));
             let back = Checkpoint::open(&out).unwrap_or_else(|e| panic!("{file} -> .{ext}: {e}"));
             let mut want_sorted: Vec<&Json> = want.iter().collect();
             let mut got: Vec<_> = back.tensors();
@@ -168,7 +169,9 @@ fn every_file_of_tensors_ckptmap_cannot_carry_is_refused_by_name() {
         let file = f["file"].as_str().unwrap();
         let path = corpus().join(file);
         let dst = dir.path().join("out.pth");
-        for args in [vec!["inspect", path.to_str().unwrap()], vec!["convert", path.to_str().unwrap(), dst.to_str().unwrap()]] {
+        for args in
+            [vec!["inspect", path.to_str().unwrap()], vec!["convert", path.to_str().unwrap(), dst.to_str().unwrap()]]
+        {
             let out = ckptmap(&args);
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{file}: {args:?} must refuse with exit 2; stderr: {stderr}");
@@ -197,7 +200,9 @@ fn zip_archives_of_every_stem_length_and_the_official_names_are_read() {
         lengths.insert(stem.len());
     }
     assert!((1..=64).all(|n| lengths.contains(&n)), "stem lengths present: {lengths:?}");
-    for name in ["mae_pretrain_vit_base", "mae_pretrain_vit_large", "mae_pretrain_vit_huge", "beit_base_patch16_224_pt22k"] {
+    for name in
+        ["mae_pretrain_vit_base", "mae_pretrain_vit_large", "mae_pretrain_vit_huge", "beit_base_patch16_224_pt22k"]
+    {
         assert!(corpus().join("stems").join(format!("{name}.pth")).is_file(), "{name}.pth is in the corpus");
     }
 }
@@ -222,7 +227,13 @@ fn a_tensor_named_like_a_container_is_not_unwrapped() {
         // Through .pth, then again through our own flat .safetensors of the same tensors.
         let st = dir.path().join(format!("flat_{name}.safetensors"));
         for (input, out) in [(file.clone(), st.clone()), (st.clone(), dir.path().join("again.pth"))] {
-            let out = ckptmap(&["convert", input.to_str().unwrap(), out.to_str().unwrap(), "--mapping", table.to_str().unwrap()]);
+            let out = ckptmap(&[
+                "convert",
+                input.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--mapping",
+                table.to_str().unwrap(),
+            ]);
             assert!(out.status.success(), "{}: {}", input.display(), String::from_utf8_lossy(&out.stderr));
         }
         let back = Checkpoint::open(&dir.path().join("again.pth")).unwrap();
@@ -230,7 +241,10 @@ fn a_tensor_named_like_a_container_is_not_unwrapped() {
         names.sort();
         let mut want: Vec<String> = Checkpoint::open(&file).unwrap().tensors().into_iter().map(|t| t.name).collect();
         want.sort();
-        assert!(want.contains(&name.to_string()) && want.len() >= 2, "{name}: fixture holds the tensor {name} and others");
+        assert!(
+            want.contains(&name.to_string()) && want.len() >= 2,
+            "{name}: fixture holds the tensor {name} and others"
+        );
         assert_eq!(names, want, "{name}: every tensor kept under its own name");
     }
 }
@@ -241,7 +255,13 @@ fn a_name_collision_says_what_collided() {
     let table = dir.path().join("keep.toml");
     std::fs::write(&table, KEEP_ALL).unwrap();
     let src = corpus().join("key_collision.pth");
-    let out = ckptmap(&["convert", src.to_str().unwrap(), dir.path().join("o.pth").to_str().unwrap(), "--mapping", table.to_str().unwrap()]);
+    let out = ckptmap(&[
+        "convert",
+        src.to_str().unwrap(),
+        dir.path().join("o.pth").to_str().unwrap(),
+        "--mapping",
+        table.to_str().unwrap(),
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("both named 'a.b'") && stderr.contains("dots"), "{stderr}");

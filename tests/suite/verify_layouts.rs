@@ -16,7 +16,6 @@ use crate::util::layouts;
 use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::write::pth::{write_pth, TensorToWrite};
 
-
 /// One checkpoint of manifest.json (the entries with a `family`; references have none).
 struct Fixture {
     name: String,
@@ -85,7 +84,8 @@ fn rewrite(src: &Path, dest: &Path, edit: impl Fn(&str, &[usize], &mut Vec<u8>) 
             kept.push((t, bytes));
         }
     }
-    let specs: Vec<TensorToWrite> = kept.iter().map(|(t, _)| TensorToWrite { name: &t.name, dtype: t.view.dtype, shape: &t.view.shape }).collect();
+    let specs: Vec<TensorToWrite> =
+        kept.iter().map(|(t, _)| TensorToWrite { name: &t.name, dtype: t.view.dtype, shape: &t.view.shape }).collect();
     write_pth(std::fs::File::create(dest).unwrap(), "edited", &specs, |i, w| w.write_all(&kept[i].1)).unwrap();
 }
 
@@ -115,7 +115,16 @@ fn every_layout_passes_convert_verify_and_verify_against_plain_and_resized() {
         assert!(t.contains("PASS"), "{}: {t}", f.name);
         // A load-ready output at twice the size: checked through the clean conversion.
         let resized = dir.path().join(format!("{}.{big}.pth", f.name));
-        let args = vec!["convert".to_string(), s(&src), s(&resized), "--verify".into(), "--img-size".into(), big.clone(), "--num-heads".into(), common("num_heads")];
+        let args = vec![
+            "convert".to_string(),
+            s(&src),
+            s(&resized),
+            "--verify".into(),
+            "--img-size".into(),
+            big.clone(),
+            "--num-heads".into(),
+            common("num_heads"),
+        ];
         let o = run(&args);
         assert_eq!(o.status.code(), Some(0), "convert --img-size {big} --verify {}: {}", f.name, text(&o));
         assert!(text(&o).contains("PASS") && text(&o).contains("without resizing"), "{}: {}", f.name, text(&o));
@@ -134,9 +143,18 @@ fn the_json_outcome_names_the_family_the_original_was_read_in() {
     ] {
         let src = layouts().join(name);
         let out = dir.path().join(format!("{name}.pth"));
-        let o = ckptmap(&["convert", src.to_str().unwrap(), out.to_str().unwrap(), "--num-heads", &common("num_heads")]);
+        let o =
+            ckptmap(&["convert", src.to_str().unwrap(), out.to_str().unwrap(), "--num-heads", &common("num_heads")]);
         assert!(o.status.success(), "{}", text(&o));
-        let o = ckptmap(&["verify", out.to_str().unwrap(), "--against", src.to_str().unwrap(), "--num-heads", &common("num_heads"), "--json"]);
+        let o = ckptmap(&[
+            "verify",
+            out.to_str().unwrap(),
+            "--against",
+            src.to_str().unwrap(),
+            "--num-heads",
+            &common("num_heads"),
+            "--json",
+        ]);
         assert_eq!(o.status.code(), Some(0), "{}", text(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert!(v["against"].as_str().unwrap().contains(family), "{name}: {v}");
@@ -171,7 +189,8 @@ fn broken_tables_fail_verify_against_and_convert_verify_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (fixtures, _) = manifest();
-    let find = |name: &str| fixtures.iter().find(|f| f.name == name).unwrap_or_else(|| panic!("{name} not in the manifest"));
+    let find =
+        |name: &str| fixtures.iter().find(|f| f.name == name).unwrap_or_else(|| panic!("{name} not in the manifest"));
     let native = ["--img-size".to_string(), common("img_size")];
     let qk = ("parts = [\"${1}query.${4}\", \"${1}key.${4}\"", "parts = [\"${1}key.${4}\", \"${1}query.${4}\"");
     let kv = ("\"${1}key.weight\", \"${1}value.weight\"", "\"${1}value.weight\", \"${1}key.weight\"");
@@ -184,37 +203,78 @@ fn broken_tables_fail_verify_against_and_convert_verify_writes_nothing() {
         ("control: hf-beit unchanged", "hf5_beit_cls.safetensors", broken_table(d, "hf-beit", &[]), &[]),
         ("BEiT k/v order swapped", "hf5_beit_cls.safetensors", broken_table(d, "hf-beit", &[kv]), &[]),
         ("Data2Vec q/k order swapped", "hf5_data2vec_model.safetensors", broken_table(d, "hf-beit", &[qk_beit]), &[]),
-        ("lambda not copied (gamma filled with 1)", "hf5_data2vec_cls.safetensors", broken_table(d, "hf-beit", &[no_lambda]), &native),
-        ("lambda not copied (gamma filled with 1)", "hf4_beit_mim.bin", broken_table(d, "hf-beit", &[no_lambda]), &native),
+        (
+            "lambda not copied (gamma filled with 1)",
+            "hf5_data2vec_cls.safetensors",
+            broken_table(d, "hf-beit", &[no_lambda]),
+            &native,
+        ),
+        (
+            "lambda not copied (gamma filled with 1)",
+            "hf4_beit_mim.bin",
+            broken_table(d, "hf-beit", &[no_lambda]),
+            &native,
+        ),
         (
             "HF shared table not expanded (zeros)",
             "hf5_beit_mim.safetensors",
-            broken_table(d, "hf-beit", &[(SHARED_EXPAND, "drop = \"broken on purpose\"\nnote"), (TABLE_SHAPE, TABLE_ZEROS)]),
+            broken_table(
+                d,
+                "hf-beit",
+                &[(SHARED_EXPAND, "drop = \"broken on purpose\"\nnote"), (TABLE_SHAPE, TABLE_ZEROS)],
+            ),
             &[],
         ),
         (
             "HF shared table not expanded (zeros)",
             "hf5_data2vec_model.safetensors",
-            broken_table(d, "hf-beit", &[(SHARED_EXPAND, "drop = \"broken on purpose\"\nnote"), (TABLE_SHAPE, TABLE_ZEROS)]),
+            broken_table(
+                d,
+                "hf-beit",
+                &[(SHARED_EXPAND, "drop = \"broken on purpose\"\nnote"), (TABLE_SHAPE, TABLE_ZEROS)],
+            ),
             &[],
         ),
         ("control: mmpretrain-beit unchanged", "mmpretrain_beit.pth", broken_table(d, "mmpretrain-beit", &[]), &[]),
         (
             "mmpretrain shared table not expanded (zeros)",
             "mmpretrain_beit.pth",
-            broken_table(d, "mmpretrain-beit", &[(SHARED_EXPAND, "drop = \"broken on purpose\"\nnote"), (TABLE_SHAPE, TABLE_ZEROS)]),
+            broken_table(
+                d,
+                "mmpretrain-beit",
+                &[(SHARED_EXPAND, "drop = \"broken on purpose\"\nnote"), (TABLE_SHAPE, TABLE_ZEROS)],
+            ),
             &[],
         ),
         (
             "mmpretrain v2 shared table not expanded (zeros)",
             "mmpretrain_beitv2.pth",
-            broken_table(d, "mmpretrain-beit", &[(SHARED_EXPAND, "drop = \"broken on purpose\"\nnote"), (TABLE_SHAPE, TABLE_ZEROS)]),
+            broken_table(
+                d,
+                "mmpretrain-beit",
+                &[(SHARED_EXPAND, "drop = \"broken on purpose\"\nnote"), (TABLE_SHAPE, TABLE_ZEROS)],
+            ),
             &[],
         ),
         ("control: mmseg-mae unchanged", "mmseg1_segmentor_mae.pth", broken_table(d, "mmseg-mae", &[]), &native),
-        ("MAE segmentor gammas refilled", "mmseg1_segmentor_mae.pth", broken_table(d, "mmseg-mae", &[("[[rule]]\nid = \"backbone\"", DROP_GAMMAS)]), &native),
-        ("MAE 0.x segmentor gammas refilled", "mmseg0_segmentor_mae.pth", broken_table(d, "mmseg-mae", &[("[[rule]]\nid = \"backbone\"", DROP_GAMMAS)]), &native),
-        ("BEiT segmentor gammas refilled", "mmseg1_segmentor_beit.pth", broken_table(d, "mmseg-beit", &[("[[rule]]\nid = \"backbone\"", DROP_GAMMAS)]), &native),
+        (
+            "MAE segmentor gammas refilled",
+            "mmseg1_segmentor_mae.pth",
+            broken_table(d, "mmseg-mae", &[("[[rule]]\nid = \"backbone\"", DROP_GAMMAS)]),
+            &native,
+        ),
+        (
+            "MAE 0.x segmentor gammas refilled",
+            "mmseg0_segmentor_mae.pth",
+            broken_table(d, "mmseg-mae", &[("[[rule]]\nid = \"backbone\"", DROP_GAMMAS)]),
+            &native,
+        ),
+        (
+            "BEiT segmentor gammas refilled",
+            "mmseg1_segmentor_beit.pth",
+            broken_table(d, "mmseg-beit", &[("[[rule]]\nid = \"backbone\"", DROP_GAMMAS)]),
+            &native,
+        ),
     ];
     for (n, (what, name, table, extra)) in cases.iter().enumerate() {
         let f = find(name);
@@ -236,7 +296,12 @@ fn broken_tables_fail_verify_against_and_convert_verify_writes_nothing() {
         args[2] = s(&checked);
         args.push("--verify".into());
         let o = run(&args);
-        assert_eq!(o.status.code(), Some(if control { 0 } else { 1 }), "{what} on {name}: convert --verify: {}", text(&o));
+        assert_eq!(
+            o.status.code(),
+            Some(if control { 0 } else { 1 }),
+            "{what} on {name}: convert --verify: {}",
+            text(&o)
+        );
         assert_eq!(checked.exists(), control, "{what} on {name}");
         if !control {
             assert!(text(&o).contains("fail the forward-pass check"), "{what}: {}", text(&o));
@@ -272,26 +337,35 @@ fn edited_outputs_of_every_layout_fail_verify_against() {
             }),
         )];
         if has("layers.1.gamma_1") {
-            edits.push(("layers.1.gamma_1 filled with 1", Box::new(|n, _, b| {
-                if n == "layers.1.gamma_1" {
-                    fill_f32(b, 1.0);
-                }
-                true
-            })));
-            edits.push(("every gamma zeroed", Box::new(|n, _, b| {
-                if n.ends_with(".gamma_1") || n.ends_with(".gamma_2") {
-                    fill_f32(b, 0.0);
-                }
-                true
-            })));
+            edits.push((
+                "layers.1.gamma_1 filled with 1",
+                Box::new(|n, _, b| {
+                    if n == "layers.1.gamma_1" {
+                        fill_f32(b, 1.0);
+                    }
+                    true
+                }),
+            ));
+            edits.push((
+                "every gamma zeroed",
+                Box::new(|n, _, b| {
+                    if n.ends_with(".gamma_1") || n.ends_with(".gamma_2") {
+                        fill_f32(b, 0.0);
+                    }
+                    true
+                }),
+            ));
         }
         if has("layers.0.attn.relative_position_bias_table") && f.arch == "beit" {
-            edits.push(("every relative table zeroed", Box::new(|n, _, b| {
-                if n.ends_with("relative_position_bias_table") {
-                    fill_f32(b, 0.0);
-                }
-                true
-            })));
+            edits.push((
+                "every relative table zeroed",
+                Box::new(|n, _, b| {
+                    if n.ends_with("relative_position_bias_table") {
+                        fill_f32(b, 0.0);
+                    }
+                    true
+                }),
+            ));
         }
         for (what, edit) in edits {
             let bad = dir.path().join(format!("{}.bad.pth", f.name));
@@ -311,8 +385,16 @@ fn a_tensor_missing_from_the_original_is_named_as_its_family_names_it() {
     let (fixtures, _) = manifest();
     let heads = common("num_heads");
     let cases = [
-        ("hf4_beit_model.bin", "encoder.layer.1.attention.attention.key.weight", "encoder.layer.1.attention.attention.key.weight"),
-        ("hf5_vitmae_pretraining.safetensors", "vit.encoder.layer.2.layernorm_after.bias", "vit.encoder.layer.2.layernorm_after.bias"),
+        (
+            "hf4_beit_model.bin",
+            "encoder.layer.1.attention.attention.key.weight",
+            "encoder.layer.1.attention.attention.key.weight",
+        ),
+        (
+            "hf5_vitmae_pretraining.safetensors",
+            "vit.encoder.layer.2.layernorm_after.bias",
+            "vit.encoder.layer.2.layernorm_after.bias",
+        ),
         ("mmpretrain_mae.pth", "backbone.layers.0.ln1.weight", "backbone.layers.0.ln1.weight"),
     ];
     for (name, drop, named) in cases {
@@ -331,7 +413,9 @@ fn a_tensor_missing_from_the_original_is_named_as_its_family_names_it() {
     let junk = dir.path().join("junk.pth");
     rewrite(&layouts().join("mmseg_mae.pth"), &junk, |n, _, _| !n.starts_with("patch_embed"));
     let out = dir.path().join("mmseg_mae.pth.out.pth");
-    assert!(ckptmap(&["convert", layouts().join("mmseg_mae.pth").to_str().unwrap(), out.to_str().unwrap()]).status.success());
+    assert!(ckptmap(&["convert", layouts().join("mmseg_mae.pth").to_str().unwrap(), out.to_str().unwrap()])
+        .status
+        .success());
     let o = ckptmap(&["verify", out.to_str().unwrap(), "--against", junk.to_str().unwrap(), "--num-heads", &heads]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("cannot tell which layout the original is in"), "{}", text(&o));

@@ -2,8 +2,8 @@
 //! 1.6, and the legacy stream (`_use_new_zipfile_serialization=False`). Reads only the
 //! pickle and the zip directory; storage bytes stay on disk.
 
-use std::fs::File;
 use std::collections::HashMap;
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use super::unpickle::unpickle;
@@ -16,9 +16,8 @@ const MAX_PICKLE_BYTES: u64 = 1 << 30;
 const MAX_ZIP_ENTRIES: usize = 1_000_000;
 
 /// The 15 bytes that open every legacy torch.save stream: the pickled magic number.
-const LEGACY_MAGIC: [u8; 15] = [
-    0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e,
-];
+const LEGACY_MAGIC: [u8; 15] =
+    [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e];
 
 /// Reads the container of an open `.pth` file.
 pub fn read_container(file: &mut File) -> Result<ParsedFile, FormatError> {
@@ -62,7 +61,9 @@ fn read_zip(file: &mut File) -> Result<ParsedFile, FormatError> {
         .ok_or(FormatError::NoDataPkl)?;
     let prefix = pkl.name[..pkl.name.len() - "data.pkl".len()].to_string();
     if entries.iter().any(|e| e.name.starts_with(&prefix) && e.name.ends_with("constants.pkl")) {
-        return Err(FormatError::Zip("this is a TorchScript archive (constants.pkl), not a torch.save checkpoint".into()));
+        return Err(FormatError::Zip(
+            "this is a TorchScript archive (constants.pkl), not a torch.save checkpoint".into(),
+        ));
     }
     let by_name: HashMap<&str, &ZipEntry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
     // torch >= 2.6 can save with CRC computation off: every CRC is then recorded as 0, and
@@ -77,10 +78,17 @@ fn read_zip(file: &mut File) -> Result<ParsedFile, FormatError> {
     }
 
     if pkl.method != 0 {
-        return Err(FormatError::Zip(format!("{}: compressed with {}, not supported (torch.save stores entries uncompressed)", pkl.name, pkl.method_name())));
+        return Err(FormatError::Zip(format!(
+            "{}: compressed with {}, not supported (torch.save stores entries uncompressed)",
+            pkl.name,
+            pkl.method_name()
+        )));
     }
     if pkl.size > MAX_PICKLE_BYTES {
-        return Err(FormatError::Zip(format!("{} is {} bytes, larger than the {} allowed", pkl.name, pkl.size, MAX_PICKLE_BYTES)));
+        return Err(FormatError::Zip(format!(
+            "{} is {} bytes, larger than the {} allowed",
+            pkl.name, pkl.size, MAX_PICKLE_BYTES
+        )));
     }
     let pickle_bytes = read_stored(file, file_len, pkl, MAX_PICKLE_BYTES)?;
     if !crcs_absent {
@@ -192,7 +200,11 @@ fn read_legacy(file: &mut File, file_len: u64, magic_end: u64) -> Result<ParsedF
     let keys: Vec<String> = match &keys.value {
         Value::List(items) => items
             .iter()
-            .map(|k| k.as_str().map(str::to_string).ok_or_else(|| FormatError::Legacy("storage key list holds a non-string".into())))
+            .map(|k| {
+                k.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| FormatError::Legacy("storage key list holds a non-string".into()))
+            })
             .collect::<Result<_, _>>()?,
         _ => return Err(FormatError::Legacy("storage key list is missing".into())),
     };
@@ -209,15 +221,14 @@ fn read_legacy(file: &mut File, file_len: u64, magic_end: u64) -> Result<ParsedF
         // The element size comes from the pickle's reference to this storage.
         let elem = elem_of.get(key.as_str()).copied().unwrap_or(1);
         let nbytes = nbytes_of(elem).ok_or_else(|| FormatError::Legacy(format!("storage {key} size overflows")))?;
-        pos = nbytes
-            .checked_add(8)
-            .and_then(|n| pos.checked_add(n))
-            .filter(|&p| p <= file_len)
-            .ok_or_else(|| FormatError::Legacy(format!("storage {key} is cut short: the file ends before its {nbytes} bytes")))?;
+        pos = nbytes.checked_add(8).and_then(|n| pos.checked_add(n)).filter(|&p| p <= file_len).ok_or_else(|| {
+            FormatError::Legacy(format!("storage {key} is cut short: the file ends before its {nbytes} bytes"))
+        })?;
     }
     let mut storages = Vec::with_capacity(main.storages.len());
     for s in main.storages {
-        let &(file_offset, numel) = by_key.get(&s.key).ok_or_else(|| FormatError::MissingStorage { key: s.key.clone() })?;
+        let &(file_offset, numel) =
+            by_key.get(&s.key).ok_or_else(|| FormatError::MissingStorage { key: s.key.clone() })?;
         let elem = s.dtype.size() as u64;
         if numel < s.numel as u64 {
             return Err(FormatError::StorageSize {

@@ -30,7 +30,6 @@ pub const MAX_DIMS: usize = 64;
 /// How deeply `_rebuild_from_type_v2` calls may nest (torch nests one).
 const MAX_REBUILD_NESTING: usize = 8;
 
-
 /// The result of unpickling: the tree, the storages it references (in order of first
 /// reference) and how many bytes of input the pickle used.
 #[derive(Debug)]
@@ -217,11 +216,7 @@ impl<'a> Vm<'a> {
 
     /// Pops everything down to the topmost MARK (and the mark itself).
     fn pop_mark(&mut self) -> Result<Vec<Id>, FormatError> {
-        let at = self
-            .stack
-            .iter()
-            .rposition(|s| matches!(s, Slot::Mark))
-            .ok_or_else(|| bad("no MARK on the stack"))?;
+        let at = self.stack.iter().rposition(|s| matches!(s, Slot::Mark)).ok_or_else(|| bad("no MARK on the stack"))?;
         let items = self.stack.drain(at + 1..).map(|s| match s {
             Slot::Obj(id) => id,
             Slot::Mark => unreachable!(),
@@ -698,13 +693,16 @@ impl<'a> Vm<'a> {
         }
         let (storage, extra) = match &self.arena[args[0]] {
             Node::Storage(s, extra) => (*s, *extra),
-            Node::BadStorage(what) => return Err(FormatError::InvalidTensor { name: String::new(), msg: what.clone() }),
+            Node::BadStorage(what) => {
+                return Err(FormatError::InvalidTensor { name: String::new(), msg: what.clone() })
+            }
             _ => return Err(bad("tensor rebuilt from something that is not a storage")),
         };
         let dtype = if v3 {
             let name = self.global_name(args[6]);
             let torch_name = name.strip_prefix("torch.").unwrap_or(&name);
-            DType::from_torch_name(torch_name).ok_or_else(|| FormatError::InvalidTensor { name: String::new(), msg: unsupported_dtype(torch_name) })?
+            DType::from_torch_name(torch_name)
+                .ok_or_else(|| FormatError::InvalidTensor { name: String::new(), msg: unsupported_dtype(torch_name) })?
         } else {
             self.storages[storage].dtype
         };
@@ -714,15 +712,22 @@ impl<'a> Vm<'a> {
         for (id, what) in [(args[2], "size"), (args[3], "stride")] {
             let n = self.tuple_items(id).map_or(0, <[Id]>::len);
             if n > MAX_DIMS {
-                return Err(FormatError::BadView(format!("{what} has {n} dimensions; at most {MAX_DIMS} are supported")));
+                return Err(FormatError::BadView(format!(
+                    "{what} has {n} dimensions; at most {MAX_DIMS} are supported"
+                )));
             }
         }
         let shape = self.int_tuple(args[2], "size")?;
         let strides = self.int_tuple(args[3], "stride")?;
         if shape.len() != strides.len() {
-            return Err(FormatError::BadView(format!("size has {} dims but stride has {}", shape.len(), strides.len())));
+            return Err(FormatError::BadView(format!(
+                "size has {} dims but stride has {}",
+                shape.len(),
+                strides.len()
+            )));
         }
-        let offset = offset.checked_add(extra).ok_or_else(|| FormatError::BadView("storage offset overflows".into()))?;
+        let offset =
+            offset.checked_add(extra).ok_or_else(|| FormatError::BadView("storage offset overflows".into()))?;
         Ok(Node::Tensor(TensorView { dtype, shape, strides, offset, storage, neg, conj }))
     }
 
@@ -792,7 +797,10 @@ impl<'a> Vm<'a> {
         let index = match self.storage_index.get(&key) {
             Some(&i) => {
                 if self.storages[i].dtype != dtype {
-                    return Err(bad(format!("storage {key} is referenced as {} and as {dtype}", self.storages[i].dtype)));
+                    return Err(bad(format!(
+                        "storage {key} is referenced as {} and as {dtype}",
+                        self.storages[i].dtype
+                    )));
                 }
                 i
             }
@@ -982,7 +990,9 @@ fn utf8_surrogatepass(b: &[u8]) -> Option<String> {
 /// Why a tensor of a torch dtype that has no counterpart here is refused.
 fn unsupported_dtype(torch_name: &str) -> String {
     let what = match torch_name {
-        "complex32" | "complex128" | "bcomplex32" => "MMSeg backbones hold no complex tensors; drop it, or save its .real/.imag as separate tensors",
+        "complex32" | "complex128" | "bcomplex32" => {
+            "MMSeg backbones hold no complex tensors; drop it, or save its .real/.imag as separate tensors"
+        }
         n if n.starts_with("bits") => "it is raw bits with no numeric meaning; drop it or .view() it as uint8",
         n if n.starts_with("float4") => "safetensors and MMSeg have no packed float4; dequantize it before saving",
         _ => "save it as float32, float16 or bfloat16 instead",
@@ -1013,7 +1023,18 @@ mod tests {
             let b = v.to_le_bytes();
             b.to_vec()
         };
-        for v in [0i128, 1, -1, 1 << 64, -(1 << 70), i64::MAX as i128 + 1, i64::MIN as i128 - 1, i128::MAX, i128::MIN, 10i128.pow(30)] {
+        for v in [
+            0i128,
+            1,
+            -1,
+            1 << 64,
+            -(1 << 70),
+            i64::MAX as i128 + 1,
+            i64::MIN as i128 - 1,
+            i128::MAX,
+            i128::MIN,
+            10i128.pow(30),
+        ] {
             assert_eq!(decimal_from_le(&le(v)), v.to_string(), "{v}");
         }
         // LONG1 of 9 bytes, 2**64 exactly: beyond i64, so its digits.

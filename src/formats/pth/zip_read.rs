@@ -136,7 +136,10 @@ pub fn read_directory(file: &File, file_len: u64, max_entries: usize) -> Result<
     let dir = find_directory(file, file_len)?;
     // Each entry takes at least 46 bytes of the directory.
     if dir.entries > dir.size / 46 {
-        return Err(unreadable(format!("the end record claims {} entries, more than its {}-byte directory can hold", dir.entries, dir.size)));
+        return Err(unreadable(format!(
+            "the end record claims {} entries, more than its {}-byte directory can hold",
+            dir.entries, dir.size
+        )));
     }
     if dir.entries > max_entries as u64 {
         return Err(unreadable(format!("{} entries, more than the {max_entries} allowed", dir.entries)));
@@ -166,12 +169,14 @@ pub fn read_directory(file: &File, file_len: u64, max_entries: usize) -> Result<
         let mut x = 0usize;
         while x + 4 <= extra.len() {
             let (id, len) = (le16(extra, x), le16(extra, x + 2) as usize);
-            let data = extra.get(x + 4..x + 4 + len).ok_or_else(|| unreadable(format!("{name}: extra field cut short")))?;
+            let data =
+                extra.get(x + 4..x + 4 + len).ok_or_else(|| unreadable(format!("{name}: extra field cut short")))?;
             if id == ZIP64_EXTRA {
                 let mut vals = data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap()));
                 let mut wide = |slot: &mut u64| -> Result<(), FormatError> {
                     if *slot == 0xFFFF_FFFF {
-                        *slot = vals.next().ok_or_else(|| unreadable(format!("{name}: ZIP64 field missing a value")))?;
+                        *slot =
+                            vals.next().ok_or_else(|| unreadable(format!("{name}: ZIP64 field missing a value")))?;
                     }
                     Ok(())
                 };

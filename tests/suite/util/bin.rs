@@ -17,7 +17,12 @@ pub fn ckptmap(args: &[&str]) -> Output {
 /// Success required; returns stdout.
 pub fn ok(args: &[&str]) -> String {
     let out = ckptmap(args);
-    assert!(out.status.success(), "{args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 

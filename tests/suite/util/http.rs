@@ -74,7 +74,11 @@ impl Reply {
                 headers.push(("Content-Range".into(), format!("bytes {from}-{}/{}", body.len() - 1, body.len())));
                 Reply::Send { status: 206, headers, body: body[from..].to_vec() }
             }
-            Some(_) => Reply::Send { status: 416, headers: vec![("Content-Range".into(), format!("bytes */{}", body.len()))], body: vec![] },
+            Some(_) => Reply::Send {
+                status: 416,
+                headers: vec![("Content-Range".into(), format!("bytes */{}", body.len()))],
+                body: vec![],
+            },
             None => Reply::Send { status: 200, headers, body: body.to_vec() },
         }
     }
@@ -210,9 +214,13 @@ fn serve_one(stream: TcpStream, seen: &Mutex<Vec<Seen>>, stop: &AtomicBool, hand
         text.into_bytes()
     };
     let _ = match handler(index, &request) {
-        Reply::Send { status, headers, body } => out.write_all(&head(status, &headers, body.len())).and_then(|_| out.write_all(&body)),
+        Reply::Send { status, headers, body } => {
+            out.write_all(&head(status, &headers, body.len())).and_then(|_| out.write_all(&body))
+        }
         Reply::Shared(body) => out.write_all(&head(200, &[], body.len())).and_then(|_| out.write_all(&body)),
-        Reply::Cut { headers, len, body } => out.write_all(&head(200, &headers, len)).and_then(|_| out.write_all(&body)),
+        Reply::Cut { headers, len, body } => {
+            out.write_all(&head(200, &headers, len)).and_then(|_| out.write_all(&body))
+        }
         Reply::Stall { head: first, pause } => {
             if let Some((len, body)) = first {
                 let _ = out.write_all(&head(200, &[], len)).and_then(|_| out.write_all(&body));
@@ -241,12 +249,13 @@ pub fn serve_https(body: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::
     let tls = crate::util::root().join("tests/data/tls");
     let cert = CertificateDer::from(std::fs::read(tls.join("server.der")).unwrap());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(std::fs::read(tls.join("server.key.der")).unwrap()));
-    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .unwrap();
+    let config =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
     let config = std::sync::Arc::new(config);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();

@@ -34,7 +34,8 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 
 /// The names in a folder, sorted (hidden ones included).
 pub fn names_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     v.sort();
     v
 }
@@ -58,7 +59,8 @@ pub fn noise(n: usize, seed: u64) -> Vec<u8> {
 /// MMSeg's ViT-B backbone at 512 (`arch` "mae" or "beit"): names, shapes and order, from
 /// `fixtures/mmseg_vit_b_512_keys.json` (written independently in fixtures/make_fixtures.py).
 pub fn mmseg_vit_b_512_keys(arch: &str) -> Vec<(String, Vec<usize>)> {
-    let j: serde_json::Value = serde_json::from_str(&fs::read_to_string(fixture("mmseg_vit_b_512_keys.json")).unwrap()).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(fixture("mmseg_vit_b_512_keys.json")).unwrap()).unwrap();
     serde_json::from_value(j[arch].clone()).unwrap()
 }
 
