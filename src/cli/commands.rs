@@ -12,18 +12,23 @@ use ckptmap::formats::checkpoint::Checkpoint;
 use ckptmap::inspect;
 
 impl DownloadArgs {
-    /// A local path as is; an http(s) URL downloaded into the cache first.
-    pub(crate) fn resolve(&self, source: &str) -> Result<PathBuf> {
-        if !ckptmap::fetch::is_url(source) {
-            return Ok(PathBuf::from(source));
-        }
-        let opts = ckptmap::fetch::FetchOptions {
+    /// The download settings these flags give.
+    pub(crate) fn fetch_options(&self) -> ckptmap::fetch::FetchOptions {
+        ckptmap::fetch::FetchOptions {
             cache_dir: self.cache_dir.clone(),
             sha256: self.sha256.clone(),
             retries: self.retries,
             read_timeout: std::time::Duration::from_secs(self.timeout),
             ..Default::default()
-        };
+        }
+    }
+
+    /// A local path as is; an http(s) URL downloaded into the cache first.
+    pub(crate) fn resolve(&self, source: &str) -> Result<PathBuf> {
+        if !ckptmap::fetch::is_url(source) {
+            return Ok(PathBuf::from(source));
+        }
+        let opts = self.fetch_options();
         let bar = Bar::new(!self.quiet);
         let fetched = ckptmap::fetch::fetch(source, &opts, &bar)?;
         Ok(fetched.path)
@@ -263,12 +268,8 @@ pub(crate) fn run_batch_command(
         plan: c.plan_options(),
         dtype: c.dtype,
         mapping: c.mapping.clone(),
-        fetch: ckptmap::fetch::FetchOptions {
-            cache_dir: download.cache_dir.clone(),
-            retries: download.retries,
-            read_timeout: std::time::Duration::from_secs(download.timeout),
-            ..Default::default()
-        },
+        // The sha256 is per item (a list line's sha256=), never the run's.
+        fetch: ckptmap::fetch::FetchOptions { sha256: None, ..download.fetch_options() },
     };
     let events = BatchBars::new(!download.quiet);
     let report = batch::run_batch(&list, &items, &opts, &events)?;
