@@ -10,7 +10,7 @@ use crate::formats::Value;
 
 /// Containers tried, in order, when looking for the state dict (the unwrap order of
 /// beit2mmseg and unilm, plus a bare state dict).
-pub const STATE_DICT_ROOTS: [&str; 4] = ["state_dict", "model", "module", ""];
+pub const STATE_DICT_ROOTS: [&str; 4] = crate::mapping::table::DEFAULT_CONTAINERS;
 
 #[derive(Serialize)]
 pub struct TensorInfo {
