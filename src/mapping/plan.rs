@@ -1135,36 +1135,10 @@ mod tests {
         SourceTensor { name: name.into(), shape: shape.to_vec(), dtype: DType::F32 }
     }
 
-    /// A tiny MAE encoder: dim 32, depth 2, grid 7 (img 112), patch 16.
+    /// A tiny MAE encoder: dim 32, depth 2, grid 7 (img 112), patch 16 (the key set of
+    /// `synth`'s one definition of the MAE pretrain layout).
     fn tiny_mae() -> Vec<SourceTensor> {
-        let (dim, mlp) = (32, 128);
-        let mut v = vec![
-            t("cls_token", &[1, 1, dim]),
-            t("pos_embed", &[1, 50, dim]),
-            t("patch_embed.proj.weight", &[dim, 3, 16, 16]),
-            t("patch_embed.proj.bias", &[dim]),
-        ];
-        for i in 0..2 {
-            for (k, s) in [
-                ("norm1.weight", vec![dim]),
-                ("norm1.bias", vec![dim]),
-                ("attn.qkv.weight", vec![3 * dim, dim]),
-                ("attn.qkv.bias", vec![3 * dim]),
-                ("attn.proj.weight", vec![dim, dim]),
-                ("attn.proj.bias", vec![dim]),
-                ("norm2.weight", vec![dim]),
-                ("norm2.bias", vec![dim]),
-                ("mlp.fc1.weight", vec![mlp, dim]),
-                ("mlp.fc1.bias", vec![mlp]),
-                ("mlp.fc2.weight", vec![dim, mlp]),
-                ("mlp.fc2.bias", vec![dim]),
-            ] {
-                v.push(t(&format!("blocks.{i}.{k}"), &s));
-            }
-        }
-        v.push(t("norm.weight", &[dim]));
-        v.push(t("norm.bias", &[dim]));
-        v
+        crate::synth::mae_pretrain_layout_at(32, 2, 16, 112).into_iter().map(|(name, shape)| t(&name, &shape)).collect()
     }
 
     #[test]
